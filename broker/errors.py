@@ -1,0 +1,186 @@
+"""Every exception jobbroker raises, under one root.
+
+    JobbrokerError
+    ├── UsageError               the caller misused the API (bad argument, closed client)
+    ├── ConfigError              bad flags, environment or secret file
+    ├── ProtocolError            the peer broke the wire protocol (docs/protocol.md)
+    │   ├── FrameTooLarge        a frame header declared more than the limit
+    │   ├── MalformedMessage     not msgpack, not a map, unknown op, wrong field types
+    │   ├── AuthenticationFailed the handshake failed (wrong secret, bad proof, timeout)
+    │   └── IntegrityError       a frame's MAC did not verify (altered, replayed, reordered)
+    ├── ConnectionClosed         the connection is gone; `cause` says why
+    ├── BrokerError              the broker refused a request; `code` is the wire error code
+    │   ├── QueueFull
+    │   ├── JobNotFound
+    │   ├── LeaseLost            fencing: the lease this completion refers to is no longer held
+    │   ├── InvalidState         e.g. cancelling a job that is already running
+    │   └── InvalidRequest
+    ├── JobError                 a job ended without a result
+    │   ├── JobDead              it failed max_attempts times; `error` holds the last failure
+    │   └── JobCancelled
+    ├── ResultTimeout            waiting for a result took longer than asked (also a TimeoutError)
+    └── InvalidTransition        the job core was asked for a transition its table forbids
+
+Peer faults (ProtocolError) are separated from caller faults (UsageError), and "closed by
+us" from "broken by the peer" by ConnectionClosed.cause.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthenticationFailed",
+    "BrokerError",
+    "ConfigError",
+    "ConnectionClosed",
+    "FrameTooLarge",
+    "IntegrityError",
+    "InvalidRequest",
+    "InvalidState",
+    "InvalidTransition",
+    "JobCancelled",
+    "JobDead",
+    "JobError",
+    "JobNotFound",
+    "JobbrokerError",
+    "LeaseLost",
+    "MalformedMessage",
+    "ProtocolError",
+    "QueueFull",
+    "ResultTimeout",
+    "UsageError",
+    "broker_error",
+]
+
+
+class JobbrokerError(Exception):
+    """Root of every jobbroker exception."""
+
+
+class UsageError(JobbrokerError):
+    """The caller used the API wrongly."""
+
+
+class ConfigError(JobbrokerError):
+    """Configuration (flags, environment, secret file) is unusable."""
+
+
+class ProtocolError(JobbrokerError):
+    """The peer sent something the protocol does not allow."""
+
+    code = "protocol_error"
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame header declared a length above the limit; the body was never read."""
+
+    code = "frame_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class MalformedMessage(ProtocolError):
+    """A frame body is not a valid message. `request_id` is the id it carried, if readable."""
+
+    code = "malformed"
+
+    def __init__(self, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class AuthenticationFailed(ProtocolError):
+    """The handshake did not prove knowledge of the shared secret."""
+
+    code = "auth_failed"
+
+
+class IntegrityError(ProtocolError):
+    """A frame's MAC did not verify: it was altered, injected, replayed or reordered."""
+
+    code = "integrity"
+
+
+class ConnectionClosed(JobbrokerError):
+    """The connection is closed. `cause` is the exception that broke it, or None if closed by us."""
+
+    def __init__(self, message: str = "connection closed", cause: BaseException | None = None) -> None:
+        super().__init__(message if cause is None else f"{message}: {cause}")
+        self.cause = cause
+
+
+class BrokerError(JobbrokerError):
+    """The broker refused a request. `code` is the wire error code (docs/protocol.md)."""
+
+    code = "error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class QueueFull(BrokerError):
+    code = "queue_full"
+
+
+class JobNotFound(BrokerError):
+    code = "not_found"
+
+
+class LeaseLost(BrokerError):
+    code = "lease_lost"
+
+
+class InvalidState(BrokerError):
+    code = "invalid_state"
+
+
+class InvalidRequest(BrokerError):
+    code = "invalid_request"
+
+
+class JobError(JobbrokerError):
+    """A job ended without a result."""
+
+    def __init__(self, job_id: int, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobDead(JobError):
+    """The job failed max_attempts times and went to its queue's dead-letter list."""
+
+    def __init__(self, job_id: int, error: Any) -> None:
+        super().__init__(job_id, f"job {job_id} is dead: {error}")
+        self.error = error
+
+
+class JobCancelled(JobError):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(job_id, f"job {job_id} was cancelled")
+
+
+class ResultTimeout(JobbrokerError, TimeoutError):
+    """No result arrived within the timeout; the job itself goes on."""
+
+
+class InvalidTransition(JobbrokerError):
+    """The job lifecycle table has no such transition (broker/core/jobs.py)."""
+
+
+_BROKER_ERRORS: dict[str, type[BrokerError]] = {
+    cls.code: cls for cls in (QueueFull, JobNotFound, LeaseLost, InvalidState, InvalidRequest)
+}
+
+
+def broker_error(code: str, message: str) -> BrokerError:
+    """The typed exception for a wire error code; unknown codes give a plain BrokerError."""
+    cls = _BROKER_ERRORS.get(code)
+    if cls is None:
+        return BrokerError(message, code)
+    return cls(message)

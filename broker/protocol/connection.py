@@ -1,0 +1,292 @@
+"""One connection's protocol state, for either side, with no I/O (docs/protocol.md).
+
+The I/O layer feeds received bytes in (receive_data, receive_eof), sends what data_to_send()
+returns, and acts on the returned events. The handshake and the per-frame MACs live here, so
+the layers above only ever see authenticated, well-typed messages.
+
+Rules, as in h11: every legal handshake step is a row of _HANDSHAKE; anything else is a
+protocol error. A protocol error that leaves the stream untrustworthy (oversized frame, bad
+MAC, any handshake fault) queues one error frame, moves to CLOSED, keeps the cause in `error`
+and discards all further input. A well-framed, authentic message that is merely malformed gets
+an error reply and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from broker.errors import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    MalformedMessage,
+    ProtocolError,
+    UsageError,
+)
+from broker.protocol import auth
+from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from broker.protocol.messages import (
+    Authenticate,
+    Challenge,
+    Deliver,
+    ErrorReply,
+    Heartbeat,
+    Hello,
+    Message,
+    Reply,
+    Request,
+    Results,
+    Welcome,
+    decode,
+    encode,
+)
+
+__all__ = ["Authenticated", "ClientConnection", "Role", "ServerConnection", "State"]
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"  # server: nothing received yet
+    AWAIT_AUTHENTICATE = "await_authenticate"  # server: challenge sent
+    AWAIT_CHALLENGE = "await_challenge"  # client: hello sent
+    AWAIT_WELCOME = "await_welcome"  # client: proof sent
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# Every legal handshake step: (role, state, op received) -> next state.
+_HANDSHAKE: dict[tuple[Role, State, str], State] = {
+    (Role.SERVER, State.AWAIT_HELLO, Hello.op): State.AWAIT_AUTHENTICATE,
+    (Role.SERVER, State.AWAIT_AUTHENTICATE, Authenticate.op): State.OPEN,
+    (Role.CLIENT, State.AWAIT_CHALLENGE, Challenge.op): State.AWAIT_WELCOME,
+    (Role.CLIENT, State.AWAIT_WELCOME, Welcome.op): State.OPEN,
+}
+
+
+def _accepts_when_open(role: Role, message: Message) -> bool:
+    if role is Role.SERVER:
+        return isinstance(message, Request | Heartbeat)
+    return isinstance(message, Reply | ErrorReply | Deliver | Results | Heartbeat)
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """Server-side event: the handshake succeeded; requests may follow."""
+
+    client: str
+
+
+Event = Message | Authenticated
+
+
+class _Connection:
+    role: Role
+
+    def __init__(self, secret: bytes, max_frame_size: int, nonce: bytes | None) -> None:
+        self._secret = secret
+        self._decoder = FrameDecoder(max_frame_size)
+        self._max_frame_size = max_frame_size
+        self._nonce = nonce if nonce is not None else auth.new_nonce()
+        self._peer_nonce = b""
+        self._signer: auth.FrameSigner | None = None
+        self._verifier: auth.FrameVerifier | None = None
+        self._outgoing: list[bytes] = []
+        self.state: State
+        self.error: ProtocolError | None = None
+        self.frames_received = 0
+
+    # --- output ---------------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Queue a message; after the handshake it is MACed."""
+        if self.state is State.CLOSED:
+            raise ConnectionClosed("cannot send on a closed connection", self.error)
+        self._queue(message)
+
+    def _queue(self, message: Message) -> None:
+        body = encode(message)
+        if self._signer is not None:
+            body = self._signer.sign(body)
+        self._outgoing.append(encode_frame(body))
+
+    def data_to_send(self) -> bytes:
+        """Everything queued since the last call, as one buffer (one write per loop turn)."""
+        if not self._outgoing:
+            return b""
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    # --- input ----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed received bytes; return the events they complete. Never raises for bad input:
+        see `error` and `state` afterwards."""
+        if self.state is State.CLOSED:
+            return []
+        events: list[Event] = []
+        try:
+            for payload in self._decoder.feed(data):
+                self.frames_received += 1
+                self._receive_frame(payload, events)
+                if self.state is State.CLOSED:
+                    break
+        except ProtocolError as exc:
+            self._fail(exc)
+        return events
+
+    def receive_eof(self) -> None:
+        """The peer closed its side."""
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+
+    def close(self) -> None:
+        """Closed by us: discard further input."""
+        self.state = State.CLOSED
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self.error = exc
+        if self.state is not State.CLOSED:
+            self._queue(ErrorReply(id=None, code=exc.code, message=str(exc)))
+            self.state = State.CLOSED
+
+    def _receive_frame(self, payload: bytes, events: list[Event]) -> None:
+        if self._verifier is not None:
+            body = self._verifier.verify(payload)  # IntegrityError is fatal: stream untrusted
+        else:
+            body = payload
+        if self.state is not State.OPEN:
+            self._handshake(decode(body), events)  # any fault during the handshake is fatal
+            return
+        try:
+            message = decode(body)
+        except MalformedMessage as exc:
+            self._queue(ErrorReply(id=exc.request_id, code=exc.code, message=str(exc)))
+            return
+        if not _accepts_when_open(self.role, message):
+            request_id = getattr(message, "id", None)
+            self._queue(
+                ErrorReply(id=request_id, code=MalformedMessage.code, message=f"op {message.op!r} not accepted here")
+            )
+            return
+        events.append(message)
+
+    def _handshake(self, message: Message, events: list[Event]) -> None:
+        if isinstance(message, ErrorReply):
+            raise AuthenticationFailed(f"peer refused the handshake: {message.message}")
+        next_state = _HANDSHAKE.get((self.role, self.state, message.op))
+        if next_state is None:
+            raise AuthenticationFailed(f"unexpected {message.op!r} during the handshake ({self.state.value})")
+        self._step(message, events)
+        self.state = next_state
+
+    def _step(self, message: Message, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _start_session(self, client_nonce: bytes, server_nonce: bytes) -> None:
+        to_broker, to_client = auth.derive_session_keys(self._secret, client_nonce, server_nonce)
+        if self.role is Role.SERVER:
+            self._signer, self._verifier = auth.FrameSigner(to_client), auth.FrameVerifier(to_broker)
+        else:
+            self._signer, self._verifier = auth.FrameSigner(to_broker), auth.FrameVerifier(to_client)
+
+
+def _check_hello_fields(version: int, nonce: bytes) -> None:
+    if version != auth.PROTOCOL_VERSION:
+        raise AuthenticationFailed(f"protocol version {version} is not supported (this side speaks {auth.PROTOCOL_VERSION})")
+    if len(nonce) != auth.NONCE_SIZE:
+        raise AuthenticationFailed(f"nonce of {len(nonce)} bytes; {auth.NONCE_SIZE} required")
+
+
+class ServerConnection(_Connection):
+    """The broker's side of one connection.
+
+    Args:
+        secret: the shared secret.
+        session: the id the broker gives this connection, sent in the welcome.
+        heartbeat: the heartbeat interval in seconds, sent in the welcome.
+        max_frame_size: largest frame body accepted.
+        nonce: the broker's nonce; random unless a test fixes it.
+    """
+
+    role = Role.SERVER
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        session: int,
+        heartbeat: float,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        nonce: bytes | None = None,
+    ) -> None:
+        super().__init__(secret, max_frame_size, nonce)
+        self.state = State.AWAIT_HELLO
+        self.session = session
+        self.heartbeat = heartbeat
+        self.client_name = ""
+
+    def _step(self, message: Message, events: list[Event]) -> None:
+        if isinstance(message, Hello):
+            _check_hello_fields(message.version, message.nonce)
+            self._peer_nonce = message.nonce
+            self.client_name = message.client[:200]
+            proof = auth.server_proof(self._secret, message.nonce, self._nonce)
+            self._queue(Challenge(version=auth.PROTOCOL_VERSION, nonce=self._nonce, proof=proof))
+        elif isinstance(message, Authenticate):
+            expected = auth.client_proof(self._secret, self._peer_nonce, self._nonce)
+            if not auth.proof_matches(expected, message.proof):
+                raise AuthenticationFailed("client proof does not match: wrong secret")
+            self._start_session(self._peer_nonce, self._nonce)
+            self._queue(Welcome(session=self.session, heartbeat=self.heartbeat, max_frame_size=self._max_frame_size))
+            events.append(Authenticated(client=self.client_name))
+
+
+class ClientConnection(_Connection):
+    """The client's side of one connection. Call initiate() first, then send its output.
+
+    Args:
+        secret: the shared secret.
+        client: a short name for the broker's logs and stats.
+        max_frame_size: largest frame body accepted.
+        nonce: the client's nonce; random unless a test fixes it.
+    """
+
+    role = Role.CLIENT
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        client: str = "",
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        nonce: bytes | None = None,
+    ) -> None:
+        super().__init__(secret, max_frame_size, nonce)
+        self.state = State.AWAIT_CHALLENGE
+        self._client_name = client
+        self._initiated = False
+        self.welcome: Welcome | None = None
+
+    def initiate(self) -> None:
+        """Queue the hello."""
+        if self._initiated:
+            raise UsageError("initiate() called twice")
+        self._initiated = True
+        self._queue(Hello(version=auth.PROTOCOL_VERSION, nonce=self._nonce, client=self._client_name))
+
+    def _step(self, message: Message, events: list[Event]) -> None:
+        if isinstance(message, Challenge):
+            _check_hello_fields(message.version, message.nonce)
+            expected = auth.server_proof(self._secret, self._nonce, message.nonce)
+            if not auth.proof_matches(expected, message.proof):
+                raise AuthenticationFailed("broker proof does not match: wrong secret, or not our broker")
+            self._queue(Authenticate(proof=auth.client_proof(self._secret, self._nonce, message.nonce)))
+            self._start_session(self._nonce, message.nonce)
+        elif isinstance(message, Welcome):
+            self.welcome = message
+            events.append(message)

@@ -1,0 +1,419 @@
+"""The messages (docs/protocol.md, "Messages"): one frozen dataclass per op, encoded as a
+msgpack map {"op": ..., field: value, ...}.
+
+decode() is the one place where msgpack errors and wrongly typed fields become
+MalformedMessage; every field of every message is checked against its annotation here, so the
+layers above never see a wrongly typed value from the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from broker.errors import MalformedMessage
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "Authenticate",
+    "Cancel",
+    "Challenge",
+    "Complete",
+    "DeadList",
+    "DeadRequeue",
+    "Deliver",
+    "ErrorReply",
+    "Fail",
+    "Heartbeat",
+    "Hello",
+    "JobInfo",
+    "Message",
+    "Release",
+    "Reply",
+    "Request",
+    "Reserve",
+    "Results",
+    "Stats",
+    "Submit",
+    "Touch",
+    "Watch",
+    "Welcome",
+    "decode",
+    "encode",
+]
+
+# Per-item layouts of the batch messages; msgpack carries them as arrays.
+CompleteItem = tuple[int, int, Any]  # job_id, lease token, result
+FailItem = tuple[int, int, str, str]  # job_id, lease token, error type, error message
+TouchItem = tuple[int, int, float]  # job_id, lease token, new lease in seconds (0: the job's own)
+ReleaseItem = tuple[int, int]  # job_id, lease token
+DeliveryItem = tuple[int, int, str, Any, int, float]  # job_id, token, queue, payload, attempt, lease
+ResultItem = tuple[int, str, Any]  # job_id, final state, result or error
+
+
+class Message:
+    """Base of all messages. `op` names the message on the wire."""
+
+    op: ClassVar[str]
+    __slots__ = ()
+
+
+class Request(Message):
+    """A client request; the broker answers with a Reply or ErrorReply carrying the same id."""
+
+    __slots__ = ()
+    id: int
+
+
+# --- handshake (before the session keys exist; frames carry no MAC) ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    op: ClassVar[str] = "hello"
+    version: int
+    nonce: bytes
+    client: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge(Message):
+    op: ClassVar[str] = "challenge"
+    version: int
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate(Message):
+    op: ClassVar[str] = "authenticate"
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    op: ClassVar[str] = "welcome"
+    session: int
+    heartbeat: float
+    max_frame_size: int
+
+
+# --- both directions --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    op: ClassVar[str] = "heartbeat"
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Submit(Request):
+    op: ClassVar[str] = "submit"
+    id: int
+    queue: str
+    payloads: list[Any]
+    priority: int = 0
+    delay: float = 0.0
+    max_attempts: int | None = None
+    lease: float | None = None
+    backoff: float | None = None
+    keys: list[str | None] | None = None
+    watch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(Request):
+    op: ClassVar[str] = "reserve"
+    id: int
+    queues: list[str]
+    prefetch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Complete(Request):
+    op: ClassVar[str] = "complete"
+    id: int
+    items: list[CompleteItem]
+
+
+@dataclass(frozen=True, slots=True)
+class Fail(Request):
+    op: ClassVar[str] = "fail"
+    id: int
+    items: list[FailItem]
+
+
+@dataclass(frozen=True, slots=True)
+class Touch(Request):
+    op: ClassVar[str] = "touch"
+    id: int
+    items: list[TouchItem]
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Request):
+    op: ClassVar[str] = "release"
+    id: int
+    items: list[ReleaseItem]
+
+
+@dataclass(frozen=True, slots=True)
+class Watch(Request):
+    op: ClassVar[str] = "watch"
+    id: int
+    job_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Request):
+    op: ClassVar[str] = "cancel"
+    id: int
+    job_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats(Request):
+    op: ClassVar[str] = "stats"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo(Request):
+    op: ClassVar[str] = "job"
+    id: int
+    job_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadList(Request):
+    op: ClassVar[str] = "dead_list"
+    id: int
+    queue: str
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRequeue(Request):
+    op: ClassVar[str] = "dead_requeue"
+    id: int
+    queue: str
+    job_ids: list[int] | None = None
+
+
+# --- broker to client -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """Success. `data` holds the op's reply fields (docs/protocol.md lists them per op)."""
+
+    op: ClassVar[str] = "ok"
+    id: int
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    """Failure of request `id`, or of the connection itself when id is None."""
+
+    op: ClassVar[str] = "error"
+    id: int | None
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver(Message):
+    op: ClassVar[str] = "deliver"
+    jobs: list[DeliveryItem]
+
+
+@dataclass(frozen=True, slots=True)
+class Results(Message):
+    op: ClassVar[str] = "results"
+    items: list[ResultItem]
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.op: cls
+    for cls in (
+        Hello,
+        Challenge,
+        Authenticate,
+        Welcome,
+        Heartbeat,
+        Submit,
+        Reserve,
+        Complete,
+        Fail,
+        Touch,
+        Release,
+        Watch,
+        Cancel,
+        Stats,
+        JobInfo,
+        DeadList,
+        DeadRequeue,
+        Reply,
+        ErrorReply,
+        Deliver,
+        Results,
+    )
+}
+
+# --- validation, built once from the annotations ------------------------------------------
+
+Checker = Callable[[Any], Any]  # returns the (possibly converted) value or raises _Invalid
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _check_int(value: Any) -> int:
+    if type(value) is not int:
+        raise _Invalid("an integer")
+    return value
+
+
+def _check_float(value: Any) -> float:
+    if type(value) is float:
+        return value
+    if type(value) is int:
+        return float(value)
+    raise _Invalid("a number")
+
+
+def _simple(kind: type, label: str) -> Checker:
+    def check(value: Any) -> Any:
+        if type(value) is not kind:
+            raise _Invalid(label)
+        return value
+
+    return check
+
+
+def _any(value: Any) -> Any:
+    return value
+
+
+def _checker(annotation: Any) -> Checker:
+    if annotation is Any:
+        return _any
+    if annotation is int:
+        return _check_int
+    if annotation is float:
+        return _check_float
+    if annotation in (str, bytes, bool, dict):
+        return _simple(annotation, f"of type {annotation.__name__}")
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is types.UnionType or origin is typing.Union:
+        inner = _checker(next(a for a in args if a is not type(None)))
+
+        def optional(value: Any) -> Any:
+            return None if value is None else inner(value)
+
+        return optional
+    if origin is dict:
+        return _simple(dict, "a map")
+    if origin is list:
+        item = _checker(args[0])
+
+        def check_list(value: Any) -> list[Any]:
+            if type(value) is not list:
+                raise _Invalid("an array")
+            return value if item is _any else [item(v) for v in value]
+
+        return check_list
+    if origin is tuple:
+        fields = [_checker(a) for a in args]
+        size = len(fields)
+
+        def check_tuple(value: Any) -> list[Any]:
+            if type(value) is not list or len(value) != size:
+                raise _Invalid(f"an array of {size}")
+            return [check(v) for check, v in zip(fields, value, strict=True)]
+
+        return check_tuple
+    raise TypeError(f"no checker for {annotation!r}")
+
+
+_Schema = tuple[tuple[str, Checker, bool], ...]  # name, checker, required
+_SCHEMAS: dict[str, tuple[type[Message], _Schema]] = {}
+_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {}
+
+for _cls in MESSAGE_TYPES.values():
+    _hints = typing.get_type_hints(_cls)
+    _fields = dataclasses.fields(_cls)  # type: ignore[arg-type]
+    _SCHEMAS[_cls.op] = (
+        _cls,
+        tuple(
+            (
+                f.name,
+                _checker(_hints[f.name]),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in _fields
+        ),
+    )
+    _FIELD_NAMES[_cls] = tuple(f.name for f in _fields)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise MalformedMessage(f"msgpack extension type {code} is not part of the protocol")
+
+
+def encode(message: Message) -> bytes:
+    """The msgpack body of `message`."""
+    wire: dict[str, Any] = {"op": message.op}
+    for name in _FIELD_NAMES[type(message)]:
+        wire[name] = getattr(message, name)
+    return msgpack.packb(wire, use_bin_type=True)
+
+
+def decode(body: bytes) -> Message:
+    """Parse and check one frame body.
+
+    Raises:
+        MalformedMessage: not msgpack, not a map, an unknown op, or a field missing or of the
+            wrong type. The message says which.
+    """
+    try:
+        wire = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_reject_ext)
+    except MalformedMessage:
+        raise
+    except Exception as exc:  # msgpack raises many types for bad input; all mean the same here
+        raise MalformedMessage(f"frame body is not valid msgpack: {exc}") from exc
+    if type(wire) is not dict:
+        raise MalformedMessage("frame body is not a msgpack map")
+    op = wire.get("op")
+    entry = _SCHEMAS.get(op) if type(op) is str else None
+    if entry is None:
+        raise MalformedMessage(f"unknown op {op!r}", _request_id(wire))
+    cls, schema = entry
+    values: dict[str, Any] = {}
+    for name, check, required in schema:
+        if name in wire:
+            try:
+                values[name] = check(wire[name])
+            except _Invalid as exc:
+                raise MalformedMessage(f"{op}.{name} must be {exc}", _request_id(wire)) from None
+        elif required:
+            raise MalformedMessage(f"{op} lacks field {name!r}", _request_id(wire))
+    return cls(**values)
+
+
+def _request_id(wire: dict[Any, Any]) -> int | None:
+    request_id = wire.get("id")
+    return request_id if type(request_id) is int else None
+

@@ -155,10 +155,8 @@ class _Connection:
             self.state = State.CLOSED
 
     def _receive_frame(self, payload: bytes, events: list[Event]) -> None:
-        if self._verifier is not None:
-            body = self._verifier.verify(payload)  # IntegrityError is fatal: stream untrusted
-        else:
-            body = payload
+        # A bad MAC raises IntegrityError, which is fatal: the stream can no longer be trusted.
+        body = self._verifier.verify(payload) if self._verifier is not None else payload
         if self.state is not State.OPEN:
             self._handshake(decode(body), events)  # any fault during the handshake is fatal
             return
@@ -197,7 +195,9 @@ class _Connection:
 
 def _check_hello_fields(version: int, nonce: bytes) -> None:
     if version != auth.PROTOCOL_VERSION:
-        raise AuthenticationFailed(f"protocol version {version} is not supported (this side speaks {auth.PROTOCOL_VERSION})")
+        raise AuthenticationFailed(
+            f"protocol version {version} is not supported (this side speaks {auth.PROTOCOL_VERSION})"
+        )
     if len(nonce) != auth.NONCE_SIZE:
         raise AuthenticationFailed(f"nonce of {len(nonce)} bytes; {auth.NONCE_SIZE} required")
 

@@ -416,4 +416,3 @@ def decode(body: bytes) -> Message:
 def _request_id(wire: dict[Any, Any]) -> int | None:
     request_id = wire.get("id")
     return request_id if type(request_id) is int else None
-

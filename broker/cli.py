@@ -1,0 +1,305 @@
+"""The `jobbroker` command: serve, worker, submit, stats."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from broker.config import DEFAULT_HOST, DEFAULT_PORT, BrokerConfig, ensure_secret_file
+from broker.core.scheduler import SchedulerConfig
+from broker.errors import ConfigError, JobbrokerError
+from broker.protocol.auth import load_secret_file, resolve_secret
+from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+
+__all__ = ["main"]
+
+log = logging.getLogger("jobbroker")
+DEFAULT_CONNECT = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as exc:
+        print(f"jobbroker: {exc}", file=sys.stderr)
+        return 2
+    except JobbrokerError as exc:
+        print(f"jobbroker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError) as exc:
+        print(f"jobbroker: cannot reach the broker: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jobbroker", description="A job broker for Python.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(run=run)
+        sub.add_argument(
+            "--secret-file", help="file holding the shared secret (its content without the trailing newline)"
+        )
+        sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        return sub
+
+    serve = command("serve", _serve, "run the broker daemon")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks one)")
+    serve.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, seconds (default 5)")
+    serve.add_argument("--lease", type=float, default=30.0, help="default job lease, seconds (default 30)")
+    serve.add_argument("--max-attempts", type=int, default=3, help="default deliveries before a job is dead (3)")
+    serve.add_argument("--result-ttl", type=float, default=3600.0, help="seconds results are kept (3600)")
+    serve.add_argument("--max-pending", type=int, default=1_000_000, help="waiting jobs per queue (1000000)")
+    serve.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE, help="bytes (16 MiB)")
+    serve.add_argument("--handshake-timeout", type=float, default=5.0, help="seconds to authenticate (5)")
+    serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+
+    worker = command("worker", _worker, "run a worker on a handler")
+    worker.add_argument("handler", help="module:function to run on each job's payload")
+    worker.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
+    worker.add_argument("--queue", action="append", required=True, help="queue to take jobs from (repeatable)")
+    worker.add_argument("--concurrency", type=int, default=16, help="jobs run at once (16)")
+    worker.add_argument("--prefetch", type=int, default=None, help="jobs held at once (2 x concurrency)")
+    worker.add_argument("--executor", default="thread", choices=["thread", "process", "inline"])
+    worker.add_argument("--name", default=None, help="name shown in stats (default host:pid)")
+    worker.add_argument("--grace", type=float, default=30.0, help="seconds to finish running jobs on stop (30)")
+
+    submit = command("submit", _submit, "submit jobs")
+    submit.add_argument("queue")
+    submit.add_argument("payloads", nargs="+", help="payloads, as JSON where they parse, else strings")
+    submit.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--delay", type=float, default=0.0)
+    submit.add_argument("--max-attempts", type=int, default=None)
+    submit.add_argument("--wait", action="store_true", help="wait for the results and print them")
+    submit.add_argument("--timeout", type=float, default=None, help="with --wait: seconds to wait")
+
+    stats = command("stats", _stats, "show queues and workers")
+    stats.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _run(coroutine: Coroutine[Any, Any, Any], *, use_uvloop: bool = True) -> Any:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(coroutine)
+    return asyncio.run(coroutine)
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    secret = _broker_secret(args.secret_file)
+    config = BrokerConfig(
+        host=args.host,
+        port=args.port,
+        max_frame_size=args.max_frame_size,
+        handshake_timeout=args.handshake_timeout,
+        scheduler=SchedulerConfig(
+            heartbeat=args.heartbeat,
+            default_lease=args.lease,
+            default_max_attempts=args.max_attempts,
+            result_ttl=args.result_ttl,
+            max_pending_per_queue=args.max_pending,
+        ),
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: reachable beyond this machine; the secret is all that guards it", args.host)
+    _run(_serve_until_signal(config, secret), use_uvloop=not args.no_uvloop)
+    return 0
+
+
+def _broker_secret(secret_file: str | None) -> bytes:
+    """--secret-file (created if missing), else $JOBBROKER_SECRET_FILE / $JOBBROKER_SECRET,
+    else the default file, generated on first start."""
+    if secret_file is None:
+        with contextlib.suppress(ConfigError):
+            secret = resolve_secret()
+            log.info("using the secret from the environment or the default secret file")
+            return secret
+    secret, path, created = ensure_secret_file(secret_file)
+    if created:
+        log.info(
+            "generated a new secret in %s (readable by its owner only); clients on this machine find it there", path
+        )
+    else:
+        log.info("secret: %s", path)
+    return secret
+
+
+async def _serve_until_signal(config: BrokerConfig, secret: bytes) -> None:
+    from broker.server import Broker
+
+    loop = asyncio.get_running_loop()
+    broker = Broker(config, secret)
+    await broker.start()
+    print(f"jobbroker listening on {config.host}:{broker.port}", file=sys.stderr, flush=True)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, broker.close)
+        except (NotImplementedError, RuntimeError):  # Windows
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(broker.close))
+    await broker.wait_closed()
+
+
+# --- client-side commands -------------------------------------------------------------------
+
+
+def _client_secret(args: argparse.Namespace) -> bytes:
+    return load_secret_file(args.secret_file) if args.secret_file else resolve_secret()
+
+
+def _load_handler(spec: str) -> Callable[[Any], Any]:
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise ConfigError(f"handler {spec!r} is not module:function")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the current directory, as `python -m` does
+    try:
+        module = importlib.import_module(module_name)
+        handler = getattr(module, function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load handler {spec!r}: {exc}") from exc
+    if not callable(handler):
+        raise ConfigError(f"handler {spec!r} is not callable")
+    return handler  # type: ignore[no-any-return]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from client.worker import Worker
+
+    handler = _load_handler(args.handler)
+    worker = Worker(
+        args.connect,
+        queues=args.queue,
+        handler=handler,
+        secret=_client_secret(args),
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+        executor=args.executor,
+        name=args.name or f"{socket.gethostname()}:{os.getpid()}",
+        grace=args.grace,
+        handle_signals=True,
+    )
+    log.info("worker on %s taking from %s", args.connect, ", ".join(args.queue))
+    _run(worker.run())
+    log.info("worker stopped: %d completed, %d failed", worker.completed, worker.failed)
+    return 0
+
+
+def _parse_payload(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from client.client import Client
+
+    async def go() -> int:
+        async with Client(args.connect, secret=_client_secret(args), name="cli") as client:
+            payloads = [_parse_payload(p) for p in args.payloads]
+            ids = await client.submit_many(
+                args.queue, payloads, priority=args.priority, delay=args.delay, max_attempts=args.max_attempts
+            )
+            for job_id, payload in zip(ids, payloads, strict=True):
+                if not args.wait:
+                    print(job_id)
+                    continue
+                try:
+                    result = await client.result(job_id, timeout=args.timeout)
+                except JobbrokerError as exc:
+                    print(f"{job_id}\t{json.dumps(payload)}\terror: {exc}")
+                else:
+                    print(f"{job_id}\t{json.dumps(payload)}\t{json.dumps(result, default=repr)}")
+        return 0
+
+    return int(_run(go()))
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from client.client import Client
+
+    async def go() -> dict[str, Any]:
+        async with Client(args.connect, secret=_client_secret(args), name="cli") as client:
+            return await client.stats()
+
+    info = _run(go())
+    if args.json:
+        print(json.dumps(info, indent=2, default=repr))
+    else:
+        print(format_stats(info))
+    return 0
+
+
+def format_stats(info: dict[str, Any]) -> str:
+    """Stats as readable tables: queues, then workers."""
+    columns = ["queue", "pending", "delayed", "in_flight", "dead", "done", "failed", "done/s", "workers"]
+    rows = [
+        [
+            name,
+            q["pending"],
+            q["delayed"],
+            q["in_flight"],
+            q["dead"],
+            q["done"],
+            q["failed"],
+            q["done_per_second"],
+            q["workers"],
+        ]
+        for name, q in sorted(info["queues"].items())
+    ]
+    lines = _table(columns, rows) if rows else ["(no queues)"]
+    worker_rows = [
+        [
+            w["session"],
+            w["name"],
+            w["peer"],
+            ",".join(w["queues"]),
+            len(w["in_flight"]),
+            f"{w['last_heartbeat_age']:.1f}s",
+        ]
+        for w in info["workers"]
+    ]
+    lines.append("")
+    if worker_rows:
+        lines += _table(["session", "worker", "peer", "queues", "in_flight", "last_seen"], worker_rows)
+    else:
+        lines.append("(no workers)")
+    return "\n".join(lines)
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [columns] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]

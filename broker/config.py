@@ -1,0 +1,69 @@
+"""The broker's configuration: one frozen object, built from flags by the CLI or directly by
+an embedding program, and the secret file it generates on first start."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.core.scheduler import SchedulerConfig
+from broker.errors import ConfigError
+from broker.protocol.auth import default_secret_path, load_secret_file
+from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "BrokerConfig", "ensure_secret_file"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7878
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Everything the broker daemon needs to know.
+
+    Args:
+        host: address to listen on; loopback unless you mean to expose it.
+        port: TCP port; 0 picks a free one (tests).
+        max_frame_size: largest frame accepted, in bytes.
+        handshake_timeout: seconds a new connection has to authenticate.
+        max_write_buffer: bytes queued to a peer that does not read before it is cut off.
+        scheduler: heartbeat, lease, retry and backpressure settings of the job core.
+    """
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    handshake_timeout: float = 5.0
+    max_write_buffer: int = 64 * 1024 * 1024
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def heartbeat(self) -> float:
+        return self.scheduler.heartbeat
+
+
+def ensure_secret_file(path: str | os.PathLike[str] | None = None) -> tuple[bytes, Path, bool]:
+    """Read the secret file, generating a random secret first if it does not exist.
+
+    The file is created readable by its owner only (0600), in a directory only its owner can
+    enter. Returns (secret, path, created).
+
+    Raises:
+        ConfigError: the file cannot be read or created, or holds a secret that is too short.
+    """
+    target = Path(path) if path is not None else default_secret_path()
+    if target.exists():
+        return load_secret_file(target), target, False
+    try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(32).encode()
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secret + b"\n")
+    except FileExistsError:  # another process created it between exists() and open()
+        return load_secret_file(target), target, False
+    except OSError as exc:
+        raise ConfigError(f"cannot create secret file {target}: {exc.strerror or exc}") from exc
+    return secret, target, True

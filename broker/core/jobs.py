@@ -1,0 +1,113 @@
+"""A job and its lifecycle. The lifecycle is one table (docs/protocol.md, "Job states"):
+every legal (state, event) pair and the state it leads to. transition() is the only way a
+job's state changes."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from broker.errors import InvalidTransition
+
+__all__ = ["FINAL_STATES", "TRANSITIONS", "Job", "JobEvent", "JobState", "transition"]
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"  # waiting in its queue for a worker
+    DELAYED = "delayed"  # waiting for its not-before time (a delayed submit, or a retry backoff)
+    LEASED = "leased"  # delivered to a worker, under a lease
+    DONE = "done"  # completed; the result is kept for the result TTL
+    DEAD = "dead"  # failed max_attempts times; in its queue's dead-letter list
+    CANCELLED = "cancelled"
+
+
+class JobEvent(enum.StrEnum):
+    DUE = "due"  # the not-before time has come
+    DELIVER = "deliver"
+    COMPLETE = "complete"
+    RETRY = "retry"  # failed with attempts left: back off
+    BURY = "bury"  # failed, or lost its lease, with no attempts left
+    REQUEUE = "requeue"  # lease lost (expired, worker died) or handed back
+    CANCEL = "cancel"
+    REVIVE = "revive"  # requeued from the dead-letter list
+
+
+TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
+    (JobState.DELAYED, JobEvent.DUE): JobState.PENDING,
+    (JobState.PENDING, JobEvent.DELIVER): JobState.LEASED,
+    (JobState.LEASED, JobEvent.COMPLETE): JobState.DONE,
+    (JobState.LEASED, JobEvent.RETRY): JobState.DELAYED,
+    (JobState.LEASED, JobEvent.BURY): JobState.DEAD,
+    (JobState.LEASED, JobEvent.REQUEUE): JobState.PENDING,
+    (JobState.PENDING, JobEvent.CANCEL): JobState.CANCELLED,
+    (JobState.DELAYED, JobEvent.CANCEL): JobState.CANCELLED,
+    (JobState.DEAD, JobEvent.REVIVE): JobState.PENDING,
+}
+
+FINAL_STATES = frozenset({JobState.DONE, JobState.DEAD, JobState.CANCELLED})
+
+
+class Job:
+    """One job. Compact (slots) because a broker may hold millions."""
+
+    __slots__ = (
+        "attempts",
+        "backoff",
+        "error",
+        "id",
+        "key",
+        "lease_seconds",
+        "max_attempts",
+        "payload",
+        "priority",
+        "queue",
+        "result",
+        "state",
+        "token",
+        "watchers",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        job_id: int,
+        queue: str,
+        payload: Any,
+        *,
+        priority: int,
+        max_attempts: int,
+        lease_seconds: float,
+        backoff: float,
+        key: str | None,
+        state: JobState,
+    ) -> None:
+        self.id = job_id
+        self.queue = queue
+        self.payload = payload
+        self.priority = priority
+        self.max_attempts = max_attempts
+        self.lease_seconds = lease_seconds
+        self.backoff = backoff
+        self.key = key
+        self.state = state
+        self.attempts = 0
+        self.token = 0  # lease token of the current delivery; fences stale completions
+        self.worker: int | None = None  # session holding the lease
+        self.result: Any = None
+        self.error: dict[str, str] | None = None  # the last failure: {"type", "message"}
+        self.watchers: list[int] | None = None  # sessions awaiting the outcome
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.queue} {self.state} attempt {self.attempts}/{self.max_attempts}>"
+
+
+def transition(job: Job, event: JobEvent) -> None:
+    """Move `job` along the lifecycle table.
+
+    Raises:
+        InvalidTransition: the table has no row for (job.state, event).
+    """
+    try:
+        job.state = TRANSITIONS[job.state, event]
+    except KeyError:
+        raise InvalidTransition(f"job {job.id}: no transition from {job.state} on {event}") from None

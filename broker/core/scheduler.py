@@ -1,0 +1,791 @@
+"""The scheduler: queues, leases, retries, results and sessions, with no I/O.
+
+Every mutator takes `now` (seconds, monotonic). The asyncio layer calls the mutators as
+requests arrive, calls tick(now) when next_deadline() comes, and calls flush(now) once per
+loop turn to dispatch pending jobs to waiting workers and collect the effects to send out.
+Batching per turn is what lets one frame carry many deliveries.
+
+Semantics (docs/protocol.md, "Jobs"): highest priority first, FIFO within a priority, round
+robin across the workers that wait on a queue; delivery at least once, completion at most
+once, fenced by lease tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.core.deadlines import Deadlines
+from broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
+from broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, QueueFull
+
+__all__ = [
+    "Deliver",
+    "Effect",
+    "JobBuried",
+    "LeaseExpired",
+    "ResultsReady",
+    "Scheduler",
+    "SchedulerConfig",
+    "SessionExpired",
+    "WorkerLost",
+]
+
+MAX_QUEUE_NAME = 200
+MAX_KEY_LENGTH = 200
+HEARTBEATS_MISSED_BEFORE_DEAD = 3
+_RATE_SAMPLE_EVERY = 1.0
+_RATE_WINDOW = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Defaults and limits of the job core.
+
+    Args:
+        heartbeat: heartbeat interval; a session silent for 3 intervals is dead.
+        default_lease: lease of a delivery unless the job says otherwise.
+        default_max_attempts: deliveries before a failing job goes dead.
+        default_backoff: first retry delay; doubles each attempt.
+        max_backoff: cap of the retry delay.
+        result_ttl: how long results (and finished jobs) are kept.
+        max_pending_per_queue: pending plus delayed jobs a queue may hold (backpressure).
+        max_prefetch: the largest prefetch a worker may ask for.
+    """
+
+    heartbeat: float = 5.0
+    default_lease: float = 30.0
+    default_max_attempts: int = 3
+    default_backoff: float = 1.0
+    max_backoff: float = 300.0
+    result_ttl: float = 3600.0
+    max_pending_per_queue: int = 1_000_000
+    max_prefetch: int = 10_000
+
+
+# --- effects: what the asyncio layer must do after a flush ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send these jobs to the worker session: [job_id, token, queue, payload, attempt, lease]."""
+
+    session: int
+    jobs: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsReady:
+    """Send these outcomes to the watching session: [job_id, state, result or error]."""
+
+    session: int
+    items: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionExpired:
+    """The session missed its heartbeats: close its connection. Its jobs are already requeued."""
+
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """A worker session ended holding leases; these jobs went back to their queues (or dead)."""
+
+    session: int
+    name: str
+    requeued: list[int]
+    buried: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseExpired:
+    job_id: int
+    queue: str
+    session: int | None
+    buried: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JobBuried:
+    """A job went to its queue's dead-letter list."""
+
+    job_id: int
+    queue: str
+    error: dict[str, str]
+
+
+Effect = Deliver | ResultsReady | SessionExpired | WorkerLost | LeaseExpired | JobBuried
+
+
+# --- state ------------------------------------------------------------------------------
+
+
+class _Queue:
+    __slots__ = (
+        "completed",
+        "dead",
+        "delayed_count",
+        "failed",
+        "leased_count",
+        "name",
+        "pending",
+        "pending_count",
+        "priorities",
+        "rate_samples",
+        "submitted",
+        "waiters",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pending: dict[int, deque[Job]] = {}  # priority -> FIFO; may hold cancelled jobs
+        self.priorities: list[int] = []  # negated priorities present in `pending`, ascending
+        self.pending_count = 0
+        self.delayed_count = 0
+        self.leased_count = 0
+        self.dead: dict[int, Job] = {}  # dead-letter list, oldest first
+        self.waiters: deque[_Session] = deque()  # workers with credit, round robin
+        self.submitted = 0
+        self.completed = 0
+        self.failed = 0
+        self.rate_samples: deque[tuple[float, int, int]] = deque()  # (now, submitted, completed)
+
+    def push(self, job: Job, *, front: bool = False) -> None:
+        fifo = self.pending.get(job.priority)
+        if fifo is None:
+            fifo = self.pending[job.priority] = deque()
+            bisect.insort(self.priorities, -job.priority)
+        if front:
+            fifo.appendleft(job)
+        else:
+            fifo.append(job)
+        self.pending_count += 1
+
+    def pop(self) -> Job | None:
+        """The next pending job: highest priority, then oldest. Skips cancelled ones."""
+        while self.priorities:
+            priority = -self.priorities[0]
+            fifo = self.pending[priority]
+            while fifo:
+                job = fifo.popleft()
+                if job.state is JobState.PENDING:
+                    self.pending_count -= 1
+                    if not fifo:
+                        self._drop_priority(priority)
+                    return job
+            self._drop_priority(priority)
+        return None
+
+    def _drop_priority(self, priority: int) -> None:
+        del self.pending[priority]
+        del self.priorities[bisect.bisect_left(self.priorities, -priority)]
+
+
+class _Session:
+    __slots__ = ("closed", "id", "last_seen", "leased", "name", "peer", "prefetch", "queues", "waiting")
+
+    def __init__(self, session_id: int, name: str, peer: str, now: float) -> None:
+        self.id = session_id
+        self.name = name
+        self.peer = peer
+        self.last_seen = now
+        self.queues: tuple[str, ...] = ()
+        self.prefetch = 0
+        self.leased: dict[int, Job] = {}
+        self.waiting: set[str] = set()  # queues whose waiters hold this session
+        self.closed = False
+
+    @property
+    def credit(self) -> int:
+        return self.prefetch - len(self.leased)
+
+
+@dataclass(slots=True)
+class _Outbox:
+    deliveries: dict[int, list[list[Any]]] = field(default_factory=dict)
+    results: dict[int, list[list[Any]]] = field(default_factory=dict)
+    notices: list[Effect] = field(default_factory=list)
+
+
+class Scheduler:
+    """All queues, jobs and sessions of one broker."""
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self.config = config or SchedulerConfig()
+        self._jobs: dict[int, Job] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._sessions: dict[int, _Session] = {}
+        self._keys: dict[tuple[str, str], int] = {}  # (queue, idempotency key) -> job id
+        self._next_job_id = 1
+        self._next_token = 1
+        self._lease_deadlines: Deadlines[int] = Deadlines()  # job id
+        self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
+        self._expiry_deadlines: Deadlines[int] = Deadlines()  # job id of a finished job
+        self._session_deadlines: Deadlines[int] = Deadlines()  # session id
+        self._ready: dict[str, None] = {}  # queues that may have work for waiters (ordered set)
+        self._outbox = _Outbox()
+        self._last_rate_sample = float("-inf")
+
+    # --- sessions ---------------------------------------------------------------------
+
+    @property
+    def session_timeout(self) -> float:
+        return self.config.heartbeat * HEARTBEATS_MISSED_BEFORE_DEAD
+
+    def open_session(self, session_id: int, now: float, *, name: str = "", peer: str = "") -> None:
+        if session_id in self._sessions:
+            raise InvalidRequest(f"session {session_id} is already open")
+        self._sessions[session_id] = _Session(session_id, name, peer, now)
+        self._session_deadlines.add(session_id, now + self.session_timeout)
+
+    def seen(self, session_id: int, now: float) -> None:
+        """Anything received from a session proves it alive (a heartbeat or any request).
+        O(1): the deadline is pushed back lazily when it comes due."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.last_seen = now
+
+    def close_session(self, session_id: int, now: float) -> None:
+        """The session's connection is gone: requeue its leases at once. Idempotent."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        session.closed = True
+        self._session_deadlines.cancel(session_id)
+        if not session.leased:
+            return
+        requeued: list[int] = []
+        buried: list[int] = []
+        for job in list(session.leased.values()):
+            if self._lose_lease(job, now, "worker lost"):
+                buried.append(job.id)
+            else:
+                requeued.append(job.id)
+        session.leased.clear()
+        self._outbox.notices.append(WorkerLost(session_id, session.name, requeued, buried))
+
+    def _session(self, session_id: int) -> _Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise InvalidRequest(f"session {session_id} is not open")
+        return session
+
+    # --- producers --------------------------------------------------------------------
+
+    def submit(
+        self,
+        session_id: int,
+        queue_name: str,
+        payloads: Sequence[Any],
+        now: float,
+        *,
+        priority: int = 0,
+        delay: float = 0.0,
+        max_attempts: int | None = None,
+        lease: float | None = None,
+        backoff: float | None = None,
+        keys: Sequence[str | None] | None = None,
+        watch: bool = False,
+    ) -> list[int]:
+        """Add jobs to a queue, all or none. Returns their ids, in order; a job whose
+        idempotency key is already known gets the id of the first job with that key.
+
+        Raises:
+            InvalidRequest: a bad argument.
+            QueueFull: the queue would hold more than max_pending_per_queue jobs.
+        """
+        config = self.config
+        _check_queue_name(queue_name)
+        if not -(2**31) <= priority < 2**31:
+            raise InvalidRequest("priority must fit in 32 bits")
+        if not 0.0 <= delay < 10 * 365 * 86400:
+            raise InvalidRequest("delay must be between 0 and ten years")
+        max_attempts = config.default_max_attempts if max_attempts is None else max_attempts
+        if not 1 <= max_attempts <= 1_000_000:
+            raise InvalidRequest("max_attempts must be between 1 and 1000000")
+        lease = config.default_lease if lease is None else lease
+        if not 0.0 < lease <= 86400 * 7:
+            raise InvalidRequest("lease must be more than 0 and at most a week")
+        backoff = config.default_backoff if backoff is None else backoff
+        if not 0.0 <= backoff <= 86400:
+            raise InvalidRequest("backoff must be between 0 and a day")
+        if keys is not None:
+            if len(keys) != len(payloads):
+                raise InvalidRequest(f"{len(keys)} idempotency keys for {len(payloads)} payloads")
+            for key in keys:
+                if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
+                    raise InvalidRequest(f"an idempotency key has 1 to {MAX_KEY_LENGTH} characters")
+        watcher = self._session(session_id).id if watch else None
+
+        queue = self._queues.get(queue_name)
+        known = 0
+        if keys is not None:
+            known = sum(1 for key in keys if key is not None and (queue_name, key) in self._keys)
+        waiting_now = 0 if queue is None else queue.pending_count + queue.delayed_count
+        if waiting_now + len(payloads) - known > config.max_pending_per_queue:
+            raise QueueFull(
+                f"queue {queue_name!r} holds {waiting_now} waiting jobs; the limit is {config.max_pending_per_queue}"
+            )
+        if queue is None:
+            queue = self._queues[queue_name] = _Queue(queue_name)
+
+        state = JobState.DELAYED if delay > 0 else JobState.PENDING
+        ids: list[int] = []
+        created = 0
+        for index, payload in enumerate(payloads):
+            key = None if keys is None else keys[index]
+            if key is not None:
+                existing = self._keys.get((queue_name, key))
+                if existing is not None:
+                    ids.append(existing)
+                    if watcher is not None:
+                        self._watch_one(watcher, existing)
+                    continue
+            job = Job(
+                self._next_job_id,
+                queue_name,
+                payload,
+                priority=priority,
+                max_attempts=max_attempts,
+                lease_seconds=lease,
+                backoff=backoff,
+                key=key,
+                state=state,
+            )
+            self._next_job_id += 1
+            self._jobs[job.id] = job
+            if key is not None:
+                self._keys[(queue_name, key)] = job.id
+            if watcher is not None:
+                job.watchers = [watcher]
+            if state is JobState.DELAYED:
+                queue.delayed_count += 1
+                self._due_deadlines.add(job.id, now + delay)
+            else:
+                queue.push(job)
+            ids.append(job.id)
+            created += 1
+        queue.submitted += created
+        if state is JobState.PENDING:
+            self._ready[queue_name] = None
+        return ids
+
+    def cancel(self, job_ids: Iterable[int], now: float) -> list[str | None]:
+        """Cancel pending or delayed jobs. Per job: None, or an error code."""
+        codes: list[str | None] = []
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is None:
+                codes.append(JobNotFound.code)
+            elif job.state not in (JobState.PENDING, JobState.DELAYED):
+                codes.append(InvalidState.code)
+            else:
+                queue = self._queues[job.queue]
+                if job.state is JobState.PENDING:
+                    queue.pending_count -= 1  # the job stays in its FIFO; pop() skips it
+                else:
+                    queue.delayed_count -= 1
+                    self._due_deadlines.cancel(job.id)
+                transition(job, JobEvent.CANCEL)
+                self._finish(job, now)
+                codes.append(None)
+        return codes
+
+    def watch(self, session_id: int, job_ids: Iterable[int]) -> None:
+        """Ask for the outcome of jobs; each arrives in a ResultsReady effect, at once if the
+        job has already finished."""
+        session = self._session(session_id)
+        for job_id in job_ids:
+            self._watch_one(session.id, job_id)
+
+    def _watch_one(self, session_id: int, job_id: int) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            self._outbox.results.setdefault(session_id, []).append([job_id, "unknown", None])
+        elif job.state in FINAL_STATES:
+            self._outbox.results.setdefault(session_id, []).append(_outcome(job))
+        elif job.watchers is None:
+            job.watchers = [session_id]
+        elif session_id not in job.watchers:
+            job.watchers.append(session_id)
+
+    # --- workers ----------------------------------------------------------------------
+
+    def reserve(self, session_id: int, queue_names: Sequence[str], prefetch: int, now: float) -> None:
+        """Make the session a worker on these queues holding up to `prefetch` leases at once;
+        prefetch 0 stops deliveries (drain). Jobs arrive in Deliver effects."""
+        session = self._session(session_id)
+        if not 0 <= prefetch <= self.config.max_prefetch:
+            raise InvalidRequest(f"prefetch must be between 0 and {self.config.max_prefetch}")
+        if prefetch and not queue_names:
+            raise InvalidRequest("reserve names no queue")
+        for name in queue_names:
+            _check_queue_name(name)
+        for name in session.waiting:
+            queue = self._queues.get(name)
+            if queue is not None and session in queue.waiters:
+                queue.waiters.remove(session)
+        session.waiting.clear()
+        session.queues = tuple(dict.fromkeys(queue_names))
+        session.prefetch = prefetch
+        for name in session.queues:
+            if name not in self._queues:
+                self._queues[name] = _Queue(name)
+        self._offer_credit(session)
+
+    def complete(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
+        """Complete leased jobs with their results: items of (job_id, token, result)."""
+        codes: list[str | None] = []
+        for job_id, token, result in items:
+            job, code = self._leased(session_id, job_id, token)
+            if job is None:
+                codes.append(code)
+                continue
+            self._end_lease(job)
+            transition(job, JobEvent.COMPLETE)
+            job.result = result
+            self._queues[job.queue].completed += 1
+            self._finish(job, now)
+            codes.append(None)
+        return codes
+
+    def fail(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
+        """Fail leased jobs: items of (job_id, token, error type, error message). A job with
+        attempts left is retried after an exponential backoff, else buried."""
+        codes: list[str | None] = []
+        for job_id, token, error_type, message in items:
+            job, code = self._leased(session_id, job_id, token)
+            if job is None:
+                codes.append(code)
+                continue
+            self._end_lease(job)
+            job.error = {"type": error_type[:200], "message": message[:2000]}
+            self._queues[job.queue].failed += 1
+            if job.attempts >= job.max_attempts:
+                self._bury(job, now)
+            else:
+                self._retry(job, now)
+            codes.append(None)
+        return codes
+
+    def touch(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
+        """Extend leases: items of (job_id, token, seconds); 0 seconds means the job's own lease."""
+        codes: list[str | None] = []
+        for job_id, token, seconds in items:
+            job, code = self._leased(session_id, job_id, token)
+            if job is None:
+                codes.append(code)
+                continue
+            extension = seconds if 0 < seconds <= 86400 * 7 else job.lease_seconds
+            self._lease_deadlines.add(job.id, now + extension)
+            codes.append(None)
+        return codes
+
+    def release(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
+        """Hand leased jobs back unrun (a worker shutting down): requeued at the front, the
+        attempt not counted."""
+        codes: list[str | None] = []
+        for job_id, token in items:
+            job, code = self._leased(session_id, job_id, token)
+            if job is None:
+                codes.append(code)
+                continue
+            self._end_lease(job)
+            job.attempts -= 1
+            transition(job, JobEvent.REQUEUE)
+            self._queues[job.queue].push(job, front=True)
+            self._ready[job.queue] = None
+            codes.append(None)
+        return codes
+
+    def _leased(self, session_id: int, job_id: int, token: int) -> tuple[Job | None, str | None]:
+        """The job if this session holds its lease under this token (the fence)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None, JobNotFound.code
+        if job.state is not JobState.LEASED or job.token != token or job.worker != session_id:
+            return None, LeaseLost.code
+        return job, None
+
+    # --- admin ------------------------------------------------------------------------
+
+    def job_info(self, job_id: int) -> dict[str, Any]:
+        """Everything known of one job.
+
+        Raises:
+            JobNotFound: no such job, or its result TTL has passed.
+        """
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"job {job_id} is unknown (never submitted, or expired)")
+        return _describe(job)
+
+    def dead_list(self, queue_name: str, limit: int = 100) -> list[dict[str, Any]]:
+        queue = self._queues.get(queue_name)
+        if queue is None or limit <= 0:
+            return []
+        listed: list[dict[str, Any]] = []
+        for job in queue.dead.values():
+            listed.append(_describe(job))
+            if len(listed) >= limit:
+                break
+        return listed
+
+    def dead_requeue(self, queue_name: str, job_ids: Sequence[int] | None, now: float) -> int:
+        """Move dead jobs (all of the queue's, or those named) back to pending with fresh
+        attempts. Returns how many moved."""
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return 0
+        chosen = list(queue.dead) if job_ids is None else [i for i in job_ids if i in queue.dead]
+        for job_id in chosen:
+            job = queue.dead.pop(job_id)
+            transition(job, JobEvent.REVIVE)
+            job.attempts = 0
+            queue.push(job)
+        if chosen:
+            self._ready[queue_name] = None
+        return len(chosen)
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """Counts and rates per queue; workers with their leases and last heartbeat."""
+        self._sample_rates(now)
+        queues: dict[str, Any] = {}
+        for name, queue in self._queues.items():
+            submitted_rate = completed_rate = 0.0
+            if queue.rate_samples:
+                then, submitted, completed = queue.rate_samples[0]
+                if now - then > 0:
+                    submitted_rate = (queue.submitted - submitted) / (now - then)
+                    completed_rate = (queue.completed - completed) / (now - then)
+            queues[name] = {
+                "pending": queue.pending_count,
+                "delayed": queue.delayed_count,
+                "in_flight": queue.leased_count,
+                "dead": len(queue.dead),
+                "done": queue.completed,
+                "submitted": queue.submitted,
+                "failed": queue.failed,
+                "submitted_per_second": round(submitted_rate, 1),
+                "done_per_second": round(completed_rate, 1),
+                "workers": len({s.id for s in self._sessions.values() if name in s.queues}),
+            }
+        workers = [
+            {
+                "session": session.id,
+                "name": session.name,
+                "peer": session.peer,
+                "queues": list(session.queues),
+                "prefetch": session.prefetch,
+                "in_flight": list(session.leased),
+                "last_heartbeat_age": round(now - session.last_seen, 3),
+            }
+            for session in self._sessions.values()
+            if session.queues
+        ]
+        return {"queues": queues, "workers": workers, "sessions": len(self._sessions), "jobs": len(self._jobs)}
+
+    # --- time -------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When tick() next has work, or None."""
+        candidates = [
+            d
+            for d in (
+                self._lease_deadlines.next_deadline(),
+                self._due_deadlines.next_deadline(),
+                self._expiry_deadlines.next_deadline(),
+                self._session_deadlines.next_deadline(),
+            )
+            if d is not None
+        ]
+        return min(candidates) if candidates else None
+
+    def tick(self, now: float) -> None:
+        """Act on every deadline at or before `now`."""
+        for job_id in self._due_deadlines.expire(now):
+            job = self._jobs[job_id]
+            transition(job, JobEvent.DUE)
+            queue = self._queues[job.queue]
+            queue.delayed_count -= 1
+            queue.push(job)
+            self._ready[job.queue] = None
+        for job_id in self._lease_deadlines.expire(now):
+            job = self._jobs[job_id]
+            session = self._sessions.get(job.worker) if job.worker is not None else None
+            if session is not None:
+                del session.leased[job_id]
+                self._offer_credit(session)
+            holder = job.worker
+            buried = self._lose_lease(job, now, "lease expired")
+            self._outbox.notices.append(LeaseExpired(job_id, job.queue, holder, buried))
+        for job_id in self._expiry_deadlines.expire(now):
+            job = self._jobs.pop(job_id)
+            if job.key is not None:
+                self._keys.pop((job.queue, job.key), None)
+        for session_id in self._session_deadlines.expire(now):
+            session = self._sessions[session_id]
+            alive_until = session.last_seen + self.session_timeout
+            if alive_until > now:
+                self._session_deadlines.add(session_id, alive_until)
+            else:
+                self.close_session(session_id, now)
+                self._outbox.notices.append(SessionExpired(session_id))
+
+    def flush(self, now: float) -> list[Effect]:
+        """Dispatch pending jobs to waiting workers; return every effect since the last flush."""
+        if self._ready:
+            self._dispatch(now)
+        if now - self._last_rate_sample >= _RATE_SAMPLE_EVERY:
+            self._sample_rates(now)
+        outbox = self._outbox
+        if not (outbox.deliveries or outbox.results or outbox.notices):
+            return []
+        self._outbox = _Outbox()
+        effects: list[Effect] = list(outbox.notices)
+        effects.extend(Deliver(s, jobs) for s, jobs in outbox.deliveries.items())
+        effects.extend(ResultsReady(s, items) for s, items in outbox.results.items())
+        return effects
+
+    # --- internals --------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        ready, self._ready = self._ready, {}
+        deliveries = self._outbox.deliveries
+        for name in ready:
+            queue = self._queues[name]
+            waiters = queue.waiters
+            while queue.pending_count and waiters:
+                session = waiters.popleft()
+                if session.closed or session.credit <= 0:
+                    session.waiting.discard(name)
+                    continue
+                job = queue.pop()
+                if job is None:  # only cancelled jobs were left
+                    waiters.appendleft(session)
+                    break
+                transition(job, JobEvent.DELIVER)
+                job.attempts += 1
+                job.token = self._next_token
+                self._next_token += 1
+                job.worker = session.id
+                session.leased[job.id] = job
+                queue.leased_count += 1
+                self._lease_deadlines.add(job.id, now + job.lease_seconds)
+                batch = deliveries.get(session.id)
+                if batch is None:
+                    batch = deliveries[session.id] = []
+                batch.append([job.id, job.token, name, job.payload, job.attempts, job.lease_seconds])
+                if session.credit > 0:
+                    waiters.append(session)
+                else:
+                    session.waiting.discard(name)
+
+    def _offer_credit(self, session: _Session) -> None:
+        """Put a worker with free credit back in line on each of its queues."""
+        if session.closed or session.credit <= 0:
+            return
+        for name in session.queues:
+            if name not in session.waiting:
+                session.waiting.add(name)
+                self._queues[name].waiters.append(session)
+            self._ready[name] = None
+
+    def _end_lease(self, job: Job) -> None:
+        """The worker is done with the job (completed, failed or handed back)."""
+        self._lease_deadlines.cancel(job.id)
+        self._queues[job.queue].leased_count -= 1
+        session = self._sessions.get(job.worker) if job.worker is not None else None
+        job.worker = None
+        if session is not None:
+            del session.leased[job.id]
+            self._offer_credit(session)
+
+    def _lose_lease(self, job: Job, now: float, reason: str) -> bool:
+        """The lease ended without an answer. Requeue at the front, or bury when the job has
+        used every attempt (so a job that kills its workers cannot loop forever). Returns
+        True if buried."""
+        self._lease_deadlines.cancel(job.id)
+        self._queues[job.queue].leased_count -= 1
+        job.worker = None
+        if job.attempts >= job.max_attempts:
+            job.error = {"type": "LeaseLost", "message": f"{reason} on attempt {job.attempts} of {job.max_attempts}"}
+            self._bury(job, now)
+            return True
+        transition(job, JobEvent.REQUEUE)
+        self._queues[job.queue].push(job, front=True)
+        self._ready[job.queue] = None
+        return False
+
+    def _retry(self, job: Job, now: float) -> None:
+        transition(job, JobEvent.RETRY)
+        delay = min(job.backoff * 2 ** (job.attempts - 1), self.config.max_backoff)
+        self._queues[job.queue].delayed_count += 1
+        self._due_deadlines.add(job.id, now + delay)
+
+    def _bury(self, job: Job, now: float) -> None:
+        transition(job, JobEvent.BURY)
+        self._queues[job.queue].dead[job.id] = job
+        error = job.error or {"type": "Unknown", "message": ""}
+        self._outbox.notices.append(JobBuried(job.id, job.queue, error))
+        self._notify_watchers(job)
+
+    def _finish(self, job: Job, now: float) -> None:
+        """A job reached DONE or CANCELLED: tell its watchers, keep it for the result TTL."""
+        if job.state is JobState.DONE:
+            job.payload = None  # finished jobs are kept for their result only: free the rest
+        self._notify_watchers(job)
+        self._expiry_deadlines.add(job.id, now + self.config.result_ttl)
+
+    def _notify_watchers(self, job: Job) -> None:
+        if not job.watchers:
+            return
+        outcome = _outcome(job)
+        results = self._outbox.results
+        for session_id in job.watchers:
+            if session_id in self._sessions:
+                results.setdefault(session_id, []).append(outcome)
+        job.watchers = None
+
+    def _sample_rates(self, now: float) -> None:
+        self._last_rate_sample = now
+        for queue in self._queues.values():
+            samples = queue.rate_samples
+            samples.append((now, queue.submitted, queue.completed))
+            while len(samples) > 1 and now - samples[0][0] > _RATE_WINDOW:
+                samples.popleft()
+
+
+def _check_queue_name(name: str) -> None:
+    if not name or len(name) > MAX_QUEUE_NAME or not name.isprintable():
+        raise InvalidRequest(f"a queue name has 1 to {MAX_QUEUE_NAME} printable characters, not {name[:50]!r}")
+
+
+def _outcome(job: Job) -> list[Any]:
+    if job.state is JobState.DONE:
+        return [job.id, "done", job.result]
+    if job.state is JobState.DEAD:
+        return [job.id, "dead", job.error]
+    return [job.id, str(job.state), None]
+
+
+def _describe(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "state": str(job.state),
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "lease": job.lease_seconds,
+        "payload": job.payload,
+        "result": job.result,
+        "error": job.error,
+        "worker": job.worker,
+        "key": job.key,
+    }

@@ -1,0 +1,441 @@
+"""The asyncio shell of the broker: accept connections, feed their bytes to the protocol and
+their requests to the scheduler, and send the scheduler's effects back out.
+
+Output is batched per loop turn: replies and pushes are queued on each connection and one
+flush callback per turn dispatches jobs and writes every connection's buffer at once. Timers
+are a single call_at for the scheduler's next deadline plus one heartbeat timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from broker.config import BrokerConfig
+from broker.core.scheduler import (
+    Deliver as DeliverEffect,
+)
+from broker.core.scheduler import (
+    Effect,
+    JobBuried,
+    LeaseExpired,
+    ResultsReady,
+    Scheduler,
+    SessionExpired,
+    WorkerLost,
+)
+from broker.errors import BrokerError, InvalidRequest
+from broker.protocol.connection import Authenticated, ServerConnection, State
+from broker.protocol.messages import (
+    Cancel,
+    Complete,
+    DeadList,
+    DeadRequeue,
+    Deliver,
+    ErrorReply,
+    Fail,
+    Heartbeat,
+    JobInfo,
+    Message,
+    Release,
+    Reply,
+    Request,
+    Reserve,
+    Results,
+    Stats,
+    Submit,
+    Touch,
+    Watch,
+)
+
+__all__ = ["Broker", "serve"]
+
+log = logging.getLogger("jobbroker.broker")
+
+# Deliveries and results are split into frames of at most this many jobs so that a frame stays
+# far below the frame limit whatever the prefetch.
+_JOBS_PER_FRAME = 256
+
+_HEARTBEAT = Heartbeat()
+
+
+class _BrokerProtocol(asyncio.Protocol):
+    """One client connection. Thin: bytes to the ServerConnection, events to the Broker."""
+
+    def __init__(self, broker: Broker, session: int) -> None:
+        self.broker = broker
+        self.session = session
+        self.connection = ServerConnection(
+            broker.secret,
+            session=session,
+            heartbeat=broker.config.heartbeat,
+            max_frame_size=broker.config.max_frame_size,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.authenticated = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peername = transport.get_extra_info("peername")
+        self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        self._handshake_timer = self.broker.loop.call_later(
+            self.broker.config.handshake_timeout, self._handshake_expired
+        )
+        self.broker._connections[self.session] = self
+
+    def data_received(self, data: bytes) -> None:
+        connection = self.connection
+        events = connection.receive_data(data)
+        broker = self.broker
+        if self.authenticated:
+            broker.scheduler.seen(self.session, broker.loop.time())
+        for event in events:
+            if isinstance(event, Request):
+                broker._handle_request(self, event)
+            elif isinstance(event, Authenticated):
+                self._authenticated(event)
+            # Heartbeat: its arrival was the point (seen() above)
+        if connection.state is State.CLOSED:
+            self._close_after_error()
+        else:
+            broker._mark_dirty(self)
+
+    def eof_received(self) -> bool | None:
+        self.connection.receive_eof()
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.connection.close()
+        self.broker._connection_lost(self, exc)
+
+    def write_pending(self) -> None:
+        data = self.connection.data_to_send()
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+            if transport.get_write_buffer_size() > self.broker.config.max_write_buffer:
+                log.warning("session %d (%s) does not read its replies; disconnecting", self.session, self.peer)
+                transport.abort()
+
+    def send(self, message: Message) -> None:
+        if self.connection.state is State.OPEN:
+            self.connection.send(message)
+            self.broker._mark_dirty(self)
+
+    def _authenticated(self, event: Authenticated) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.authenticated = True
+        self.broker.scheduler.open_session(self.session, self.broker.loop.time(), name=event.client, peer=self.peer)
+        log.info("session %d authenticated: %s from %s", self.session, event.client or "client", self.peer)
+
+    def _close_after_error(self) -> None:
+        error = self.connection.error
+        if error is not None:
+            if self.authenticated:
+                log.warning("session %d (%s): %s; closing", self.session, self.peer, error)
+            else:
+                log.warning("authentication failed from %s: %s", self.peer, error)
+        self.write_pending()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.authenticated and self.transport is not None:
+            log.warning(
+                "authentication failed from %s: no handshake within %.1fs",
+                self.peer,
+                self.broker.config.handshake_timeout,
+            )
+            self.transport.abort()
+
+
+class Broker:
+    """The broker: a listening socket, its connections and one Scheduler.
+
+    Use `async with Broker(config, secret) as broker:` or start()/close()/wait_closed().
+    Signal handling is the caller's (the CLI installs it); an embedded broker installs none.
+
+    Args:
+        config: listening address, limits and job-core settings.
+        secret: the shared secret clients must prove they hold.
+    """
+
+    def __init__(self, config: BrokerConfig, secret: bytes) -> None:
+        self.config = config
+        self.secret = secret
+        self.scheduler = Scheduler(config.scheduler)
+        self._connections: dict[int, _BrokerProtocol] = {}
+        self._dirty: dict[_BrokerProtocol, None] = {}
+        self._flush_scheduled = False
+        self._next_session = 1
+        self._server: asyncio.Server | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_at = float("inf")
+        self._heartbeat_handle: asyncio.TimerHandle | None = None
+        self._closed: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handlers: dict[type[Request], Callable[[int, Any, float], dict[str, Any]]] = {
+            Submit: self._on_submit,
+            Reserve: self._on_reserve,
+            Complete: self._on_complete,
+            Fail: self._on_fail,
+            Touch: self._on_touch,
+            Release: self._on_release,
+            Watch: self._on_watch,
+            Cancel: self._on_cancel,
+            Stats: self._on_stats,
+            JobInfo: self._on_job_info,
+            DeadList: self._on_dead_list,
+            DeadRequeue: self._on_dead_requeue,
+        }
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "broker not started"
+        return self._loop
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        assert self._server is not None and self._server.sockets, "broker not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+        self._server = await self._loop.create_server(self._new_protocol, self.config.host, self.config.port)
+        self._heartbeat_handle = self._loop.call_later(self.config.heartbeat, self._send_heartbeats)
+        log.info("listening on %s:%d", self.config.host, self.port)
+
+    async def serve_forever(self) -> None:
+        """Start if needed and serve until close(); cancellation closes the broker."""
+        if self._server is None:
+            await self.start()
+        try:
+            await self.wait_closed()
+        except asyncio.CancelledError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop accepting, close every connection. Idempotent."""
+        if self._server is None or self._closed is None or self._closed.done():
+            return
+        self._server.close()
+        for handle in (self._tick_handle, self._heartbeat_handle):
+            if handle is not None:
+                handle.cancel()
+        for protocol in list(self._connections.values()):
+            if protocol.transport is not None:
+                protocol.write_pending()
+                protocol.transport.close()
+        self._closed.set_result(None)
+        log.info("broker closed")
+
+    async def wait_closed(self) -> None:
+        assert self._closed is not None, "broker not started"
+        await asyncio.shield(self._closed)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # --- connections ------------------------------------------------------------------
+
+    def _new_protocol(self) -> _BrokerProtocol:
+        session = self._next_session
+        self._next_session += 1
+        return _BrokerProtocol(self, session)
+
+    def _connection_lost(self, protocol: _BrokerProtocol, exc: Exception | None) -> None:
+        self._connections.pop(protocol.session, None)
+        self._dirty.pop(protocol, None)
+        if protocol.authenticated:
+            log.info("session %d (%s) disconnected%s", protocol.session, protocol.peer, f": {exc}" if exc else "")
+            self.scheduler.close_session(protocol.session, self.loop.time())
+            self._schedule_flush()
+
+    def _mark_dirty(self, protocol: _BrokerProtocol) -> None:
+        self._dirty[protocol] = None
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _handle_request(self, protocol: _BrokerProtocol, request: Request) -> None:
+        handler = self._handlers.get(type(request))
+        try:
+            if handler is None:
+                raise InvalidRequest(f"op {request.op!r} is not handled")
+            data = handler(protocol.session, request, self.loop.time())
+        except BrokerError as exc:
+            protocol.connection.send(ErrorReply(id=request.id, code=exc.code, message=str(exc)))
+        else:
+            protocol.connection.send(Reply(id=request.id, data=data))
+
+    def _on_submit(self, session: int, request: Submit, now: float) -> dict[str, Any]:
+        ids = self.scheduler.submit(
+            session,
+            request.queue,
+            request.payloads,
+            now,
+            priority=request.priority,
+            delay=request.delay,
+            max_attempts=request.max_attempts,
+            lease=request.lease,
+            backoff=request.backoff,
+            keys=request.keys,
+            watch=request.watch,
+        )
+        return {"job_ids": ids}
+
+    def _on_reserve(self, session: int, request: Reserve, now: float) -> dict[str, Any]:
+        self.scheduler.reserve(session, request.queues, request.prefetch, now)
+        return {}
+
+    def _on_complete(self, session: int, request: Complete, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.complete(session, request.items, now))
+
+    def _on_fail(self, session: int, request: Fail, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.fail(session, request.items, now))
+
+    def _on_touch(self, session: int, request: Touch, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.touch(session, request.items, now))
+
+    def _on_release(self, session: int, request: Release, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.release(session, request.items, now))
+
+    def _on_watch(self, session: int, request: Watch, now: float) -> dict[str, Any]:
+        self.scheduler.watch(session, request.job_ids)
+        return {}
+
+    def _on_cancel(self, session: int, request: Cancel, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.cancel(request.job_ids, now))
+
+    def _on_stats(self, session: int, request: Stats, now: float) -> dict[str, Any]:
+        return self.scheduler.stats(now)
+
+    def _on_job_info(self, session: int, request: JobInfo, now: float) -> dict[str, Any]:
+        return {"job": self.scheduler.job_info(request.job_id)}
+
+    def _on_dead_list(self, session: int, request: DeadList, now: float) -> dict[str, Any]:
+        return {"jobs": self.scheduler.dead_list(request.queue, request.limit)}
+
+    def _on_dead_requeue(self, session: int, request: DeadRequeue, now: float) -> dict[str, Any]:
+        return {"requeued": self.scheduler.dead_requeue(request.queue, request.job_ids, now)}
+
+    # --- the per-turn flush and timers ------------------------------------------------
+
+    def _flush(self) -> None:
+        # The flag stays set while flushing, so sends made here join this flush.
+        if self._closed is not None and self._closed.done():
+            self._flush_scheduled = False
+            return
+        self._apply(self.scheduler.flush(self.loop.time()))
+        dirty, self._dirty = self._dirty, {}
+        for protocol in dirty:
+            protocol.write_pending()
+        self._flush_scheduled = False
+        self._arm_ticker()
+
+    def _apply(self, effects: list[Effect]) -> None:
+        connections = self._connections
+        for effect in effects:
+            if isinstance(effect, DeliverEffect):
+                protocol = connections.get(effect.session)
+                if protocol is not None:
+                    for chunk in _chunks(effect.jobs):
+                        protocol.send(Deliver(jobs=chunk))
+            elif isinstance(effect, ResultsReady):
+                protocol = connections.get(effect.session)
+                if protocol is not None:
+                    for chunk in _chunks(effect.items):
+                        protocol.send(Results(items=chunk))
+            elif isinstance(effect, SessionExpired):
+                protocol = connections.get(effect.session)
+                log.warning("session %d missed its heartbeats: dead", effect.session)
+                if protocol is not None and protocol.transport is not None:
+                    protocol.transport.abort()
+            elif isinstance(effect, WorkerLost):
+                log.warning(
+                    "worker session %d (%s) lost holding %d jobs: requeued %s, dead %s",
+                    effect.session,
+                    effect.name or "worker",
+                    len(effect.requeued) + len(effect.buried),
+                    _ids(effect.requeued),
+                    _ids(effect.buried),
+                )
+            elif isinstance(effect, LeaseExpired):
+                log.warning(
+                    "lease of job %d (queue %s, session %s) expired: %s",
+                    effect.job_id,
+                    effect.queue,
+                    effect.session,
+                    "dead" if effect.buried else "requeued",
+                )
+            elif isinstance(effect, JobBuried):
+                log.warning("job %d (queue %s) is dead: %s", effect.job_id, effect.queue, effect.error)
+
+    def _arm_ticker(self) -> None:
+        deadline = self.scheduler.next_deadline()
+        if deadline is None or deadline >= self._tick_at:
+            return
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._tick_at = deadline
+        self._tick_handle = self.loop.call_at(deadline, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick_handle = None
+        self._tick_at = float("inf")
+        self.scheduler.tick(self.loop.time())
+        self._flush()
+
+    def _send_heartbeats(self) -> None:
+        for protocol in self._connections.values():
+            protocol.send(_HEARTBEAT)
+        self._heartbeat_handle = self.loop.call_later(self.config.heartbeat, self._send_heartbeats)
+
+
+def _refusals(codes: list[str | None]) -> dict[str, Any]:
+    return {"refused": [[index, code] for index, code in enumerate(codes) if code is not None]}
+
+
+def _chunks(items: list[list[Any]]) -> list[list[list[Any]]]:
+    if len(items) <= _JOBS_PER_FRAME:
+        return [items]
+    return [items[i : i + _JOBS_PER_FRAME] for i in range(0, len(items), _JOBS_PER_FRAME)]
+
+
+def _ids(ids: list[int]) -> str:
+    shown = ",".join(map(str, ids[:20]))
+    return f"[{shown}{',...' if len(ids) > 20 else ''}]"
+
+
+async def serve(config: BrokerConfig, secret: bytes) -> None:
+    """Run a broker until cancelled."""
+    broker = Broker(config, secret)
+    await broker.serve_forever()

@@ -1,0 +1,335 @@
+"""Client: the producer's API. Submit jobs, await their results (pushed by the broker, never
+polled), map a function over many inputs, cancel, inspect."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from broker.errors import (
+    JobCancelled,
+    JobDead,
+    JobNotFound,
+    ResultTimeout,
+    UsageError,
+    broker_error,
+)
+from broker.protocol.auth import resolve_secret
+from broker.protocol.messages import (
+    Cancel,
+    DeadList,
+    DeadRequeue,
+    Deliver,
+    JobInfo,
+    Results,
+    Stats,
+    Submit,
+    Watch,
+)
+from client.connection import Connection, Link
+
+__all__ = ["DEFAULT_ADDRESS", "Client"]
+
+DEFAULT_ADDRESS = "127.0.0.1:7878"
+_MAP_BATCH = 1000
+
+
+class Client:
+    """A connection to the broker for producers and admins.
+
+    Args:
+        address: "HOST:PORT" of the broker.
+        secret: the shared secret (bytes). Default: $JOBBROKER_SECRET_FILE,
+            $JOBBROKER_SECRET, then the default secret file the broker writes.
+        secret_file: read the secret from this file instead.
+        name: how this client shows in the broker's logs and stats.
+        reconnect_timeout: how long to keep trying to reach a broker that went away.
+
+    Use as `async with Client(...) as client:`; or call connect() and close().
+
+    Raises:
+        ConfigError: no usable secret.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        secret: bytes | str | None = None,
+        secret_file: str | None = None,
+        name: str = "client",
+        reconnect_timeout: float = 30.0,
+    ) -> None:
+        self._link = Link(
+            address,
+            resolve_secret(secret, secret_file),
+            client=name,
+            on_push=self._on_push,
+            on_connect=self._on_connect,
+            reconnect_timeout=reconnect_timeout,
+        )
+        self._waiters: dict[int, asyncio.Future[list[Any]]] = {}  # job id -> its outcome
+        self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
+
+    async def connect(self) -> Client:
+        """Connect now rather than on first use."""
+        await self._link.get()
+        return self
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent."""
+        self._link.close()
+        await self._link.wait_closed()
+        for future in self._waiters.values():
+            future.cancel()
+        self._waiters.clear()
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- submitting -------------------------------------------------------------------
+
+    async def submit(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        priority: int = 0,
+        delay: float = 0.0,
+        max_attempts: int | None = None,
+        lease: float | None = None,
+        backoff: float | None = None,
+        key: str | None = None,
+    ) -> int:
+        """Submit one job.
+
+        Args:
+            queue: queue name (created on first use).
+            payload: any msgpack value; the handler's argument.
+            priority: higher runs first.
+            delay: seconds before the job may run.
+            max_attempts: deliveries before a failing job goes dead (broker default 3).
+            lease: seconds a worker may hold the job before it is given to another
+                (broker default 30); workers can extend it.
+            backoff: first retry delay in seconds, doubled each attempt (broker default 1).
+            key: idempotency key: a repeated submit with the same key returns the first id,
+                and a submit lost with its connection is retried safely.
+
+        Returns:
+            The job id.
+
+        Raises:
+            QueueFull: the queue is at its pending limit.
+            InvalidRequest: a bad argument.
+        """
+        ids = await self.submit_many(
+            queue,
+            [payload],
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            lease=lease,
+            backoff=backoff,
+            keys=None if key is None else [key],
+        )
+        return ids[0]
+
+    async def submit_many(
+        self,
+        queue: str,
+        payloads: Iterable[Any],
+        *,
+        priority: int = 0,
+        delay: float = 0.0,
+        max_attempts: int | None = None,
+        lease: float | None = None,
+        backoff: float | None = None,
+        keys: Sequence[str | None] | None = None,
+    ) -> list[int]:
+        """Submit many jobs in one frame, all or none. Options as submit(); `keys` gives each
+        job an idempotency key (or None). Returns the job ids in order."""
+        return await self._submit(queue, list(payloads), priority, delay, max_attempts, lease, backoff, keys, False)
+
+    async def _submit(
+        self,
+        queue: str,
+        payloads: list[Any],
+        priority: int,
+        delay: float,
+        max_attempts: int | None,
+        lease: float | None,
+        backoff: float | None,
+        keys: Sequence[str | None] | None,
+        watch: bool,
+    ) -> list[int]:
+        reply = await self._link.call(
+            Submit,
+            # Resending is safe only when every job carries an idempotency key.
+            retry=keys is not None and all(k is not None for k in keys),
+            queue=queue,
+            payloads=payloads,
+            priority=priority,
+            delay=float(delay),
+            max_attempts=max_attempts,
+            lease=None if lease is None else float(lease),
+            backoff=None if backoff is None else float(backoff),
+            keys=None if keys is None else list(keys),
+            watch=watch,
+        )
+        return list(reply["job_ids"])
+
+    # --- results ----------------------------------------------------------------------
+
+    async def result(self, job_id: int, timeout: float | None = None) -> Any:
+        """Wait for a job's result; the broker pushes it when the job completes.
+
+        Returns:
+            The handler's return value.
+
+        Raises:
+            JobDead: the job failed max_attempts times (`.error` has the last failure).
+            JobCancelled: the job was cancelled.
+            JobNotFound: no such job, or its result has expired.
+            ResultTimeout: no result within `timeout` seconds (the job goes on).
+        """
+        outcome = self._unclaimed.pop(job_id, None)
+        if outcome is None:
+            future = self._waiters.get(job_id)
+            if future is None:
+                future = self._waiters[job_id] = asyncio.get_running_loop().create_future()
+                connection = self._link.current
+                if connection is not None:  # else on_connect watches it
+                    await self._watch(connection, [job_id])
+                else:
+                    await self._link.get()
+            try:
+                async with asyncio.timeout(timeout):
+                    outcome = await asyncio.shield(future)
+            except TimeoutError:
+                raise ResultTimeout(f"no result for job {job_id} within {timeout}s") from None
+        return _unwrap(outcome)
+
+    async def map(
+        self,
+        queue: str,
+        payloads: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        lease: float | None = None,
+        batch_size: int = _MAP_BATCH,
+    ) -> list[Any]:
+        """Submit one job per payload and return their results in order. Submits go in
+        batches of `batch_size`; results are pushed as the jobs complete.
+
+        Raises:
+            JobDead, JobCancelled: for the first job that did not complete.
+            ResultTimeout: not all results arrived within `timeout` seconds.
+        """
+        payloads = list(payloads)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[list[Any]]] = []
+        try:
+            async with asyncio.timeout(timeout):
+                submits = [
+                    self._submit(
+                        queue, payloads[i : i + batch_size], priority, 0.0, max_attempts, lease, None, None, True
+                    )
+                    for i in range(0, len(payloads), batch_size)
+                ]
+                for ids in await asyncio.gather(*submits):
+                    for job_id in ids:
+                        future = self._waiters.get(job_id)
+                        if future is None:
+                            future = self._waiters[job_id] = loop.create_future()
+                            outcome = self._unclaimed.pop(job_id, None)
+                            if outcome is not None:
+                                future.set_result(outcome)
+                                del self._waiters[job_id]
+                        futures.append(future)
+                outcomes = await asyncio.gather(*(asyncio.shield(f) for f in futures))
+        except TimeoutError:
+            done = sum(1 for f in futures if f.done())
+            raise ResultTimeout(f"{done} of {len(payloads)} results within {timeout}s") from None
+        return [_unwrap(outcome) for outcome in outcomes]
+
+    async def _watch(self, connection: Connection, job_ids: list[int]) -> None:
+        await connection.request(Watch, job_ids=job_ids)
+
+    def _on_connect(self, connection: Connection) -> None:
+        # Outcomes owed to us on a lost connection are asked for again.
+        if self._waiters:
+            connection.request_nowait(Watch, job_ids=list(self._waiters))
+
+    def _on_push(self, message: Deliver | Results) -> None:
+        if not isinstance(message, Results):
+            return
+        waiters = self._waiters
+        for outcome in message.items:
+            future = waiters.pop(outcome[0], None)
+            if future is None:
+                self._unclaimed[outcome[0]] = outcome
+            elif not future.done():
+                future.set_result(outcome)
+
+    # --- managing jobs ----------------------------------------------------------------
+
+    async def cancel(self, job_id: int) -> None:
+        """Cancel a pending or delayed job.
+
+        Raises:
+            JobNotFound: no such job.
+            InvalidState: the job is running or finished.
+        """
+        await self.cancel_many([job_id], raise_on_refusal=True)
+
+    async def cancel_many(self, job_ids: Iterable[int], *, raise_on_refusal: bool = False) -> dict[int, str]:
+        """Cancel jobs; returns {job_id: error code} for those that could not be cancelled."""
+        ids = list(job_ids)
+        reply = await self._link.call(Cancel, job_ids=ids)
+        refused = {ids[index]: code for index, code in reply["refused"]}
+        if raise_on_refusal and refused:
+            job_id, code = next(iter(refused.items()))
+            raise broker_error(code, f"job {job_id} cannot be cancelled ({code})")
+        return refused
+
+    async def job(self, job_id: int) -> dict[str, Any]:
+        """Everything the broker knows of a job: state, attempts, last error, result.
+
+        Raises:
+            JobNotFound: no such job, or expired.
+        """
+        reply = await self._link.call(JobInfo, job_id=job_id)
+        return dict(reply["job"])
+
+    async def stats(self) -> dict[str, Any]:
+        """Per-queue counts and rates, and the connected workers."""
+        return await self._link.call(Stats)
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The queue's dead jobs, oldest first, with their last errors."""
+        reply = await self._link.call(DeadList, queue=queue, limit=limit)
+        return list(reply["jobs"])
+
+    async def requeue_dead(self, queue: str, job_ids: Iterable[int] | None = None) -> int:
+        """Move dead jobs (all of the queue's, or those named) back to pending. Returns how many."""
+        reply = await self._link.call(DeadRequeue, queue=queue, job_ids=None if job_ids is None else list(job_ids))
+        return int(reply["requeued"])
+
+
+def _unwrap(outcome: list[Any]) -> Any:
+    job_id, state, value = outcome
+    if state == "done":
+        return value
+    if state == "dead":
+        raise JobDead(job_id, value)
+    if state == "cancelled":
+        raise JobCancelled(job_id)
+    if state == "unknown":
+        raise JobNotFound(f"job {job_id} is unknown (never submitted, or its result expired)")
+    raise UsageError(f"job {job_id} ended in unexpected state {state!r}")

@@ -1,0 +1,357 @@
+"""The asyncio shell around broker.protocol's ClientConnection: one TCP connection to the
+broker, request id -> future, pushes handed to a callback, heartbeats both ways.
+
+Loss has one idempotent path, _fail(): every pending future gets ConnectionClosed (with the
+cause), the timers stop, the transport is closed and `closed` resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from broker.errors import AuthenticationFailed, ConnectionClosed, ProtocolError, broker_error
+from broker.protocol.connection import ClientConnection, State
+from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from broker.protocol.messages import Deliver, ErrorReply, Heartbeat, Message, Reply, Request, Results, Welcome
+
+log = logging.getLogger("jobbroker.client")
+
+__all__ = ["Connection", "backoff_delays", "is_retryable", "parse_address"]
+
+PushHandler = Callable[[Deliver | Results], None]
+
+_HEARTBEAT = Heartbeat()
+_HEARTBEATS_MISSED_BEFORE_DEAD = 3
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _log_unanswered(future: asyncio.Future[dict[str, Any]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("request failed: %s", future.exception())
+
+
+def backoff_delays(initial: float = 0.05, factor: float = 2.0, maximum: float = 5.0) -> Iterator[float]:
+    """Reconnect delays: exponential, capped, with full jitter so that many clients that lost
+    the broker at once do not all come back in the same instant."""
+    ceiling = initial
+    while True:
+        yield random.uniform(ceiling / 2, ceiling)
+        ceiling = min(ceiling * factor, maximum)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Worth reconnecting after: the broker was unreachable or the connection dropped.
+    Not: a refused handshake (wrong secret), which no retry will mend."""
+    if isinstance(exc, AuthenticationFailed):
+        return False
+    if isinstance(exc, ConnectionClosed):
+        return not isinstance(exc.cause, AuthenticationFailed)
+    return isinstance(exc, OSError | TimeoutError)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: Connection) -> None:
+        self.owner = owner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.owner._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.owner._data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self.owner._fail(ConnectionClosed("broker closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._fail(ConnectionClosed("connection lost", exc))
+
+
+class Connection:
+    """An authenticated connection to the broker. Make one with `await Connection.open(...)`."""
+
+    def __init__(self, secret: bytes, *, client: str, on_push: PushHandler | None, max_frame_size: int) -> None:
+        self._protocol = ClientConnection(secret, client=client, max_frame_size=max_frame_size)
+        self._on_push = on_push
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 1
+        self._write_scheduled = False
+        self._welcome: asyncio.Future[Welcome] = self._loop.create_future()
+        self.closed: asyncio.Future[ConnectionClosed] = self._loop.create_future()
+        self._last_received = self._loop.time()
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self.heartbeat = 5.0
+        self.session = 0
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        secret: bytes,
+        *,
+        client: str = "client",
+        on_push: PushHandler | None = None,
+        timeout: float = 10.0,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> Connection:
+        """Connect and authenticate.
+
+        Raises:
+            OSError: the broker cannot be reached.
+            AuthenticationFailed: the handshake failed (wrong secret, not a jobbroker).
+            TimeoutError: no handshake within `timeout`.
+        """
+        self = cls(secret, client=client, on_push=on_push, max_frame_size=max_frame_size)
+        async with asyncio.timeout(timeout):
+            await self._loop.create_connection(lambda: _Protocol(self), host, port)
+            self._protocol.initiate()
+            self._write()
+            try:
+                welcome = await self._welcome
+            except BaseException:
+                self._fail(ConnectionClosed("handshake abandoned"))
+                raise
+        self.heartbeat = welcome.heartbeat
+        self.session = welcome.session
+        self._heartbeat_timer = self._loop.call_later(self.heartbeat, self._on_heartbeat_timer)
+        return self
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.done()
+
+    def request(self, request_type: type[Request], **fields: Any) -> asyncio.Future[dict[str, Any]]:
+        """Send a request; the future resolves to the reply's fields.
+
+        The future fails with a BrokerError subclass if the broker refuses, or ConnectionClosed.
+        """
+        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        if self.closed.done():
+            future.set_exception(self.closed.result())
+            return future
+        request_id = self._next_id
+        self._next_id += 1
+        self._protocol.send(request_type(id=request_id, **fields))  # raises if unencodable
+        self._pending[request_id] = future
+        self._schedule_write()
+        return future
+
+    def request_nowait(self, request_type: type[Request], **fields: Any) -> None:
+        """Send a request whose reply nobody awaits; a refusal or loss is only logged."""
+        self.request(request_type, **fields).add_done_callback(_log_unanswered)
+
+    def send(self, message: Message) -> None:
+        """Send a message that has no reply (a heartbeat)."""
+        if not self.closed.done():
+            self._protocol.send(message)
+            self._schedule_write()
+
+    def close(self) -> None:
+        """Close from our side. Idempotent."""
+        self._fail(ConnectionClosed("closed by the client"))
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _schedule_write(self) -> None:
+        # One write per loop turn, however many requests were made in it (pipelining).
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._write_scheduled = False
+        data = self._protocol.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _data_received(self, data: bytes) -> None:
+        self._last_received = self._loop.time()
+        protocol = self._protocol
+        for event in protocol.receive_data(data):
+            if isinstance(event, Reply):
+                future = self._pending.pop(event.id, None)
+                if future is not None and not future.done():
+                    future.set_result(event.data)
+            elif isinstance(event, ErrorReply):
+                self._error_reply(event)
+            elif isinstance(event, Deliver | Results):
+                if self._on_push is not None:
+                    self._on_push(event)
+            elif isinstance(event, Welcome) and not self._welcome.done():
+                self._welcome.set_result(event)
+            # Heartbeat: _last_received is all it is for.
+        if protocol.state is State.CLOSED:
+            error = protocol.error
+            self._write()  # our error frame, if any
+            self._fail(ConnectionClosed("protocol error", error) if error else ConnectionClosed("closed"))
+        else:
+            self._schedule_write()
+
+    def _error_reply(self, event: ErrorReply) -> None:
+        if event.id is None:
+            # Connection-level: the broker is about to close; keep the reason.
+            cause: Exception = ProtocolError(f"{event.code}: {event.message}")
+            if event.code == AuthenticationFailed.code:
+                cause = AuthenticationFailed(event.message)
+            self._fail(ConnectionClosed("broker closed the connection", cause))
+            return
+        future = self._pending.pop(event.id, None)
+        if future is not None and not future.done():
+            future.set_exception(broker_error(event.code, event.message))
+
+    def _on_heartbeat_timer(self) -> None:
+        silent_for = self._loop.time() - self._last_received
+        if silent_for > self.heartbeat * _HEARTBEATS_MISSED_BEFORE_DEAD:
+            self._fail(ConnectionClosed(f"broker silent for {silent_for:.1f}s: missed heartbeats"))
+            return
+        self.send(_HEARTBEAT)
+        self._heartbeat_timer = self._loop.call_later(self.heartbeat, self._on_heartbeat_timer)
+
+    def _fail(self, exc: ConnectionClosed) -> None:
+        if self.closed.done():
+            return
+        self._protocol.close()
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+        if not self._welcome.done():
+            cause = exc.cause
+            self._welcome.set_exception(
+                cause if isinstance(cause, AuthenticationFailed) else AuthenticationFailed(f"handshake failed: {exc}")
+            )
+            with contextlib.suppress(BaseException):
+                self._welcome.exception()  # retrieved: no "never retrieved" warning
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        if self._transport is not None:
+            self._transport.close()
+        self.closed.set_result(exc)
+
+
+class Link:
+    """One live Connection to the broker, replaced with backoff when it is lost.
+
+    Args:
+        address: "HOST:PORT".
+        secret: the shared secret.
+        client: a name for the broker's logs and stats.
+        on_push: called with every delivery or result pushed by the broker.
+        on_connect: called with each new connection (to watch or reserve again) before use.
+        reconnect_timeout: how long to keep trying before giving up with the last error.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        secret: bytes,
+        *,
+        client: str,
+        on_push: PushHandler | None = None,
+        on_connect: Callable[[Connection], None] | None = None,
+        reconnect_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.host, self.port = parse_address(address)
+        self._secret = secret
+        self._client = client
+        self._on_push = on_push
+        self._on_connect = on_connect
+        self.reconnect_timeout = reconnect_timeout
+        self.connect_timeout = connect_timeout
+        self._connection: Connection | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+        self.connections_made = 0
+
+    @property
+    def current(self) -> Connection | None:
+        """The live connection, if any."""
+        connection = self._connection
+        return connection if connection is not None and not connection.is_closed else None
+
+    async def get(self) -> Connection:
+        """The live connection, connecting first if there is none.
+
+        Raises:
+            ConnectionClosed: the link was closed.
+            AuthenticationFailed: the broker refused our secret.
+            OSError, TimeoutError: the broker stayed unreachable for reconnect_timeout.
+        """
+        connection = self.current
+        if connection is not None:
+            return connection
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            connection = self.current
+            if connection is not None:
+                return connection
+            self._connection = connection = await self._connect()
+            return connection
+
+    async def _connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.reconnect_timeout
+        delays = backoff_delays()
+        while True:
+            if self._closed:
+                raise ConnectionClosed("closed by the client")
+            try:
+                connection = await Connection.open(
+                    self.host,
+                    self.port,
+                    self._secret,
+                    client=self._client,
+                    on_push=self._on_push,
+                    timeout=self.connect_timeout,
+                )
+            except Exception as exc:
+                if not is_retryable(exc) or loop.time() >= give_up_at:
+                    raise
+                await asyncio.sleep(min(next(delays), max(0.0, give_up_at - loop.time())))
+                continue
+            self.connections_made += 1
+            if self._on_connect is not None:
+                self._on_connect(connection)
+            return connection
+
+    async def call(self, request_type: type[Request], *, retry: bool = True, **fields: Any) -> dict[str, Any]:
+        """Send a request and await its reply. With retry, a request lost with its connection
+        is sent again on the next one (use it only where that is harmless)."""
+        while True:
+            connection = await self.get()
+            try:
+                return await connection.request(request_type, **fields)
+            except ConnectionClosed as exc:
+                if not retry or self._closed or not is_retryable(exc):
+                    raise
+
+    def close(self) -> None:
+        """Close the connection and stop reconnecting. Idempotent."""
+        self._closed = True
+        if self._connection is not None:
+            self._connection.close()
+
+    async def wait_closed(self) -> None:
+        if self._connection is not None:
+            await self._connection.wait_closed()

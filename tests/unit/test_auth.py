@@ -1,0 +1,101 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from broker.config import ensure_secret_file
+from broker.errors import ConfigError, IntegrityError
+from broker.protocol import auth
+
+SECRET = b"k" * 32
+
+
+def test_proofs_depend_on_role_secret_and_both_nonces() -> None:
+    a, b = auth.new_nonce(), auth.new_nonce()
+    assert a != b and len(a) == auth.NONCE_SIZE
+    server = auth.server_proof(SECRET, a, b)
+    assert server != auth.client_proof(SECRET, a, b)  # a proof cannot be reflected
+    assert server != auth.server_proof(b"j" * 32, a, b)
+    assert server != auth.server_proof(SECRET, b, a)
+    assert auth.proof_matches(server, auth.server_proof(SECRET, a, b))
+
+
+@pytest.mark.parametrize("received", [b"", b"x" * 31, "text", None, b"x" * 33])
+def test_proof_of_wrong_type_or_length_never_matches(received: object) -> None:
+    assert not auth.proof_matches(b"x" * 32, received)
+
+
+def test_session_keys_differ_per_direction_and_connection() -> None:
+    a, b = auth.new_nonce(), auth.new_nonce()
+    to_broker, to_client = auth.derive_session_keys(SECRET, a, b)
+    assert to_broker != to_client
+    assert auth.derive_session_keys(SECRET, a, auth.new_nonce())[0] != to_broker
+
+
+def test_frame_macs_detect_tampering_replay_and_reordering() -> None:
+    key = b"q" * 32
+    signer = auth.FrameSigner(key)
+    first, second = signer.sign(b"one"), signer.sign(b"two")
+
+    assert auth.FrameVerifier(key).verify(first) == b"one"
+
+    tampered = bytearray(first)
+    tampered[0] ^= 1
+    with pytest.raises(IntegrityError):
+        auth.FrameVerifier(key).verify(bytes(tampered))
+
+    verifier = auth.FrameVerifier(key)
+    verifier.verify(first)
+    with pytest.raises(IntegrityError):
+        verifier.verify(first)  # replayed
+
+    with pytest.raises(IntegrityError):
+        auth.FrameVerifier(key).verify(second)  # reordered: second arrives first
+
+    with pytest.raises(IntegrityError):
+        auth.FrameVerifier(key).verify(b"short")
+
+
+def test_secret_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("JOBBROKER_SECRET_FILE", raising=False)
+    monkeypatch.delenv("JOBBROKER_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="no secret"):
+        auth.resolve_secret()
+
+    default, path, created = ensure_secret_file()
+    assert created and path == tmp_path / "data" / "jobbroker" / "secret"
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert auth.resolve_secret() == default
+
+    monkeypatch.setenv("JOBBROKER_SECRET", "e" * 20)
+    assert auth.resolve_secret() == b"e" * 20
+
+    secret_file = tmp_path / "file"
+    secret_file.write_bytes(b"f" * 20 + b"\n")
+    monkeypatch.setenv("JOBBROKER_SECRET_FILE", str(secret_file))
+    assert auth.resolve_secret() == b"f" * 20  # trailing newline dropped
+
+    assert auth.resolve_secret(secret_file=default_path_file(tmp_path)) == b"g" * 20
+    assert auth.resolve_secret(secret=b"h" * 20) == b"h" * 20
+
+
+def default_path_file(tmp_path: Path) -> Path:
+    path = tmp_path / "explicit"
+    path.write_bytes(b"g" * 20)
+    return path
+
+
+def test_short_secrets_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least 16"):
+        auth.resolve_secret(secret=b"abc")
+    path = tmp_path / "short"
+    path.write_bytes(b"abc\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        auth.load_secret_file(path)
+
+
+def test_generated_secret_is_kept_on_the_next_start(tmp_path: Path) -> None:
+    first, _, created = ensure_secret_file(tmp_path / "s")
+    second, _, created_again = ensure_secret_file(tmp_path / "s")
+    assert created and not created_again and first == second

@@ -1,0 +1,131 @@
+import struct
+
+import msgpack
+
+from broker.errors import AuthenticationFailed, FrameTooLarge, IntegrityError
+from broker.protocol import auth
+from broker.protocol.connection import Authenticated, ClientConnection, ServerConnection, State
+from broker.protocol.framing import FrameDecoder, encode_frame
+from broker.protocol.messages import (
+    Deliver,
+    ErrorReply,
+    Hello,
+    Reply,
+    Stats,
+    Welcome,
+    decode,
+    encode,
+)
+from tests.helpers import SECRET, connected_pair, exchange
+
+
+def test_handshake_then_requests_and_replies() -> None:
+    client = ClientConnection(SECRET, client="me")
+    server = ServerConnection(SECRET, session=7, heartbeat=2.0)
+    client.initiate()
+    server_events = server.receive_data(client.data_to_send())
+    assert server_events == [] and server.state is State.AWAIT_AUTHENTICATE
+    client.receive_data(server.data_to_send())
+    assert server.receive_data(client.data_to_send()) == [Authenticated(client="me")]
+    (welcome,) = client.receive_data(server.data_to_send())
+    assert welcome == Welcome(session=7, heartbeat=2.0, max_frame_size=server._max_frame_size)
+    assert client.state is State.OPEN and server.state is State.OPEN
+
+    client.send(Stats(id=1))
+    assert server.receive_data(client.data_to_send()) == [Stats(id=1)]
+    server.send(Reply(id=1, data={"queues": {}}))
+    assert client.receive_data(server.data_to_send()) == [Reply(id=1, data={"queues": {}})]
+
+
+def test_wrong_secret_is_refused_by_the_client_before_it_proves_anything() -> None:
+    client = ClientConnection(b"w" * 32)
+    server = ServerConnection(SECRET, session=1, heartbeat=5.0)
+    client.initiate()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())  # the broker's proof does not match
+    assert client.state is State.CLOSED
+    assert isinstance(client.error, AuthenticationFailed)
+
+
+def test_wrong_secret_is_refused_by_the_server() -> None:
+    # A client that skips checking the broker's proof still cannot get in.
+    server = ServerConnection(SECRET, session=1, heartbeat=5.0)
+    client_nonce = auth.new_nonce()
+    server.receive_data(encode_frame(encode(Hello(version=1, nonce=client_nonce))))
+    challenge = decode(FrameDecoder().feed(server.data_to_send())[0])
+    wrong = auth.client_proof(b"w" * 32, client_nonce, challenge.nonce)  # type: ignore[attr-defined]
+    events = server.receive_data(encode_frame(msgpack.packb({"op": "authenticate", "proof": wrong})))
+    assert events == [] and server.state is State.CLOSED
+    assert isinstance(server.error, AuthenticationFailed)
+    (reply,) = [decode(f) for f in FrameDecoder().feed(server.data_to_send())]
+    assert isinstance(reply, ErrorReply) and reply.code == "auth_failed"
+
+
+def test_requests_before_the_handshake_close_the_connection() -> None:
+    server = ServerConnection(SECRET, session=1, heartbeat=5.0)
+    assert server.receive_data(encode_frame(encode(Stats(id=1)))) == []
+    assert server.state is State.CLOSED and isinstance(server.error, AuthenticationFailed)
+    assert server.receive_data(encode_frame(encode(Stats(id=2)))) == []  # input discarded
+
+
+def test_unsupported_version_and_short_nonce() -> None:
+    for hello in (Hello(version=99, nonce=b"n" * 32), Hello(version=1, nonce=b"short")):
+        server = ServerConnection(SECRET, session=1, heartbeat=5.0)
+        server.receive_data(encode_frame(encode(hello)))
+        assert server.state is State.CLOSED
+
+
+def test_malformed_request_after_auth_gets_an_error_reply_and_the_connection_goes_on() -> None:
+    client, server = connected_pair()
+    signer = client._signer
+    assert signer is not None
+    bad = signer.sign(msgpack.packb({"op": "watch", "id": 5, "job_ids": "nope"}))
+    unknown = signer.sign(msgpack.packb({"op": "teleport", "id": 6}))
+    wrong_direction = signer.sign(encode(Deliver(jobs=[])))
+    events = server.receive_data(encode_frame(bad) + encode_frame(unknown) + encode_frame(wrong_direction))
+    assert events == [] and server.state is State.OPEN
+    replies = client.receive_data(server.data_to_send())
+    assert [(r.id, r.code) for r in replies] == [(5, "malformed"), (6, "malformed"), (None, "malformed")]
+    client.send(Stats(id=7))
+    assert server.receive_data(client.data_to_send()) == [Stats(id=7)]
+
+
+def test_altered_frame_after_auth_closes_the_connection() -> None:
+    client, server = connected_pair()
+    client.send(Stats(id=1))
+    data = bytearray(client.data_to_send())
+    data[6] ^= 0xFF
+    assert server.receive_data(bytes(data)) == []
+    assert server.state is State.CLOSED and isinstance(server.error, IntegrityError)
+
+
+def test_injected_unsigned_frame_after_auth_closes_the_connection() -> None:
+    _, server = connected_pair()
+    server.receive_data(encode_frame(encode(Stats(id=1))))
+    assert server.state is State.CLOSED and isinstance(server.error, IntegrityError)
+
+
+def test_replayed_frame_closes_the_connection() -> None:
+    client, server = connected_pair()
+    client.send(Stats(id=1))
+    frame = client.data_to_send()
+    assert server.receive_data(frame) == [Stats(id=1)]
+    assert server.receive_data(frame) == []
+    assert isinstance(server.error, IntegrityError)
+
+
+def test_oversized_frame_gets_an_error_and_closes() -> None:
+    client, server = connected_pair(max_frame_size=1000)
+    assert server.receive_data(struct.pack(">I", 5000)) == []
+    assert server.state is State.CLOSED and isinstance(server.error, FrameTooLarge)
+    (reply,) = client.receive_data(server.data_to_send())
+    assert isinstance(reply, ErrorReply) and reply.code == "frame_too_large" and reply.id is None
+
+
+def test_pipelined_requests_in_one_write() -> None:
+    client, server = connected_pair()
+    for i in range(100):
+        client.send(Stats(id=i))
+    events = server.receive_data(client.data_to_send())
+    assert [e.id for e in events] == list(range(100))  # type: ignore[union-attr]
+    exchange(client, server)

@@ -1,0 +1,82 @@
+import msgpack
+import pytest
+
+from broker.errors import MalformedMessage
+from broker.protocol.messages import (
+    MESSAGE_TYPES,
+    Complete,
+    Deliver,
+    ErrorReply,
+    Fail,
+    Heartbeat,
+    Reply,
+    Submit,
+    Watch,
+    decode,
+    encode,
+)
+
+SAMPLES = [
+    Submit(
+        id=1,
+        queue="q",
+        payloads=[1, "two", {"three": [3]}, None, b"\x00"],
+        priority=5,
+        keys=["a", None, "c", None, "e"],
+    ),
+    Complete(id=2, items=[[1, 2, {"x": 1}], [3, 4, None]]),
+    Fail(id=3, items=[[1, 2, "ValueError", "bad"]]),
+    Watch(id=4, job_ids=[1, 2, 3]),
+    Reply(id=5, data={"job_ids": [1]}),
+    ErrorReply(id=None, code="malformed", message="m"),
+    Deliver(jobs=[[1, 7, "q", [1, 2], 1, 30.0]]),
+    Heartbeat(),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.op)
+def test_round_trip(message: object) -> None:
+    assert decode(encode(message)) == message  # type: ignore[arg-type]
+
+
+def test_every_op_is_registered_once() -> None:
+    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES.values()))
+
+
+def test_ints_are_accepted_where_floats_are_expected() -> None:
+    message = decode(msgpack.packb({"op": "submit", "id": 1, "queue": "q", "payloads": [], "delay": 2}))
+    assert isinstance(message, Submit) and message.delay == 2.0 and isinstance(message.delay, float)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"\xc1", "not valid msgpack"),  # 0xc1 is never used
+        (msgpack.packb([1, 2]), "not a msgpack map"),
+        (msgpack.packb({"op": "explode", "id": 9}), "unknown op"),
+        (msgpack.packb({"id": 9}), "unknown op"),
+        (msgpack.packb({"op": "watch", "id": 9}), "lacks field 'job_ids'"),
+        (msgpack.packb({"op": "watch", "id": 9, "job_ids": "1,2"}), "watch.job_ids must be an array"),
+        (msgpack.packb({"op": "watch", "id": 9, "job_ids": [True]}), "must be an integer"),
+        (msgpack.packb({"op": "complete", "id": 9, "items": [[1, 2]]}), "an array of 3"),
+        (msgpack.packb({"op": "stats", "id": "9"}), "stats.id must be an integer"),
+        (msgpack.packb({"op": "stats", "id": 1, "x": msgpack.ExtType(5, b"zz")}), "extension type 5"),
+        (msgpack.packb({"op": "stats", "id": 1}) + b"\x00", "not valid msgpack"),
+    ],
+)
+def test_malformed_bodies_raise_one_typed_error(body: bytes, fragment: str) -> None:
+    with pytest.raises(MalformedMessage) as info:
+        decode(body)
+    assert fragment in str(info.value)
+
+
+def test_malformed_request_keeps_its_id_for_the_error_reply() -> None:
+    with pytest.raises(MalformedMessage) as info:
+        decode(msgpack.packb({"op": "watch", "id": 42, "job_ids": "x"}))
+    assert info.value.request_id == 42
+
+
+def test_deeply_nested_garbage_is_a_protocol_error_not_a_crash() -> None:
+    body = b"\x91" * 100_000 + b"\x00"  # arrays nested far past the stack
+    with pytest.raises(MalformedMessage):
+        decode(body)

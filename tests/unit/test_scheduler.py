@@ -1,0 +1,348 @@
+"""The job core on a fake clock: no sockets, no sleeping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from broker.core.clock import FakeClock
+from broker.core.scheduler import (
+    Deliver,
+    JobBuried,
+    LeaseExpired,
+    ResultsReady,
+    Scheduler,
+    SchedulerConfig,
+    SessionExpired,
+    WorkerLost,
+)
+from broker.errors import InvalidRequest, JobNotFound, QueueFull
+
+PRODUCER, WORKER_A, WORKER_B = 1, 2, 3
+
+
+class Harness:
+    def __init__(self, **config: Any) -> None:
+        self.clock = FakeClock()
+        self.scheduler = Scheduler(SchedulerConfig(**config))
+        for session in (PRODUCER, WORKER_A, WORKER_B):
+            self.scheduler.open_session(session, self.now)
+
+    @property
+    def now(self) -> float:
+        return self.clock.now()
+
+    def submit(self, payloads: list[Any], queue: str = "q", **options: Any) -> list[int]:
+        return self.scheduler.submit(PRODUCER, queue, payloads, self.now, **options)
+
+    def flush(self) -> list[Any]:
+        return self.scheduler.flush(self.now)
+
+    def deliveries(self) -> dict[int, list[list[Any]]]:
+        return {e.session: e.jobs for e in self.flush() if isinstance(e, Deliver)}
+
+    def jump(self, seconds: float, alive: tuple[int, ...] = (PRODUCER, WORKER_A, WORKER_B)) -> list[Any]:
+        """Move time on; the sessions in `alive` heartbeat meanwhile."""
+        self.clock.jump(seconds)
+        for session in alive:
+            self.scheduler.seen(session, self.now)
+        self.scheduler.tick(self.now)
+        return self.flush()
+
+    def stats(self, queue: str = "q") -> dict[str, Any]:
+        return self.scheduler.stats(self.now)["queues"][queue]
+
+
+def ids(jobs: list[list[Any]]) -> list[int]:
+    return [job[0] for job in jobs]
+
+
+def test_priority_first_then_fifo() -> None:
+    h = Harness()
+    low = h.submit(["l1", "l2"], priority=0)
+    high = h.submit(["h1", "h2"], priority=10)
+    mid = h.submit(["m1"], priority=5)
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    assert ids(h.deliveries()[WORKER_A]) == high + mid + low
+
+
+def test_deliveries_respect_prefetch_and_resume_on_completion() -> None:
+    h = Harness()
+    h.submit(list(range(5)))
+    h.scheduler.reserve(WORKER_A, ["q"], 2, h.now)
+    first = h.deliveries()[WORKER_A]
+    assert len(first) == 2
+    assert h.deliveries() == {}
+    job_id, token = first[0][0], first[0][1]
+    assert h.scheduler.complete(WORKER_A, [[job_id, token, "r"]], h.now) == [None]
+    assert len(h.deliveries()[WORKER_A]) == 1
+
+
+def test_round_robin_across_waiting_workers() -> None:
+    h = Harness()
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    h.scheduler.reserve(WORKER_B, ["q"], 10, h.now)
+    h.submit(list(range(6)))
+    delivered = h.deliveries()
+    assert len(delivered[WORKER_A]) == 3 and len(delivered[WORKER_B]) == 3
+
+
+def test_delivery_carries_lease_token_attempt_and_payload() -> None:
+    h = Harness()
+    (job_id,) = h.submit([{"n": 7}], lease=12.0)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    ((delivered_id, token, queue, payload, attempt, lease),) = h.deliveries()[WORKER_A]
+    assert (delivered_id, queue, payload, attempt, lease) == (job_id, "q", {"n": 7}, 1, 12.0)
+    assert token > 0
+
+
+def test_expired_lease_requeues_and_fences_the_stale_worker() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"], lease=10.0)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    stale_token = h.deliveries()[WORKER_A][0][1]
+    h.scheduler.reserve(WORKER_A, ["q"], 0, h.now)  # A takes no more; B waits
+    h.scheduler.reserve(WORKER_B, ["q"], 1, h.now)
+    assert h.flush() == []
+    effects = h.jump(10.0)
+    assert LeaseExpired(job_id, "q", WORKER_A, False) in effects
+    (deliver,) = [e for e in effects if isinstance(e, Deliver)]
+    ((fresh_id, fresh_token, _, _, attempt, _),) = deliver.jobs
+    assert deliver.session == WORKER_B and fresh_id == job_id and attempt == 2 and fresh_token != stale_token
+    assert h.scheduler.complete(WORKER_A, [[job_id, stale_token, "old"]], h.now) == ["lease_lost"]
+    assert h.scheduler.fail(WORKER_A, [[job_id, stale_token, "E", "old"]], h.now) == ["lease_lost"]
+    assert h.scheduler.complete(WORKER_A, [[job_id, fresh_token, "stolen token"]], h.now) == ["lease_lost"]
+    assert h.scheduler.complete(WORKER_B, [[job_id, fresh_token, "new"]], h.now) == [None]
+    assert h.scheduler.job_info(job_id)["result"] == "new"
+    assert h.scheduler.complete(WORKER_B, [[job_id, fresh_token, "again"]], h.now) == ["lease_lost"]
+
+
+def test_touch_extends_the_lease() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"], lease=10.0)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    h.jump(8.0)
+    assert h.scheduler.touch(WORKER_A, [[job_id, token, 10.0]], h.now) == [None]
+    assert not any(isinstance(e, LeaseExpired) for e in h.jump(8.0))
+    assert h.scheduler.job_info(job_id)["state"] == "leased"
+    assert any(isinstance(e, LeaseExpired) for e in h.jump(2.0))
+
+
+def test_failures_retry_with_exponential_backoff_then_go_dead() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"], max_attempts=3, backoff=2.0)
+    h.scheduler.watch(PRODUCER, [job_id])
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    waits = []
+    delivered = h.deliveries()[WORKER_A]
+    for attempt in (1, 2, 3):
+        ((_, token, _, _, delivered_attempt, _),) = delivered
+        assert delivered_attempt == attempt
+        assert h.scheduler.fail(WORKER_A, [[job_id, token, "ValueError", f"bad {attempt}"]], h.now) == [None]
+        effects = h.flush()
+        if attempt < 3:
+            waited = 0.0
+            while h.scheduler.job_info(job_id)["state"] == "delayed":
+                effects = h.jump(0.5)
+                waited += 0.5
+            waits.append(waited)
+            (deliver,) = [e for e in effects if isinstance(e, Deliver)]
+            delivered = deliver.jobs
+    assert waits == [2.0, 4.0]
+    assert JobBuried(job_id, "q", {"type": "ValueError", "message": "bad 3"}) in effects
+    assert h.stats()["dead"] == 1
+    (dead,) = h.scheduler.dead_list("q")
+    assert dead["id"] == job_id and dead["error"]["message"] == "bad 3" and dead["attempts"] == 3
+
+
+def test_dead_outcome_reaches_watchers_and_dead_jobs_can_be_requeued() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"], max_attempts=1)
+    h.scheduler.watch(PRODUCER, [job_id])
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    h.scheduler.fail(WORKER_A, [[job_id, token, "E", "m"]], h.now)
+    (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
+    assert results.items == [[job_id, "dead", {"type": "E", "message": "m"}]]
+    assert h.scheduler.dead_requeue("q", None, h.now) == 1
+    ((again_id, _, _, _, attempt, _),) = h.deliveries()[WORKER_A]
+    assert again_id == job_id and attempt == 1 and h.stats()["dead"] == 0
+
+
+def test_worker_lost_requeues_its_leases_at_once() -> None:
+    h = Harness()
+    submitted = h.submit(list(range(4)))
+    h.scheduler.reserve(WORKER_A, ["q"], 4, h.now)
+    assert len(h.deliveries()[WORKER_A]) == 4
+    h.scheduler.close_session(WORKER_A, h.now)
+    h.scheduler.close_session(WORKER_A, h.now)  # idempotent
+    h.scheduler.reserve(WORKER_B, ["q"], 10, h.now)
+    effects = h.flush()
+    (lost,) = [e for e in effects if isinstance(e, WorkerLost)]
+    assert sorted(lost.requeued) == submitted
+    (deliver,) = [e for e in effects if isinstance(e, Deliver)]
+    assert deliver.session == WORKER_B and sorted(ids(deliver.jobs)) == submitted
+
+
+def test_silent_session_is_declared_dead_after_three_heartbeats() -> None:
+    h = Harness(heartbeat=5.0)
+    h.submit(["x"])
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    h.deliveries()
+    for _ in range(4):  # WORKER_A keeps talking; PRODUCER and WORKER_B do too
+        h.clock.jump(4.0)
+        for session in (PRODUCER, WORKER_A, WORKER_B):
+            h.scheduler.seen(session, h.now)
+        h.scheduler.tick(h.now)
+        assert not any(isinstance(e, SessionExpired) for e in h.flush())
+    effects = h.jump(14.9, alive=(PRODUCER, WORKER_B))
+    assert not any(isinstance(e, SessionExpired) for e in effects)
+    effects = h.jump(0.2, alive=(PRODUCER, WORKER_B))
+    assert SessionExpired(WORKER_A) in effects
+    assert any(isinstance(e, WorkerLost) and e.session == WORKER_A for e in effects)
+    assert h.stats()["pending"] == 1
+
+
+def test_a_job_that_keeps_losing_its_worker_goes_dead_instead_of_looping() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["poison"], max_attempts=2)
+    for _ in range(2):
+        h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+        assert ids(h.deliveries()[WORKER_A]) == [job_id]
+        h.scheduler.close_session(WORKER_A, h.now)
+        h.scheduler.open_session(WORKER_A, h.now)
+    info = h.scheduler.job_info(job_id)
+    assert info["state"] == "dead" and info["error"]["type"] == "LeaseLost"
+
+
+def test_release_hands_back_without_counting_the_attempt() -> None:
+    h = Harness()
+    first, _ = h.submit(["a", "b"])
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    h.scheduler.reserve(WORKER_A, ["q"], 0, h.now)
+    assert h.scheduler.release(WORKER_A, [[first, token]], h.now) == [None]
+    h.scheduler.reserve(WORKER_B, ["q"], 1, h.now)
+    ((job_id, _, _, _, attempt, _),) = h.deliveries()[WORKER_B]
+    assert (job_id, attempt) == (first, 1)  # back at the front, attempt refunded
+
+
+def test_delayed_jobs_wait_for_their_time() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["later"], delay=30.0)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    assert h.deliveries() == {} and h.stats()["delayed"] == 1
+    assert h.jump(29.9) == []
+    (deliver,) = [e for e in h.jump(0.1) if isinstance(e, Deliver)]
+    assert ids(deliver.jobs) == [job_id]
+
+
+def test_idempotency_keys_return_the_first_id() -> None:
+    h = Harness()
+    first = h.submit(["a", "b"], keys=["k1", None])
+    again = h.submit(["a2", "c"], keys=["k1", "k2"])
+    assert again[0] == first[0] and again[1] not in first
+    assert h.submit(["x"], queue="other", keys=["k1"]) != [first[0]]  # keys are per queue
+    assert h.stats()["submitted"] == 3
+
+
+def test_queue_full_refuses_the_whole_batch() -> None:
+    h = Harness(max_pending_per_queue=3)
+    h.submit([1, 2])
+    with pytest.raises(QueueFull, match="limit is 3"):
+        h.submit([3, 4])
+    assert h.stats()["pending"] == 2
+    h.submit([3])
+
+
+def test_cancel_pending_and_delayed_but_not_leased() -> None:
+    h = Harness()
+    pending, leased = h.submit(["p", "l"])
+    (delayed,) = h.submit(["d"], delay=5.0)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    assert ids(h.deliveries()[WORKER_A]) == [pending]
+    h.scheduler.watch(PRODUCER, [leased])
+    assert h.scheduler.cancel([leased, delayed, 999, pending], h.now) == [None, None, "not_found", "invalid_state"]
+    (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
+    assert results.items == [[leased, "cancelled", None]]
+    assert h.stats()["pending"] == 0 and h.stats()["delayed"] == 0
+    h.scheduler.reserve(WORKER_B, ["q"], 5, h.now)
+    assert h.deliveries() == {}  # the cancelled job is skipped
+    assert h.jump(10.0) == []
+
+
+def test_results_are_pushed_to_watchers_and_expire_after_the_ttl() -> None:
+    h = Harness(result_ttl=60.0)
+    (job_id,) = h.submit([3], watch=True)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    h.scheduler.complete(WORKER_A, [[job_id, token, 9]], h.now)
+    (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
+    assert results == ResultsReady(PRODUCER, [[job_id, "done", 9]])
+    h.scheduler.watch(PRODUCER, [job_id])  # a late watcher gets it at once
+    assert ResultsReady(PRODUCER, [[job_id, "done", 9]]) in h.flush()
+    h.jump(60.0)
+    with pytest.raises(JobNotFound):
+        h.scheduler.job_info(job_id)
+    h.scheduler.watch(PRODUCER, [job_id])
+    assert ResultsReady(PRODUCER, [[job_id, "unknown", None]]) in h.flush()
+
+
+def test_a_worker_on_several_queues() -> None:
+    h = Harness()
+    a = h.submit(["a"], queue="alpha")
+    b = h.submit(["b"], queue="beta")
+    h.scheduler.reserve(WORKER_A, ["alpha", "beta"], 10, h.now)
+    assert sorted(ids(h.deliveries()[WORKER_A])) == sorted(a + b)
+
+
+def test_stats_count_states_and_workers() -> None:
+    h = Harness()
+    h.submit(list(range(3)))
+    h.submit(["d"], delay=10)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    h.deliveries()
+    stats = h.scheduler.stats(h.now)
+    assert {k: stats["queues"]["q"][k] for k in ("pending", "delayed", "in_flight", "dead", "done")} == {
+        "pending": 2,
+        "delayed": 1,
+        "in_flight": 1,
+        "dead": 0,
+        "done": 0,
+    }
+    (worker,) = stats["workers"]
+    assert worker["session"] == WORKER_A and len(worker["in_flight"]) == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"queue": ""},
+        {"queue": "x" * 201},
+        {"queue": "bad\nname"},
+        {"delay": -1.0},
+        {"max_attempts": 0},
+        {"lease": 0.0},
+        {"keys": ["only-one"]},
+        {"keys": ["", None]},
+    ],
+)
+def test_bad_submits_are_refused(options: dict[str, Any]) -> None:
+    h = Harness()
+    queue = options.pop("queue", "q")
+    with pytest.raises(InvalidRequest):
+        h.scheduler.submit(PRODUCER, queue, [1, 2], h.now, **options)
+
+
+def test_million_jobs_flow_without_sleeping() -> None:
+    h = Harness()
+    h.scheduler.reserve(WORKER_A, ["q"], 1000, h.now)
+    total = 0
+    for _ in range(20):
+        h.submit(list(range(1000)))
+        for job_id, token, *_ in h.deliveries().get(WORKER_A, []):
+            h.scheduler.complete(WORKER_A, [[job_id, token, None]], h.now)
+            total += 1
+    assert total == 20_000 and h.stats()["done"] == 20_000

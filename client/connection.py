@@ -12,9 +12,16 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
-from broker.errors import AuthenticationFailed, ConnectionClosed, ProtocolError, broker_error
+from broker.errors import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    FrameTooLarge,
+    IntegrityError,
+    ProtocolError,
+    broker_error,
+)
 from broker.protocol.connection import ClientConnection, State
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from broker.protocol.messages import Deliver, ErrorReply, Heartbeat, Message, Reply, Request, Results, Welcome
@@ -26,6 +33,8 @@ __all__ = ["Connection", "backoff_delays", "is_retryable", "parse_address"]
 PushHandler = Callable[[Deliver | Results], None]
 
 _HEARTBEAT = Heartbeat()
+# Connection-level error codes after which the broker closes the connection (docs/protocol.md).
+_FATAL_CODES = frozenset({AuthenticationFailed.code, FrameTooLarge.code, IntegrityError.code, ProtocolError.code})
 _HEARTBEATS_MISSED_BEFORE_DEAD = 3
 
 
@@ -66,8 +75,7 @@ class _Protocol(asyncio.Protocol):
         self.owner = owner
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.owner._transport = transport
+        self.owner._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.owner._data_received(data)
@@ -208,7 +216,10 @@ class Connection:
 
     def _error_reply(self, event: ErrorReply) -> None:
         if event.id is None:
-            # Connection-level: the broker is about to close; keep the reason.
+            if event.code not in _FATAL_CODES:
+                log.warning("broker could not read one of our frames: %s: %s", event.code, event.message)
+                return
+            # The broker closes the connection after this; keep the reason as the cause.
             cause: Exception = ProtocolError(f"{event.code}: {event.message}")
             if event.code == AuthenticationFailed.code:
                 cause = AuthenticationFailed(event.message)

@@ -1,0 +1,27 @@
+"""Handlers that the integration tests run in real worker processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def square(n: int) -> int:
+    """The classic task: n -> n * n. Sleeps $HANDLER_SLEEP seconds first, if set."""
+    delay = float(os.environ.get("HANDLER_SLEEP", "0"))
+    if delay:
+        time.sleep(delay)
+    return n * n
+
+
+async def async_square(n: int) -> int:
+    return n * n
+
+
+def fail_always(payload: Any) -> None:
+    raise ValueError(f"cannot handle {payload!r}")
+
+
+def whoami(payload: Any) -> list[Any]:
+    return [os.getpid(), payload]

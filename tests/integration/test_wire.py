@@ -1,0 +1,116 @@
+"""Bad peers against a real broker process: wrong secrets, garbage, oversized frames,
+stale completions. The broker answers each with a typed error and keeps serving others."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+
+from broker.protocol.framing import FrameDecoder, encode_frame
+from broker.protocol.messages import Complete, Deliver, ErrorReply, Reserve, Results, Submit, decode
+from client import AuthenticationFailed, Client
+from client.connection import Connection, parse_address
+from tests.helpers import SECRET, TIME_UNIT
+from tests.integration.conftest import BrokerProcess
+
+
+def raw_exchange(address: str, data: bytes) -> tuple[list[Any], bool]:
+    """Send raw bytes; return the frames received and whether the broker closed."""
+    host, port = parse_address(address)
+    with socket.create_connection((host, port), timeout=5 * TIME_UNIT) as sock:
+        sock.sendall(data)
+        received = b""
+        closed = False
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+            closed = True
+        except TimeoutError:
+            pass
+    return [decode(frame) for frame in FrameDecoder().feed(received)], closed
+
+
+async def test_wrong_secret_is_refused(broker: BrokerProcess) -> None:
+    with pytest.raises(AuthenticationFailed):
+        async with Client(broker.address, secret=b"not-the-secret-at-all"):
+            pass
+    broker.wait_for_output(r"authentication failed from 127\.0\.0\.1")
+
+
+async def test_garbage_before_auth_gets_an_error_and_a_close(broker: BrokerProcess, client: Client) -> None:
+    frames, closed = await asyncio.to_thread(raw_exchange, broker.address, encode_frame(b"\xc1 garbage"))
+    assert closed
+    (error,) = frames
+    assert isinstance(error, ErrorReply) and error.code == "malformed"
+    assert await client.submit("still-serving", 1) > 0
+
+
+async def test_oversized_length_gets_an_error_and_a_close(broker: BrokerProcess, client: Client) -> None:
+    frames, closed = await asyncio.to_thread(raw_exchange, broker.address, struct.pack(">I", 2**31) + b"xx")
+    assert closed
+    (error,) = frames
+    assert isinstance(error, ErrorReply) and error.code == "frame_too_large" and "2147483648" in error.message
+    assert (await client.stats())["sessions"] >= 1
+
+
+async def test_silent_connection_is_cut_at_the_handshake_timeout(start_broker: Any) -> None:
+    broker = start_broker("--handshake-timeout", "0.3")
+    frames, closed = await asyncio.to_thread(raw_exchange, broker.address, b"")
+    assert closed and frames == []
+    broker.wait_for_output(r"no handshake within 0\.3s")
+
+
+async def test_malformed_request_after_auth_is_answered_and_the_connection_lives(broker: BrokerProcess) -> None:
+    host, port = parse_address(broker.address)
+    connection = await Connection.open(host, port, SECRET)
+    try:
+        with pytest.raises(Exception, match="queue name"):
+            await connection.request(Submit, queue="", payloads=[1])
+        protocol = connection._protocol
+        assert protocol._signer is not None
+        protocol._outgoing.append(encode_frame(protocol._signer.sign(msgpack.packb({"op": "warp", "id": 77}))))
+        connection._write()
+        reply = await connection.request(Submit, queue="fine", payloads=[1])
+        assert len(reply["job_ids"]) == 1
+    finally:
+        connection.close()
+
+
+async def test_stale_completion_after_requeue_is_refused(broker: BrokerProcess, client: Client) -> None:
+    host, port = parse_address(broker.address)
+    first_deliveries: list[list[Any]] = []
+    second_deliveries: list[list[Any]] = []
+    delivered = asyncio.Event()
+
+    def collect(into: list[list[Any]]) -> Any:
+        def on_push(message: Deliver | Results) -> None:
+            if isinstance(message, Deliver):
+                into.extend(message.jobs)
+                delivered.set()
+
+        return on_push
+
+    stale = await Connection.open(host, port, SECRET, on_push=collect(first_deliveries))
+    fresh = await Connection.open(host, port, SECRET, on_push=collect(second_deliveries))
+    try:
+        job_id = await client.submit("fenced", 21, lease=0.3)
+        await stale.request(Reserve, queues=["fenced"], prefetch=1)
+        await asyncio.wait_for(delivered.wait(), 5 * TIME_UNIT)
+        delivered.clear()
+        await stale.request(Reserve, queues=["fenced"], prefetch=0)  # take nothing more
+        await fresh.request(Reserve, queues=["fenced"], prefetch=1)
+        await asyncio.wait_for(delivered.wait(), 5 * TIME_UNIT)  # the lease expires; `fresh` gets the job
+        (old,), (new,) = first_deliveries, second_deliveries
+        assert old[0] == new[0] == job_id and new[1] != old[1] and new[4] == 2
+        refused = await stale.request(Complete, items=[[job_id, old[1], "stale"]])
+        assert refused == {"refused": [[0, "lease_lost"]]}
+        assert await fresh.request(Complete, items=[[job_id, new[1], 441]]) == {"refused": []}
+        assert await client.result(job_id, timeout=5) == 441
+    finally:
+        stale.close()
+        fresh.close()

@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -22,7 +23,7 @@ from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 __all__ = ["main"]
 
 log = logging.getLogger("jobbroker")
-DEFAULT_CONNECT = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+DEFAULT_CONNECT = os.environ.get("JOBBROKER_CONNECT") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,7 +193,6 @@ def _load_handler(spec: str) -> Callable[[Any], Any]:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import os
     import socket
 
     from client.worker import Worker

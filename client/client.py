@@ -4,6 +4,7 @@ polled), map a function over many inputs, cancel, inspect."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,9 +30,16 @@ from broker.protocol.messages import (
 )
 from client.connection import Connection, Link
 
-__all__ = ["DEFAULT_ADDRESS", "Client"]
+__all__ = ["DEFAULT_ADDRESS", "Client", "default_address"]
 
 DEFAULT_ADDRESS = "127.0.0.1:7878"
+
+
+def default_address() -> str:
+    """$JOBBROKER_CONNECT if set, else 127.0.0.1:7878."""
+    return os.environ.get("JOBBROKER_CONNECT") or DEFAULT_ADDRESS
+
+
 _MAP_BATCH = 1000
 
 
@@ -39,7 +47,7 @@ class Client:
     """A connection to the broker for producers and admins.
 
     Args:
-        address: "HOST:PORT" of the broker.
+        address: "HOST:PORT" of the broker; default $JOBBROKER_CONNECT, else 127.0.0.1:7878.
         secret: the shared secret (bytes). Default: $JOBBROKER_SECRET_FILE,
             $JOBBROKER_SECRET, then the default secret file the broker writes.
         secret_file: read the secret from this file instead.
@@ -54,7 +62,7 @@ class Client:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         *,
         secret: bytes | str | None = None,
         secret_file: str | None = None,
@@ -62,7 +70,7 @@ class Client:
         reconnect_timeout: float = 30.0,
     ) -> None:
         self._link = Link(
-            address,
+            address or default_address(),
             resolve_secret(secret, secret_file),
             client=name,
             on_push=self._on_push,

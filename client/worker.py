@@ -21,7 +21,7 @@ from typing import Any, Literal
 from broker.errors import ConnectionClosed, UsageError
 from broker.protocol.auth import resolve_secret
 from broker.protocol.messages import Complete, Deliver, Fail, Release, Reserve, Results, Touch
-from client.client import DEFAULT_ADDRESS
+from client.client import default_address
 from client.connection import Connection, Link
 
 __all__ = ["Handler", "Worker"]
@@ -43,7 +43,7 @@ class Worker:
     """Runs `handler` on jobs from `queues`.
 
     Args:
-        address: "HOST:PORT" of the broker.
+        address: "HOST:PORT" of the broker; default $JOBBROKER_CONNECT, else 127.0.0.1:7878.
         queues: queue names to take jobs from, in order of preference.
         handler: `f(payload) -> result`, a coroutine function or a plain one. Its return
             value (any msgpack value) completes the job; an exception fails it with the
@@ -62,7 +62,7 @@ class Worker:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         *,
         queues: Sequence[str],
         handler: Handler,
@@ -94,7 +94,7 @@ class Worker:
         self._executor_choice = executor
         self._executor: concurrent.futures.Executor | None = None
         self._link = Link(
-            address,
+            address or default_address(),
             resolve_secret(secret, secret_file),
             client=name,
             on_push=self._on_push,

@@ -1,0 +1,100 @@
+"""The command line and the README's examples, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from tests.helpers import TIME_UNIT
+from tests.integration.conftest import REPO, BrokerProcess, Process
+
+
+def run(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout * TIME_UNIT,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_examples_run_as_shown(
+    broker: BrokerProcess, secret_file: Path, processes: list[Process], tmp_path: Path
+) -> None:
+    env = {"JOBBROKER_CONNECT": broker.address, "JOBBROKER_SECRET_FILE": str(secret_file)}
+    worker = Process([sys.executable, "examples/task_worker.py"], tmp_path / "example-worker.log", env)
+    processes.append(worker)
+    output = run([sys.executable, "examples/task_master.py"], env)
+    lines = output.strip().splitlines()
+    assert len(lines) == 10
+    for line in lines:
+        number, square = map(int, re.fullmatch(r"(\d+) squared is (\d+)", line).groups())  # type: ignore[union-attr]
+        assert square == number * number
+    worker.signal(signal.SIGINT)
+    assert worker.wait(15) == 0
+
+
+def test_readme_shows_the_examples_verbatim() -> None:
+    readme = (REPO / "README.md").read_text()
+    for example in ("task_master.py", "task_worker.py"):
+        assert (REPO / "examples" / example).read_text().strip() in readme
+
+
+def test_submit_wait_and_stats_from_the_shell(
+    broker: BrokerProcess, secret_file: Path, start_worker: Callable[..., Process]
+) -> None:
+    start_worker(broker.address)
+    common = ["--connect", broker.address, "--secret-file", str(secret_file)]
+    output = run([sys.executable, "-m", "broker", "submit", "squares", "3", "4", "--wait", *common], {})
+    assert [line.split("\t")[1:] for line in output.strip().splitlines()] == [["3", "9"], ["4", "16"]]
+    table = run([sys.executable, "-m", "broker", "stats", *common], {})
+    assert re.search(r"^squares\s+0\s+0\s+0\s+0\s+2\s", table, re.MULTILINE), table
+    assert "worker-1" in table
+    stats = json.loads(run([sys.executable, "-m", "broker", "stats", "--json", *common], {}))
+    assert stats["queues"]["squares"]["done"] == 2
+
+
+async def test_serve_generates_a_private_secret_on_first_start(
+    tmp_path: Path, processes: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "JOBBROKER_SECRET_FILE": "", "JOBBROKER_SECRET": ""}
+    broker = Process(
+        [sys.executable, "-m", "broker", "serve", "--port", "0"],
+        tmp_path / "fresh-broker.log",
+        {**env, "PYTHONPATH": str(REPO)},
+    )
+    processes.append(broker)
+    port = broker.wait_for_output(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+    secret_path = tmp_path / "data" / "jobbroker" / "secret"
+    assert f"generated a new secret in {secret_path}" in broker.output()
+    assert secret_path.stat().st_mode & 0o777 == 0o600
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    async with Client(f"127.0.0.1:{port}") as client:  # finds the secret where the broker put it
+        assert await client.submit("q", 1) > 0
+
+
+def test_bad_secret_file_is_a_clear_error(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "stats", "--secret-file", str(short)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "at least 16" in result.stderr

@@ -1,0 +1,125 @@
+"""End-to-end throughput: N jobs (n -> n*n) submitted, run by W worker processes, every result
+collected by the producer. A real broker process on 127.0.0.1 (in memory).
+
+    python benchmarks/throughput.py [--jobs 20000] [--workers 1 2]
+
+Prints jobs/s for batched submits (Client.map) and for per-job submits (one submit per job,
+pipelined, then each result awaited).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from client import Client  # noqa: E402
+
+PIPELINE = 2000  # per-job submits in flight at once
+
+
+def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
+    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def wait_for_port(log: Path, timeout: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
+        if match:
+            return int(match.group(1))
+        time.sleep(0.02)
+    raise RuntimeError(f"broker did not start:\n{log.read_text()}")
+
+
+async def wait_for_workers(client: Client, count: int) -> None:
+    async with asyncio.timeout(30):
+        while len((await client.stats())["workers"]) < count:
+            await asyncio.sleep(0.05)
+
+
+async def batched(client: Client, queue: str, jobs: int) -> float:
+    started = time.perf_counter()
+    results = await client.map(queue, range(jobs), timeout=600)
+    elapsed = time.perf_counter() - started
+    assert results == [n * n for n in range(jobs)], "wrong results"
+    return jobs / elapsed
+
+
+async def per_job(client: Client, queue: str, jobs: int) -> float:
+    started = time.perf_counter()
+    ids: list[int] = []
+    for start_at in range(0, jobs, PIPELINE):
+        chunk = range(start_at, min(jobs, start_at + PIPELINE))
+        ids += await asyncio.gather(*(client.submit(queue, n) for n in chunk))
+    results = await asyncio.gather(*(client.result(job_id, timeout=600) for job_id in ids))
+    elapsed = time.perf_counter() - started
+    assert list(results) == [n * n for n in range(jobs)], "wrong results"
+    return jobs / elapsed
+
+
+async def measure(address: str, secret: bytes, workers: int, jobs: int) -> dict[str, float]:
+    async with Client(address, secret=secret, name="bench") as client:
+        await wait_for_workers(client, workers)
+        return {
+            "batched (map)": await batched(client, "bench", jobs),
+            "per-job submit": await per_job(client, "bench", jobs),
+        }
+
+
+def run(jobs: int, worker_counts: list[int]) -> list[tuple[str, int, float]]:
+    rows: list[tuple[str, int, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        secret = secrets.token_hex(32).encode()
+        secret_file = tmp_path / "secret"
+        secret_file.write_bytes(secret)
+        secret_file.chmod(0o600)
+        for workers in worker_counts:
+            log = tmp_path / f"broker-{workers}.log"
+            broker = start(
+                [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)],
+                log,
+            )
+            children = [broker]
+            try:
+                address = f"127.0.0.1:{wait_for_port(log)}"
+                for index in range(workers):
+                    argv = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "bench"]
+                    argv += ["--connect", address, "--secret-file", str(secret_file), "--concurrency", "256"]
+                    argv += ["--log-level", "warning"]
+                    children.append(start(argv, tmp_path / f"worker-{workers}-{index}.log"))
+                figures = asyncio.run(measure(address, secret, workers, jobs))
+                rows += [(mode, workers, rate) for mode, rate in figures.items()]
+            finally:
+                for child in children:
+                    child.send_signal(signal.SIGKILL)
+                    child.wait(10)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    print(f"jobbroker end to end, {args.jobs} jobs, in memory, loopback")
+    print(f"{'mode':16} {'workers':>7} {'jobs/s':>10}")
+    for mode, workers, rate in run(args.jobs, args.workers):
+        print(f"{mode:16} {workers:7} {rate:10,.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -292,6 +292,10 @@ class Broker:
             data = handler(protocol.session, request, self.loop.time())
         except BrokerError as exc:
             protocol.connection.send(ErrorReply(id=request.id, code=exc.code, message=str(exc)))
+        except Exception:
+            # A bug of ours must not take the connection (or the broker) down with it.
+            log.exception("internal error handling %s from session %d", request.op, protocol.session)
+            protocol.connection.send(ErrorReply(id=request.id, code="internal", message="internal broker error"))
         else:
             protocol.connection.send(Reply(id=request.id, data=data))
 

@@ -4,11 +4,13 @@ polled), map a function over many inputs, cancel, inspect."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from broker.errors import (
+    ConnectionClosed,
     JobCancelled,
     JobDead,
     JobNotFound,
@@ -75,8 +77,10 @@ class Client:
             client=name,
             on_push=self._on_push,
             on_connect=self._on_connect,
+            on_lost=self._on_lost,
             reconnect_timeout=reconnect_timeout,
         )
+        self._reconnecting: asyncio.Task[None] | None = None
         self._waiters: dict[int, asyncio.Future[list[Any]]] = {}  # job id -> its outcome
         self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
 
@@ -88,6 +92,8 @@ class Client:
     async def close(self) -> None:
         """Close the connection. Idempotent."""
         self._link.close()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         await self._link.wait_closed()
         for future in self._waiters.values():
             future.cancel()
@@ -210,10 +216,11 @@ class Client:
             if future is None:
                 future = self._waiters[job_id] = asyncio.get_running_loop().create_future()
                 connection = self._link.current
-                if connection is not None:  # else on_connect watches it
-                    await self._watch(connection, [job_id])
+                if connection is None:
+                    await self._link.get()  # on_connect watches it
                 else:
-                    await self._link.get()
+                    with contextlib.suppress(ConnectionClosed):  # if lost, the reconnect watches it
+                        await self._watch(connection, [job_id])
             try:
                 async with asyncio.timeout(timeout):
                     outcome = await asyncio.shield(future)
@@ -273,6 +280,22 @@ class Client:
         # Outcomes owed to us on a lost connection are asked for again.
         if self._waiters:
             connection.request_nowait(Watch, job_ids=list(self._waiters))
+
+    def _on_lost(self, reason: ConnectionClosed) -> None:
+        # Someone awaits results that only a live connection can bring: reconnect now rather
+        # than on the next call.
+        if self._waiters and (self._reconnecting is None or self._reconnecting.done()):
+            self._reconnecting = asyncio.ensure_future(self._reconnect_for_waiters())
+
+    async def _reconnect_for_waiters(self) -> None:
+        try:
+            await self._link.get()  # on_connect watches every waiter again
+        except Exception as exc:
+            failure = exc if isinstance(exc, ConnectionClosed) else ConnectionClosed("cannot reconnect", exc)
+            waiters, self._waiters = self._waiters, {}
+            for future in waiters.values():
+                if not future.done():
+                    future.set_exception(failure)
 
     def _on_push(self, message: Deliver | Results) -> None:
         if not isinstance(message, Results):

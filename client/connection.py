@@ -268,6 +268,7 @@ class Link:
         client: a name for the broker's logs and stats.
         on_push: called with every delivery or result pushed by the broker.
         on_connect: called with each new connection (to watch or reserve again) before use.
+        on_lost: called when a connection is lost (not when the link is closed).
         reconnect_timeout: how long to keep trying before giving up with the last error.
     """
 
@@ -279,6 +280,7 @@ class Link:
         client: str,
         on_push: PushHandler | None = None,
         on_connect: Callable[[Connection], None] | None = None,
+        on_lost: Callable[[ConnectionClosed], None] | None = None,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:
@@ -287,6 +289,7 @@ class Link:
         self._client = client
         self._on_push = on_push
         self._on_connect = on_connect
+        self._on_lost = on_lost
         self.reconnect_timeout = reconnect_timeout
         self.connect_timeout = connect_timeout
         self._connection: Connection | None = None
@@ -342,9 +345,14 @@ class Link:
                 await asyncio.sleep(min(next(delays), max(0.0, give_up_at - loop.time())))
                 continue
             self.connections_made += 1
+            connection.closed.add_done_callback(self._connection_closed)
             if self._on_connect is not None:
                 self._on_connect(connection)
             return connection
+
+    def _connection_closed(self, closed: asyncio.Future[ConnectionClosed]) -> None:
+        if not self._closed and self._on_lost is not None:
+            self._on_lost(closed.result())
 
     async def call(self, request_type: type[Request], *, retry: bool = True, **fields: Any) -> dict[str, Any]:
         """Send a request and await its reply. With retry, a request lost with its connection

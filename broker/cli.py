@@ -12,13 +12,15 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
-from broker.config import DEFAULT_HOST, DEFAULT_PORT, BrokerConfig, ensure_secret_file
+from broker.config import DEFAULT_HOST, DEFAULT_PORT, BrokerConfig, default_store_dir, ensure_secret_file
 from broker.core.scheduler import SchedulerConfig
-from broker.errors import ConfigError, JobbrokerError
+from broker.errors import ConfigError, JobbrokerError, StorageError
 from broker.protocol.auth import load_secret_file, resolve_secret
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from broker.store import FsyncMode
 
 __all__ = ["main"]
 
@@ -37,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, StorageError) as exc:
         print(f"jobbroker: {exc}", file=sys.stderr)
         return 2
     except JobbrokerError as exc:
@@ -73,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pending", type=int, default=1_000_000, help="waiting jobs per queue (1000000)")
     serve.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE, help="bytes (16 MiB)")
     serve.add_argument("--handshake-timeout", type=float, default=5.0, help="seconds to authenticate (5)")
+    serve.add_argument("--data-dir", default=None, help=f"where jobs are kept (default {default_store_dir()})")
+    serve.add_argument("--memory", action="store_true", help="keep jobs in memory only: lost when the broker stops")
+    serve.add_argument(
+        "--fsync",
+        default="always",
+        choices=[m.value for m in FsyncMode],
+        help="always: fsync each group commit before acknowledging (default); interval: at most 1 s later; never",
+    )
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
 
     worker = command("worker", _worker, "run a worker on a handler")
@@ -117,7 +127,11 @@ def _run(coroutine: Coroutine[Any, Any, Any], *, use_uvloop: bool = True) -> Any
 
 def _serve(args: argparse.Namespace) -> int:
     secret = _broker_secret(args.secret_file)
+    if args.memory and args.data_dir:
+        raise ConfigError("--memory and --data-dir exclude each other")
     config = BrokerConfig(
+        data_dir=None if args.memory else Path(args.data_dir or default_store_dir()),
+        fsync=FsyncMode(args.fsync),
         host=args.host,
         port=args.port,
         max_frame_size=args.max_frame_size,

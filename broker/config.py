@@ -10,10 +10,11 @@ from pathlib import Path
 
 from broker.core.scheduler import SchedulerConfig
 from broker.errors import ConfigError
-from broker.protocol.auth import default_secret_path, load_secret_file
+from broker.protocol.auth import default_data_dir, default_secret_path, load_secret_file
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from broker.store import FsyncMode
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "BrokerConfig", "ensure_secret_file"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "BrokerConfig", "default_store_dir", "ensure_secret_file"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
@@ -30,6 +31,9 @@ class BrokerConfig:
         handshake_timeout: seconds a new connection has to authenticate.
         max_write_buffer: bytes queued to a peer that does not read before it is cut off.
         scheduler: heartbeat, lease, retry and backpressure settings of the job core.
+        data_dir: where jobs are kept (SQLite); None keeps them in memory only. The CLI
+            defaults to a directory next to the secret.
+        fsync: when group commits reach the disk (broker/store.py, FsyncMode).
     """
 
     host: str = DEFAULT_HOST
@@ -38,6 +42,8 @@ class BrokerConfig:
     handshake_timeout: float = 5.0
     max_write_buffer: int = 64 * 1024 * 1024
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data_dir: Path | None = None
+    fsync: FsyncMode = FsyncMode.ALWAYS
 
     @property
     def heartbeat(self) -> float:
@@ -67,3 +73,8 @@ def ensure_secret_file(path: str | os.PathLike[str] | None = None) -> tuple[byte
     except OSError as exc:
         raise ConfigError(f"cannot create secret file {target}: {exc.strerror or exc}") from exc
     return secret, target, True
+
+
+def default_store_dir() -> Path:
+    """Where the broker keeps its jobs unless told otherwise: next to the default secret."""
+    return default_data_dir() / "data"

@@ -3,6 +3,7 @@
     JobbrokerError
     ├── UsageError               the caller misused the API (bad argument, closed client)
     ├── ConfigError              bad flags, environment or secret file
+    ├── StorageError             the data directory is unwritable, full, locked or corrupt
     ├── ProtocolError            the peer broke the wire protocol (docs/protocol.md)
     │   ├── FrameTooLarge        a frame header declared more than the limit
     │   ├── MalformedMessage     not msgpack, not a map, unknown op, wrong field types
@@ -14,7 +15,8 @@
     │   ├── JobNotFound
     │   ├── LeaseLost            fencing: the lease this completion refers to is no longer held
     │   ├── InvalidState         e.g. cancelling a job that is already running
-    │   └── InvalidRequest
+    │   ├── InvalidRequest
+    │   └── StorageUnavailable   the broker cannot persist new jobs right now
     ├── JobError                 a job ended without a result
     │   ├── JobDead              it failed max_attempts times; `error` holds the last failure
     │   └── JobCancelled
@@ -49,6 +51,8 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "ResultTimeout",
+    "StorageError",
+    "StorageUnavailable",
     "UsageError",
     "broker_error",
 ]
@@ -64,6 +68,10 @@ class UsageError(JobbrokerError):
 
 class ConfigError(JobbrokerError):
     """Configuration (flags, environment, secret file) is unusable."""
+
+
+class StorageError(JobbrokerError):
+    """The broker's data directory cannot be used: unwritable, full, locked or corrupt."""
 
 
 class ProtocolError(JobbrokerError):
@@ -144,6 +152,12 @@ class InvalidRequest(BrokerError):
     code = "invalid_request"
 
 
+class StorageUnavailable(BrokerError):
+    """The broker cannot persist new jobs (disk full, unwritable, failing); nothing was accepted."""
+
+    code = "storage_unavailable"
+
+
 class JobError(JobbrokerError):
     """A job ended without a result."""
 
@@ -174,7 +188,7 @@ class InvalidTransition(JobbrokerError):
 
 
 _BROKER_ERRORS: dict[str, type[BrokerError]] = {
-    cls.code: cls for cls in (QueueFull, JobNotFound, LeaseLost, InvalidState, InvalidRequest)
+    cls.code: cls for cls in (QueueFull, JobNotFound, LeaseLost, InvalidState, InvalidRequest, StorageUnavailable)
 }
 
 

@@ -9,7 +9,10 @@ are a single call_at for the scheduler's next deadline plus one heartbeat timer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -26,7 +29,7 @@ from broker.core.scheduler import (
     SessionExpired,
     WorkerLost,
 )
-from broker.errors import BrokerError, InvalidRequest
+from broker.errors import BrokerError, InvalidRequest, StorageError, StorageUnavailable
 from broker.protocol.connection import Authenticated, ServerConnection, State
 from broker.protocol.messages import (
     Cancel,
@@ -49,6 +52,7 @@ from broker.protocol.messages import (
     Touch,
     Watch,
 )
+from broker.store import FsyncMode, MemoryStore, Row, SqliteStore, Store, rows
 
 __all__ = ["Broker", "serve"]
 
@@ -76,6 +80,7 @@ class _BrokerProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.authenticated = False
+        self.close_when_sent = False  # after a fatal protocol error: send the error frame, then close
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,14 +119,19 @@ class _BrokerProtocol(asyncio.Protocol):
         self.connection.close()
         self.broker._connection_lost(self, exc)
 
-    def write_pending(self) -> None:
-        data = self.connection.data_to_send()
+    def write(self, data: bytes) -> None:
+        """Put bytes on the wire (called by the broker's flush, in frame order)."""
         transport = self.transport
-        if data and transport is not None and not transport.is_closing():
+        if transport is None or transport.is_closing():
+            return
+        if data:
             transport.write(data)
             if transport.get_write_buffer_size() > self.broker.config.max_write_buffer:
                 log.warning("session %d (%s) does not read its replies; disconnecting", self.session, self.peer)
                 transport.abort()
+                return
+        if self.close_when_sent:
+            transport.close()
 
     def send(self, message: Message) -> None:
         if self.connection.state is State.OPEN:
@@ -143,9 +153,8 @@ class _BrokerProtocol(asyncio.Protocol):
                 log.warning("session %d (%s): %s; closing", self.session, self.peer, error)
             else:
                 log.warning("authentication failed from %s: %s", self.peer, error)
-        self.write_pending()
-        if self.transport is not None:
-            self.transport.close()
+        self.close_when_sent = True
+        self.broker._mark_dirty(self)
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
@@ -172,7 +181,13 @@ class Broker:
     def __init__(self, config: BrokerConfig, secret: bytes) -> None:
         self.config = config
         self.secret = secret
-        self.scheduler = Scheduler(config.scheduler)
+        self.store: Store = MemoryStore()  # replaced in start() when config.data_dir is set
+        self.scheduler = Scheduler(config.scheduler, track_changes=config.data_dir is not None)
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._commits: deque[_Batch] = deque()  # group commits in flight, oldest first
+        self._unsaved: _Batch | None = None  # rows of a failed commit, to write again
+        self._storage_error: StorageError | None = None
+        self._sync_handle: asyncio.TimerHandle | None = None
         self._connections: dict[int, _BrokerProtocol] = {}
         self._dirty: dict[_BrokerProtocol, None] = {}
         self._flush_scheduled = False
@@ -212,11 +227,42 @@ class Broker:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Bind and start accepting connections."""
-        self._loop = asyncio.get_running_loop()
-        self._closed = self._loop.create_future()
-        self._server = await self._loop.create_server(self._new_protocol, self.config.host, self.config.port)
-        self._heartbeat_handle = self._loop.call_later(self.config.heartbeat, self._send_heartbeats)
+        """Open the store, recover its jobs, bind and start accepting connections.
+
+        Raises:
+            StorageError: the data directory cannot be used.
+            OSError: the address cannot be bound.
+        """
+        self._loop = loop = asyncio.get_running_loop()
+        if self.config.data_dir is not None:
+            started = time.perf_counter()
+            self.store = SqliteStore(self.config.data_dir, self.config.fsync)
+            try:
+                recovered = self.store.load(loop.time(), time.time())
+            except BaseException:
+                self.store.close()
+                raise
+            self.scheduler.restore(recovered.jobs, recovered.next_job_id, loop.time())
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-store")
+            log.info(
+                "data in %s (fsync %s): recovered %d jobs in %.2fs",
+                self.config.data_dir,
+                self.config.fsync,
+                len(recovered.jobs),
+                time.perf_counter() - started,
+            )
+            if self.config.fsync is FsyncMode.INTERVAL:
+                self._sync_handle = loop.call_later(1.0, self._sync)
+        else:
+            log.info("in memory only (--memory): jobs are lost when the broker stops")
+        self._closed = loop.create_future()
+        try:
+            self._server = await loop.create_server(self._new_protocol, self.config.host, self.config.port)
+        except BaseException:
+            self._close_store()
+            raise
+        self._heartbeat_handle = loop.call_later(self.config.heartbeat, self._send_heartbeats)
+        self._schedule_flush()  # deliver recovered jobs, arm the ticker
         log.info("listening on %s:%d", self.config.host, self.port)
 
     async def serve_forever(self) -> None:
@@ -230,25 +276,40 @@ class Broker:
             raise
 
     def close(self) -> None:
-        """Stop accepting, close every connection. Idempotent."""
+        """Stop accepting, close every connection. Idempotent. Acknowledgements whose commit
+        is still in flight are not sent: their clients see the connection close instead."""
         if self._server is None or self._closed is None or self._closed.done():
             return
         self._server.close()
-        for handle in (self._tick_handle, self._heartbeat_handle):
+        for handle in (self._tick_handle, self._heartbeat_handle, self._sync_handle):
             if handle is not None:
                 handle.cancel()
+        if not self._commits:
+            self._flush_now()
         for protocol in list(self._connections.values()):
             if protocol.transport is not None:
-                protocol.write_pending()
                 protocol.transport.close()
         self._closed.set_result(None)
-        log.info("broker closed")
 
     async def wait_closed(self) -> None:
+        """Wait until close() and every pending write have finished."""
         assert self._closed is not None, "broker not started"
         await asyncio.shield(self._closed)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await self.loop.run_in_executor(writer, self.store.close)  # after every queued write
+            writer.shutdown(wait=True)
+            log.info("broker closed; data saved")
+        elif self.store.durable is False:
+            log.info("broker closed")
+
+    def _close_store(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self.store.close()
 
     async def __aenter__(self) -> Broker:
         await self.start()
@@ -300,6 +361,8 @@ class Broker:
             protocol.connection.send(Reply(id=request.id, data=data))
 
     def _on_submit(self, session: int, request: Submit, now: float) -> dict[str, Any]:
+        if self._storage_error is not None:
+            raise StorageUnavailable(f"the broker cannot store new jobs: {self._storage_error}")
         ids = self.scheduler.submit(
             session,
             request.queue,
@@ -357,12 +420,80 @@ class Broker:
         if self._closed is not None and self._closed.done():
             self._flush_scheduled = False
             return
-        self._apply(self.scheduler.flush(self.loop.time()))
-        dirty, self._dirty = self._dirty, {}
-        for protocol in dirty:
-            protocol.write_pending()
+        self._flush_now()
         self._flush_scheduled = False
         self._arm_ticker()
+
+    def _flush_now(self) -> None:
+        """Dispatch, collect every connection's output, and send it once the turn's changes
+        are committed (group commit: one transaction per loop turn). Output stays in order
+        behind commits still in flight, since frames carry sequence numbers."""
+        now = self.loop.time()
+        self._apply(self.scheduler.flush(now))
+        dirty, self._dirty = self._dirty, {}
+        outgoing = [(protocol, protocol.connection.data_to_send()) for protocol in dirty]
+        if self._writer is not None:
+            batch = self._commit(now, outgoing)
+            if batch is not None or self._commits:
+                self._commits.append(batch or _Batch(outgoing))
+                return
+        for protocol, data in outgoing:
+            protocol.write(data)
+
+    def _commit(self, now: float, outgoing: list[tuple[_BrokerProtocol, bytes]]) -> _Batch | None:
+        """Start writing this turn's changes, if any; None if there is nothing to write."""
+        assert self._writer is not None
+        changes = self.scheduler.take_changes()
+        unsaved, self._unsaved = self._unsaved, None
+        if not changes and unsaved is None:
+            return None
+        upserts, deletes = rows(changes, now, time.time())
+        if unsaved is not None:  # earlier rows first: later ones of the same job win
+            upserts = unsaved.upserts + upserts
+            deletes = unsaved.deletes + deletes
+        batch = _Batch(outgoing, upserts, deletes)
+        batch.future = self.loop.run_in_executor(
+            self._writer, self.store.write, upserts, deletes, self.scheduler.next_job_id
+        )
+        batch.future.add_done_callback(self._committed)
+        return batch
+
+    def _committed(self, _: object) -> None:
+        commits = self._commits
+        while commits and (commits[0].future is None or commits[0].future.done()):
+            batch = commits.popleft()
+            error = batch.future.exception() if batch.future is not None else None
+            if isinstance(error, BaseException):
+                self._commit_failed(batch, error)
+                continue
+            if batch.future is not None and self._storage_error is not None:
+                log.warning("storage works again; accepting submits")
+                self._storage_error = None
+            for protocol, data in batch.outgoing:
+                protocol.write(data)
+
+    def _commit_failed(self, batch: _Batch, error: BaseException) -> None:
+        """Nothing of the batch is on disk: its acknowledgements must not go out. Close the
+        connections they were for (their clients see the loss, not a false ack), keep the rows
+        to write again, and refuse submits until a write succeeds."""
+        failure = error if isinstance(error, StorageError) else StorageError(f"storage failed: {error}")
+        if self._storage_error is None:
+            log.error("%s; refusing submits until storage works again", failure)
+        self._storage_error = failure
+        if self._unsaved is None:
+            self._unsaved = batch
+        else:
+            self._unsaved = _Batch([], batch.upserts + self._unsaved.upserts, batch.deletes + self._unsaved.deletes)
+        for protocol, _ in batch.outgoing:
+            if protocol.transport is not None:
+                protocol.transport.abort()
+        if self._closed is not None and not self._closed.done():
+            self.loop.call_later(1.0, self._schedule_flush)  # try the write again
+
+    def _sync(self) -> None:
+        if self._writer is not None:
+            self.loop.run_in_executor(self._writer, self.store.sync).add_done_callback(_log_sync_failure)
+            self._sync_handle = self.loop.call_later(1.0, self._sync)
 
     def _apply(self, effects: list[Effect]) -> None:
         connections = self._connections
@@ -421,6 +552,28 @@ class Broker:
         for protocol in self._connections.values():
             protocol.send(_HEARTBEAT)
         self._heartbeat_handle = self.loop.call_later(self.config.heartbeat, self._send_heartbeats)
+
+
+class _Batch:
+    """One loop turn's output and the rows committed before it may go out."""
+
+    __slots__ = ("deletes", "future", "outgoing", "upserts")
+
+    def __init__(
+        self,
+        outgoing: list[tuple[_BrokerProtocol, bytes]],
+        upserts: list[Row] | None = None,
+        deletes: list[int] | None = None,
+    ) -> None:
+        self.outgoing = outgoing
+        self.upserts = upserts or []
+        self.deletes = deletes or []
+        self.future: asyncio.Future[None] | None = None
+
+
+def _log_sync_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("%s", future.exception())
 
 
 def _refusals(codes: list[str | None]) -> dict[str, Any]:

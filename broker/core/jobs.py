@@ -54,10 +54,12 @@ class Job:
         "attempts",
         "backoff",
         "error",
+        "expires_at",
         "id",
         "key",
         "lease_seconds",
         "max_attempts",
+        "not_before",
         "payload",
         "priority",
         "queue",
@@ -96,6 +98,8 @@ class Job:
         self.result: Any = None
         self.error: dict[str, str] | None = None  # the last failure: {"type", "message"}
         self.watchers: list[int] | None = None  # sessions awaiting the outcome
+        self.not_before = 0.0  # when a delayed job becomes pending (scheduler's clock)
+        self.expires_at = 0.0  # when a finished job is forgotten (scheduler's clock)
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.queue} {self.state} attempt {self.attempts}/{self.max_attempts}>"

@@ -215,8 +215,15 @@ class _Outbox:
 class Scheduler:
     """All queues, jobs and sessions of one broker."""
 
-    def __init__(self, config: SchedulerConfig | None = None) -> None:
+    def __init__(self, config: SchedulerConfig | None = None, *, track_changes: bool = False) -> None:
+        """Args:
+        config: defaults and limits.
+        track_changes: record every job created, changed or forgotten, for take_changes()
+            (a durable broker persists them); off, nothing accumulates.
+        """
         self.config = config or SchedulerConfig()
+        self.track_changes = track_changes
+        self._changed: dict[int, Job | None] = {}  # job id -> job, or None once forgotten
         self._jobs: dict[int, Job] = {}
         self._queues: dict[str, _Queue] = {}
         self._sessions: dict[int, _Session] = {}
@@ -359,13 +366,16 @@ class Scheduler:
             )
             self._next_job_id += 1
             self._jobs[job.id] = job
+            if self.track_changes:
+                self._changed[job.id] = job
             if key is not None:
                 self._keys[(queue_name, key)] = job.id
             if watcher is not None:
                 job.watchers = [watcher]
             if state is JobState.DELAYED:
                 queue.delayed_count += 1
-                self._due_deadlines.add(job.id, now + delay)
+                job.not_before = now + delay
+                self._due_deadlines.add(job.id, job.not_before)
             else:
                 queue.push(job)
             ids.append(job.id)
@@ -391,7 +401,7 @@ class Scheduler:
                 else:
                     queue.delayed_count -= 1
                     self._due_deadlines.cancel(job.id)
-                transition(job, JobEvent.CANCEL)
+                self._move(job, JobEvent.CANCEL)
                 self._finish(job, now)
                 codes.append(None)
         return codes
@@ -447,7 +457,7 @@ class Scheduler:
                 codes.append(code)
                 continue
             self._end_lease(job)
-            transition(job, JobEvent.COMPLETE)
+            self._move(job, JobEvent.COMPLETE)
             job.result = result
             self._queues[job.queue].completed += 1
             self._finish(job, now)
@@ -497,7 +507,7 @@ class Scheduler:
                 continue
             self._end_lease(job)
             job.attempts -= 1
-            transition(job, JobEvent.REQUEUE)
+            self._move(job, JobEvent.REQUEUE)
             self._queues[job.queue].push(job, front=True)
             self._ready[job.queue] = None
             codes.append(None)
@@ -545,7 +555,7 @@ class Scheduler:
         chosen = list(queue.dead) if job_ids is None else [i for i in job_ids if i in queue.dead]
         for job_id in chosen:
             job = queue.dead.pop(job_id)
-            transition(job, JobEvent.REVIVE)
+            self._move(job, JobEvent.REVIVE)
             job.attempts = 0
             queue.push(job)
         if chosen:
@@ -610,7 +620,7 @@ class Scheduler:
         """Act on every deadline at or before `now`."""
         for job_id in self._due_deadlines.expire(now):
             job = self._jobs[job_id]
-            transition(job, JobEvent.DUE)
+            self._move(job, JobEvent.DUE)
             queue = self._queues[job.queue]
             queue.delayed_count -= 1
             queue.push(job)
@@ -628,6 +638,8 @@ class Scheduler:
             job = self._jobs.pop(job_id)
             if job.key is not None:
                 self._keys.pop((job.queue, job.key), None)
+            if self.track_changes:
+                self._changed[job_id] = None
         for session_id in self._session_deadlines.expire(now):
             session = self._sessions[session_id]
             alive_until = session.last_seen + self.session_timeout
@@ -652,7 +664,54 @@ class Scheduler:
         effects.extend(ResultsReady(s, items) for s, items in outbox.results.items())
         return effects
 
+    # --- durability -------------------------------------------------------------------
+
+    @property
+    def next_job_id(self) -> int:
+        return self._next_job_id
+
+    def take_changes(self) -> dict[int, Job | None]:
+        """Jobs created or changed since the last call (None: forgotten). Requires
+        track_changes. A job changed twice appears once, in its latest state."""
+        changed, self._changed = self._changed, {}
+        return changed
+
+    def restore(self, jobs: Iterable[Job], next_job_id: int, now: float) -> None:
+        """Load jobs recovered from storage into an empty scheduler. A job that was leased
+        when the broker stopped comes back pending, its attempt counted (or dead, if that was
+        its last). Jobs must come in id order so that FIFO order survives."""
+        if self._jobs:
+            raise InvalidRequest("restore() needs an empty scheduler")
+        for job in jobs:
+            self._jobs[job.id] = job
+            queue = self._queues.get(job.queue)
+            if queue is None:
+                queue = self._queues[job.queue] = _Queue(job.queue)
+            if job.key is not None:
+                self._keys[(job.queue, job.key)] = job.id
+            if job.state is JobState.LEASED:
+                job.worker = None
+                queue.leased_count += 1  # _lose_lease takes it off again
+                self._lose_lease(job, now, "broker restarted")
+            elif job.state is JobState.PENDING:
+                queue.push(job)
+            elif job.state is JobState.DELAYED:
+                queue.delayed_count += 1
+                self._due_deadlines.add(job.id, job.not_before)
+            elif job.state is JobState.DEAD:
+                queue.dead[job.id] = job
+            else:  # done or cancelled: kept for the rest of the result TTL
+                self._expiry_deadlines.add(job.id, job.expires_at)
+            self._ready[job.queue] = None
+        self._next_job_id = max(self._next_job_id, next_job_id)
+        self._outbox = _Outbox()  # restoring is not news to anyone
+
     # --- internals --------------------------------------------------------------------
+
+    def _move(self, job: Job, event: JobEvent) -> None:
+        transition(job, event)
+        if self.track_changes:
+            self._changed[job.id] = job
 
     def _dispatch(self, now: float) -> None:
         ready, self._ready = self._ready, {}
@@ -669,7 +728,7 @@ class Scheduler:
                 if job is None:  # only cancelled jobs were left
                     waiters.appendleft(session)
                     break
-                transition(job, JobEvent.DELIVER)
+                self._move(job, JobEvent.DELIVER)
                 job.attempts += 1
                 job.token = self._next_token
                 self._next_token += 1
@@ -717,19 +776,20 @@ class Scheduler:
             job.error = {"type": "LeaseLost", "message": f"{reason} on attempt {job.attempts} of {job.max_attempts}"}
             self._bury(job, now)
             return True
-        transition(job, JobEvent.REQUEUE)
+        self._move(job, JobEvent.REQUEUE)
         self._queues[job.queue].push(job, front=True)
         self._ready[job.queue] = None
         return False
 
     def _retry(self, job: Job, now: float) -> None:
-        transition(job, JobEvent.RETRY)
+        self._move(job, JobEvent.RETRY)
         delay = min(job.backoff * 2 ** (job.attempts - 1), self.config.max_backoff)
         self._queues[job.queue].delayed_count += 1
-        self._due_deadlines.add(job.id, now + delay)
+        job.not_before = now + delay
+        self._due_deadlines.add(job.id, job.not_before)
 
     def _bury(self, job: Job, now: float) -> None:
-        transition(job, JobEvent.BURY)
+        self._move(job, JobEvent.BURY)
         self._queues[job.queue].dead[job.id] = job
         error = job.error or {"type": "Unknown", "message": ""}
         self._outbox.notices.append(JobBuried(job.id, job.queue, error))
@@ -740,7 +800,8 @@ class Scheduler:
         if job.state is JobState.DONE:
             job.payload = None  # finished jobs are kept for their result only: free the rest
         self._notify_watchers(job)
-        self._expiry_deadlines.add(job.id, now + self.config.result_ttl)
+        job.expires_at = now + self.config.result_ttl
+        self._expiry_deadlines.add(job.id, job.expires_at)
 
     def _notify_watchers(self, job: Job) -> None:
         if not job.watchers:

@@ -29,7 +29,12 @@ class Process:
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests' / 'integration'}", **(env or {})}
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests' / 'integration'}",
+            "XDG_DATA_HOME": str(log_path.parent / "xdg"),  # never the user's own data directory
+            **(env or {}),
+        }
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
         self.pid = self.popen.pid
 
@@ -89,11 +94,15 @@ def processes() -> Iterator[list[Process]]:
 def start_broker(tmp_path: Path, secret_file: Path, processes: list[Process]) -> Callable[..., BrokerProcess]:
     count = 0
 
-    def start(*args: str, port: int = 0) -> BrokerProcess:
+    def start(*args: str, port: int = 0, data_dir: Path | None = None) -> BrokerProcess:
+        """A broker with its own data directory (or `data_dir`, to restart on the same one)."""
         nonlocal count
         count += 1
         argv = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--secret-file", str(secret_file)]
-        argv += ["--heartbeat", str(HEARTBEAT * TIME_UNIT), *args]
+        argv += ["--heartbeat", str(HEARTBEAT * TIME_UNIT)]
+        if "--memory" not in args:
+            argv += ["--data-dir", str(data_dir or tmp_path / f"data-{count}")]
+        argv += args
         broker = BrokerProcess(argv, tmp_path / f"broker-{count}.log")
         processes.append(broker)
         broker.port = int(broker.wait_for_output(r"listening on 127\.0\.0\.1:(\d+)").group(1))

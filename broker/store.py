@@ -1,0 +1,329 @@
+"""Durability behind one small interface: load() once at start, write() batches of changed
+jobs, close(). The job core stays in memory and pure; the server serialises the jobs a loop
+turn changed (rows()) and hands them to a writer thread, and sends the turn's replies only once
+write() has returned (group commit: one transaction, one fsync, per turn).
+
+SqliteStore keeps one row per live job in SQLite (WAL mode): the current state, not a history,
+so disk use follows live jobs. Finished jobs are deleted when their result TTL ends and freed
+pages are returned to the file system as they go (auto_vacuum=INCREMENTAL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import sqlite3
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import msgpack
+
+from broker.core.jobs import Job, JobState
+from broker.errors import StorageError
+
+__all__ = [
+    "FsyncMode",
+    "MemoryStore",
+    "Recovered",
+    "Row",
+    "SqliteStore",
+    "StorageError",
+    "Store",
+    "rows",
+]
+
+SCHEMA_VERSION = 1
+
+# id, queue, state, priority, payload, attempts, max_attempts, lease, backoff, key, result,
+# error, not_before (wall clock), expires_at (wall clock)
+Row = tuple[
+    int, str, str, int, bytes | None, int, int, float, float, str | None, bytes | None, bytes | None, float, float
+]
+
+
+class FsyncMode(enum.StrEnum):
+    ALWAYS = "always"  # fsync every group commit before acknowledging it
+    INTERVAL = "interval"  # commit before acknowledging; fsync at most a second later
+    NEVER = "never"  # commit before acknowledging; fsync left to the OS
+
+
+@dataclass(slots=True)
+class Recovered:
+    jobs: list[Job]
+    next_job_id: int
+
+
+class Store(Protocol):
+    durable: bool
+
+    def load(self, now: float, wall: float) -> Recovered:
+        """Every job stored, in id order, with times converted to the scheduler's clock."""
+        ...
+
+    def write(self, upserts: list[Row], deletes: list[int], next_job_id: int) -> None:
+        """Persist one batch atomically. Runs in the writer thread.
+
+        Raises:
+            StorageError: nothing of the batch is stored.
+        """
+        ...
+
+    def sync(self) -> None:
+        """Make what write() stored survive a power loss (for FsyncMode.INTERVAL)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """No persistence: for tests, benchmarks and `--memory`."""
+
+    durable = False
+
+    def load(self, now: float, wall: float) -> Recovered:
+        return Recovered([], 1)
+
+    def write(self, upserts: list[Row], deletes: list[int], next_job_id: int) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(blob: bytes | None) -> Any:
+    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
+
+
+def rows(changes: dict[int, Job | None], now: float, wall: float) -> tuple[list[Row], list[int]]:
+    """Serialise the scheduler's changes in the event loop's thread (the writer thread must
+    not read jobs that the loop is changing). Times become wall-clock times."""
+    upserts: list[Row] = []
+    deletes: list[int] = []
+    offset = wall - now
+    for job_id, job in changes.items():
+        if job is None:
+            deletes.append(job_id)
+            continue
+        upserts.append(
+            (
+                job.id,
+                job.queue,
+                job.state.value,
+                job.priority,
+                None if job.payload is None else _pack(job.payload),
+                job.attempts,
+                job.max_attempts,
+                job.lease_seconds,
+                job.backoff,
+                job.key,
+                None if job.result is None else _pack(job.result),
+                None if job.error is None else _pack(job.error),
+                job.not_before + offset if job.state is JobState.DELAYED else 0.0,
+                job.expires_at + offset if job.state in (JobState.DONE, JobState.CANCELLED) else 0.0,
+            )
+        )
+    return upserts, deletes
+
+
+class _DirectoryLock:
+    """An exclusive lock on the data directory, held while the broker runs, so that a second
+    broker on the same directory refuses to start instead of corrupting the first's state."""
+
+    def __init__(self, path: Path) -> None:
+        self._handle: IO[bytes] | None = None
+        try:
+            handle = open(path, "a+b")  # noqa: SIM115 - held until release()
+        except OSError as exc:
+            raise StorageError(f"cannot create lock file {path}: {exc.strerror or exc}") from exc
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StorageError(f"data directory {path.parent} is in use by another broker (lock {path})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n".encode())
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class SqliteStore:
+    """Jobs in `DATA_DIR/jobs.sqlite3`.
+
+    Args:
+        data_dir: the directory; created (mode 0700) if missing.
+        fsync: when commits reach the disk (see FsyncMode).
+
+    Raises:
+        StorageError: the directory cannot be created or written, is locked by another
+            broker, or holds a database that is not ours or is corrupt.
+    """
+
+    durable = True
+
+    def __init__(self, data_dir: str | os.PathLike[str], fsync: FsyncMode = FsyncMode.ALWAYS) -> None:
+        self.path = Path(data_dir)
+        try:
+            for directory in reversed([self.path, *self.path.parents]):
+                if not directory.exists():
+                    with contextlib.suppress(FileExistsError):
+                        directory.mkdir(mode=0o700)  # ours alone, like the secret beside it
+        except OSError as exc:
+            raise StorageError(f"cannot create data directory {self.path}: {exc.strerror or exc}") from exc
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StorageError(f"data directory {self.path} is not writable")
+        self._lock = _DirectoryLock(self.path / "lock")
+        self.fsync = fsync
+        self.database = self.path / "jobs.sqlite3"
+        try:
+            self._db = sqlite3.connect(self.database, isolation_level=None, check_same_thread=False)
+            self._prepare()
+        except sqlite3.Error as exc:
+            self._lock.release()
+            raise StorageError(f"cannot open {self.database}: {exc} (corrupt, or not a jobbroker database?)") from exc
+
+    def _prepare(self) -> None:
+        db = self._db
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # effective only on a new database
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode})")
+        synchronous = {FsyncMode.ALWAYS: "FULL", FsyncMode.INTERVAL: "NORMAL", FsyncMode.NEVER: "OFF"}[self.fsync]
+        db.execute(f"PRAGMA synchronous = {synchronous}")
+        db.execute("PRAGMA journal_size_limit = 67108864")  # truncate the WAL back after checkpoints
+        db.execute(
+            """CREATE TABLE IF NOT EXISTS jobs (
+                id INTEGER PRIMARY KEY, queue TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL,
+                payload BLOB, attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL, lease REAL NOT NULL,
+                backoff REAL NOT NULL, key TEXT, result BLOB, error BLOB, not_before REAL NOT NULL,
+                expires_at REAL NOT NULL)"""
+        )
+        db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        version = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        if version is None:
+            db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        elif version[0] != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {version[0]}, this broker reads {SCHEMA_VERSION}")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+
+    def load(self, now: float, wall: float) -> Recovered:
+        offset = now - wall
+        jobs: list[Job] = []
+        try:
+            cursor = self._db.execute("SELECT * FROM jobs ORDER BY id")
+            for row in cursor:
+                jobs.append(_job_from_row(row, offset))
+            meta = self._db.execute("SELECT value FROM meta WHERE name = 'next_job_id'").fetchone()
+        except (sqlite3.Error, ValueError, msgpack.UnpackException) as exc:
+            raise StorageError(f"cannot read {self.database}: {exc}") from exc
+        next_job_id = max(meta[0] if meta else 1, jobs[-1].id + 1 if jobs else 1)
+        return Recovered(jobs, next_job_id)
+
+    def write(self, upserts: list[Row], deletes: list[int], next_job_id: int) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            try:
+                if upserts:
+                    db.executemany("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", upserts)
+                if deletes:
+                    db.executemany("DELETE FROM jobs WHERE id = ?", ((i,) for i in deletes))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('next_job_id', ?)", (next_job_id,))
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            if deletes:
+                db.execute("PRAGMA incremental_vacuum(256)")  # hand freed pages back, a little at a time
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot write to {self.database}: {exc}") from exc
+
+    def sync(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # syncs the WAL to disk first
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot sync {self.database}: {exc}") from exc
+
+    def compact(self) -> None:
+        """Checkpoint the WAL into the database and truncate it."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        try:
+            self.compact()
+            self._db.close()
+        finally:
+            self._lock.release()
+
+    def disk_usage(self) -> int:
+        """Bytes used by the database and its WAL."""
+        return sum(p.stat().st_size for p in self._files())
+
+    def _files(self) -> Iterator[Path]:
+        for suffix in ("", "-wal", "-shm"):
+            path = Path(f"{self.database}{suffix}")
+            if path.exists():
+                yield path
+
+
+def _job_from_row(row: Iterable[Any], offset: float) -> Job:
+    (
+        job_id,
+        queue,
+        state,
+        priority,
+        payload,
+        attempts,
+        max_attempts,
+        lease,
+        backoff,
+        key,
+        result,
+        error,
+        not_before,
+        expires_at,
+    ) = row
+    job = Job(
+        job_id,
+        queue,
+        _unpack(payload),
+        priority=priority,
+        max_attempts=max_attempts,
+        lease_seconds=lease,
+        backoff=backoff,
+        key=key,
+        state=JobState(state),
+    )
+    job.attempts = attempts
+    job.result = _unpack(result)
+    job.error = _unpack(error)
+    job.not_before = not_before + offset
+    job.expires_at = expires_at + offset
+    return job

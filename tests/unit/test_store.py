@@ -1,0 +1,131 @@
+"""The SQLite store on a temporary directory, and the scheduler's restore()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.core.clock import FakeClock
+from broker.core.jobs import Job, JobState
+from broker.core.scheduler import Deliver, Scheduler, SchedulerConfig
+from broker.errors import StorageError
+from broker.store import FsyncMode, SqliteStore, rows
+
+WALL = 1_800_000_000.0
+
+
+def scheduler_with_history(clock: FakeClock) -> Scheduler:
+    """Jobs in every state: pending, delayed, leased, done, dead, cancelled."""
+    scheduler = Scheduler(SchedulerConfig(result_ttl=100.0), track_changes=True)
+    now = clock.now()
+    scheduler.open_session(1, now)
+    scheduler.submit(1, "q", ["pending-1", "pending-2"], now, priority=1, keys=["k1", None])
+    scheduler.submit(1, "q", ["delayed"], now, delay=30.0)
+    scheduler.submit(1, "q", ["to-lease", "to-finish", "to-kill"], now, priority=9, max_attempts=1)
+    scheduler.submit(1, "q", ["to-cancel"], now)
+    scheduler.cancel([7], now)
+    scheduler.reserve(1, ["q"], 3, now)
+    (deliver,) = [e for e in scheduler.flush(now) if isinstance(e, Deliver)]
+    (leased, _), (finished, finished_token), (killed, killed_token) = [(j[0], j[1]) for j in deliver.jobs]
+    assert leased == 4
+    scheduler.complete(1, [[finished, finished_token, {"answer": 42}]], now)
+    scheduler.fail(1, [[killed, killed_token, "ValueError", "boom"]], now)
+    scheduler.reserve(1, ["q"], 0, now)
+    return scheduler
+
+
+def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
+    clock = FakeClock()
+    original = scheduler_with_history(clock)
+    store = SqliteStore(tmp_path / "data")
+    upserts, deletes = rows(original.take_changes(), clock.now(), WALL)
+    assert deletes == [] and len(upserts) == 7
+    store.write(upserts, deletes, original.next_job_id)
+    store.close()
+
+    reopened = SqliteStore(tmp_path / "data")
+    later = FakeClock(start=5000.0)  # another process: another monotonic origin
+    recovered = reopened.load(later.now(), WALL + 10.0)  # ten seconds later
+    reopened.close()
+    assert recovered.next_job_id == 8
+    by_id = {job.id: job for job in recovered.jobs}
+    assert [job.id for job in recovered.jobs] == sorted(by_id)
+    assert {i: str(j.state) for i, j in by_id.items()} == {
+        1: "pending",
+        2: "pending",
+        3: "delayed",
+        4: "leased",
+        5: "done",
+        6: "dead",
+        7: "cancelled",
+    }
+    assert by_id[1].key == "k1" and by_id[1].payload == "pending-1" and by_id[1].priority == 1
+    assert by_id[3].not_before == pytest.approx(later.now() + 20.0)
+    assert by_id[4].attempts == 1
+    assert by_id[5].result == {"answer": 42} and by_id[5].expires_at == pytest.approx(later.now() + 90.0)
+    assert by_id[6].error == {"type": "ValueError", "message": "boom"}
+
+
+def test_restore_brings_leased_jobs_back_and_keeps_order_keys_and_results(tmp_path: Path) -> None:
+    clock = FakeClock()
+    original = scheduler_with_history(clock)
+    jobs: list[Job] = sorted((j for j in original.take_changes().values() if j is not None), key=lambda j: j.id)
+    restored = Scheduler(SchedulerConfig(result_ttl=100.0), track_changes=True)
+    restored.restore(jobs, original.next_job_id, clock.now())
+    now = clock.now()
+    restored.open_session(1, now)
+
+    info = restored.job_info(4)  # was leased on its only attempt: dead, not looping
+    assert info["state"] == "dead" and info["error"]["type"] == "LeaseLost"
+    assert restored.submit(1, "q", ["again"], now, keys=["k1"]) == [1]  # the key still dedupes
+    assert restored.submit(1, "q", ["new"], now) == [8]  # ids are never reused
+    assert restored.job_info(5)["result"] == {"answer": 42}
+    restored.reserve(1, ["q"], 10, now)
+    (deliver,) = [e for e in restored.flush(now) if isinstance(e, Deliver)]
+    assert [j[0] for j in deliver.jobs] == [1, 2, 8]  # priority then FIFO; cancelled 7 skipped
+    assert {j["id"] for j in restored.dead_list("q")} == {4, 6}
+
+
+def test_leased_job_with_attempts_left_comes_back_pending_with_the_attempt_counted() -> None:
+    job = Job(1, "q", "x", priority=0, max_attempts=3, lease_seconds=30, backoff=1, key=None, state=JobState.LEASED)
+    job.attempts = 1
+    scheduler = Scheduler()
+    scheduler.restore([job], 2, 0.0)
+    scheduler.open_session(9, 0.0)
+    scheduler.reserve(9, ["q"], 1, 0.0)
+    (deliver,) = [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
+    assert deliver.jobs[0][4] == 2  # second attempt
+
+
+def test_deletes_free_the_rows(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "data", FsyncMode.NEVER)
+    clock = FakeClock()
+    scheduler = scheduler_with_history(clock)
+    upserts, _ = rows(scheduler.take_changes(), clock.now(), WALL)
+    store.write(upserts, [], 8)
+    store.write([], [row[0] for row in upserts], 8)
+    assert store.load(0.0, WALL).jobs == []
+    store.close()
+
+
+def test_a_second_store_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "data")
+    with pytest.raises(StorageError, match="in use by another broker"):
+        SqliteStore(tmp_path / "data")
+    first.close()
+    SqliteStore(tmp_path / "data").close()  # free again once the first is closed
+
+
+def test_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jobs.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match="corrupt"):
+        SqliteStore(data)
+
+
+def test_unusable_directory_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StorageError, match="cannot create data directory"):
+        SqliteStore(tmp_path / "a-file" / "data")

@@ -1,7 +1,8 @@
 """End-to-end throughput: N jobs (n -> n*n) submitted, run by W worker processes, every result
-collected by the producer. A real broker process on 127.0.0.1 (in memory).
+collected by the producer. A real broker process on 127.0.0.1, durable (SQLite, fsync always)
+and in memory side by side.
 
-    python benchmarks/throughput.py [--jobs 20000] [--workers 1 2]
+    python benchmarks/throughput.py [--jobs 20000] [--workers 1 2] [--modes durable memory]
 
 Prints jobs/s for batched submits (Client.map) and for per-job submits (one submit per job,
 pipelined, then each result awaited).
@@ -79,20 +80,19 @@ async def measure(address: str, secret: bytes, workers: int, jobs: int) -> dict[
         }
 
 
-def run(jobs: int, worker_counts: list[int]) -> list[tuple[str, int, float]]:
-    rows: list[tuple[str, int, float]] = []
+def run(jobs: int, worker_counts: list[int], modes: list[str]) -> list[tuple[str, str, int, float]]:
+    rows: list[tuple[str, str, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         secret = secrets.token_hex(32).encode()
         secret_file = tmp_path / "secret"
         secret_file.write_bytes(secret)
         secret_file.chmod(0o600)
-        for workers in worker_counts:
-            log = tmp_path / f"broker-{workers}.log"
-            broker = start(
-                [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)],
-                log,
-            )
+        for mode, workers in [(m, w) for w in worker_counts for m in modes]:
+            log = tmp_path / f"broker-{mode}-{workers}.log"
+            argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
+            argv += ["--memory"] if mode == "memory" else ["--data-dir", str(tmp_path / f"data-{workers}")]
+            broker = start([*argv, "--log-level", "warning"], log)
             children = [broker]
             try:
                 address = f"127.0.0.1:{wait_for_port(log)}"
@@ -100,9 +100,9 @@ def run(jobs: int, worker_counts: list[int]) -> list[tuple[str, int, float]]:
                     argv = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "bench"]
                     argv += ["--connect", address, "--secret-file", str(secret_file), "--concurrency", "256"]
                     argv += ["--log-level", "warning"]
-                    children.append(start(argv, tmp_path / f"worker-{workers}-{index}.log"))
+                    children.append(start(argv, tmp_path / f"worker-{mode}-{workers}-{index}.log"))
                 figures = asyncio.run(measure(address, secret, workers, jobs))
-                rows += [(mode, workers, rate) for mode, rate in figures.items()]
+                rows += [(mode, submit_mode, workers, rate) for submit_mode, rate in figures.items()]
             finally:
                 for child in children:
                     child.send_signal(signal.SIGKILL)
@@ -114,11 +114,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--modes", nargs="+", default=["durable", "memory"], choices=["durable", "memory"])
     args = parser.parse_args()
-    print(f"jobbroker end to end, {args.jobs} jobs, in memory, loopback")
-    print(f"{'mode':16} {'workers':>7} {'jobs/s':>10}")
-    for mode, workers, rate in run(args.jobs, args.workers):
-        print(f"{mode:16} {workers:7} {rate:10,.0f}")
+    print(f"jobbroker end to end, {args.jobs} jobs, loopback")
+    print(f"{'storage':8} {'submits':16} {'workers':>7} {'jobs/s':>10}")
+    for mode, submit_mode, workers, rate in run(args.jobs, args.workers, args.modes):
+        print(f"{mode:8} {submit_mode:16} {workers:7} {rate:10,.0f}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from tests.helpers import SECRET, TIME_UNIT
 
 REPO = Path(__file__).resolve().parents[2]
 HEARTBEAT = 0.5  # seconds; short so that dead-worker tests finish quickly
+STUCK = {"HANDLER_SLEEP": "600"}  # environment of a worker that holds its jobs until killed
 
 
 class Process:

@@ -15,7 +15,7 @@ import pytest
 
 from client import Client, ConnectionClosed
 from tests.helpers import SECRET, TIME_UNIT
-from tests.integration.conftest import REPO, BrokerProcess, Process, wait_until
+from tests.integration.conftest import REPO, STUCK, BrokerProcess, Process, wait_until
 
 
 def restart(start_broker: Callable[..., BrokerProcess], old: BrokerProcess, data_dir: Path) -> BrokerProcess:
@@ -44,9 +44,7 @@ async def test_leased_jobs_are_delivered_again_after_a_crash(
 ) -> None:
     data_dir = tmp_path / "kept"
     broker = start_broker(data_dir=data_dir)
-    stuck = start_worker(
-        broker.address, "squares", "handlers:square", "--concurrency", "3", env={"HANDLER_SLEEP": "600"}
-    )
+    stuck = start_worker(broker.address, "squares", "handlers:square", "--concurrency", "3", env=STUCK)
     async with Client(broker.address, secret=SECRET, reconnect_timeout=20 * TIME_UNIT) as client:
         ids = await client.submit_many("squares", [2, 3, 4])
 

@@ -11,9 +11,7 @@ import pytest
 
 from client import Client, InvalidState, JobCancelled, JobDead, JobNotFound, QueueFull, ResultTimeout, Worker
 from tests.helpers import SECRET, TIME_UNIT
-from tests.integration.conftest import BrokerProcess, Process, wait_until
-
-STUCK = {"HANDLER_SLEEP": "600"}  # a worker that holds its jobs until killed
+from tests.integration.conftest import STUCK, BrokerProcess, Process, wait_until
 
 
 async def test_classic_master_and_two_workers(
@@ -48,9 +46,7 @@ async def test_thousands_of_jobs_none_lost_none_duplicated(
 async def test_kill_9_of_a_worker_holding_jobs(
     broker: BrokerProcess, client: Client, start_worker: Callable[..., Process]
 ) -> None:
-    doomed = start_worker(
-        broker.address, "squares", "handlers:square", "--concurrency", "4", env={"HANDLER_SLEEP": "600"}
-    )
+    doomed = start_worker(broker.address, "squares", "handlers:square", "--concurrency", "4", env=STUCK)
     ids = await client.submit_many("squares", [1, 2, 3, 4])
 
     async def held() -> bool:
@@ -72,9 +68,7 @@ async def test_kill_9_of_a_worker_holding_jobs(
 async def test_a_silent_worker_is_declared_dead_after_three_heartbeats(
     broker: BrokerProcess, client: Client, start_worker: Callable[..., Process]
 ) -> None:
-    frozen = start_worker(
-        broker.address, "squares", "handlers:square", "--concurrency", "2", env={"HANDLER_SLEEP": "600"}
-    )
+    frozen = start_worker(broker.address, "squares", "handlers:square", "--concurrency", "2", env=STUCK)
     ids = await client.submit_many("squares", [5, 6])
 
     async def held() -> bool:

@@ -64,6 +64,10 @@ _JOBS_PER_FRAME = 256
 
 _HEARTBEAT = Heartbeat()
 
+# Seconds between checkpoints that fold the SQLite WAL into the database and truncate it, so
+# that disk use follows the live jobs rather than the traffic.
+COMPACT_EVERY = 10.0
+
 
 class _BrokerProtocol(asyncio.Protocol):
     """One client connection. Thin: bytes to the ServerConnection, events to the Broker."""
@@ -188,6 +192,7 @@ class Broker:
         self._unsaved: _Batch | None = None  # rows of a failed commit, to write again
         self._storage_error: StorageError | None = None
         self._sync_handle: asyncio.TimerHandle | None = None
+        self._compact_handle: asyncio.TimerHandle | None = None
         self._connections: dict[int, _BrokerProtocol] = {}
         self._dirty: dict[_BrokerProtocol, None] = {}
         self._flush_scheduled = False
@@ -253,6 +258,7 @@ class Broker:
             )
             if self.config.fsync is FsyncMode.INTERVAL:
                 self._sync_handle = loop.call_later(1.0, self._sync)
+            self._compact_handle = loop.call_later(COMPACT_EVERY, self._compact)
         else:
             log.info("in memory only (--memory): jobs are lost when the broker stops")
         self._closed = loop.create_future()
@@ -281,7 +287,7 @@ class Broker:
         if self._server is None or self._closed is None or self._closed.done():
             return
         self._server.close()
-        for handle in (self._tick_handle, self._heartbeat_handle, self._sync_handle):
+        for handle in (self._tick_handle, self._heartbeat_handle, self._sync_handle, self._compact_handle):
             if handle is not None:
                 handle.cancel()
         if not self._commits:
@@ -489,6 +495,11 @@ class Broker:
                 protocol.transport.abort()
         if self._closed is not None and not self._closed.done():
             self.loop.call_later(1.0, self._schedule_flush)  # try the write again
+
+    def _compact(self) -> None:
+        if self._writer is not None:
+            self.loop.run_in_executor(self._writer, self.store.compact).add_done_callback(_log_sync_failure)
+            self._compact_handle = self.loop.call_later(COMPACT_EVERY, self._compact)
 
     def _sync(self) -> None:
         if self._writer is not None:

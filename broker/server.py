@@ -180,17 +180,22 @@ class Broker:
     Args:
         config: listening address, limits and job-core settings.
         secret: the shared secret clients must prove they hold.
+        store: where jobs are kept; default: SQLite in config.data_dir, or memory if that is None.
     """
 
-    def __init__(self, config: BrokerConfig, secret: bytes) -> None:
+    def __init__(self, config: BrokerConfig, secret: bytes, *, store: Store | None = None) -> None:
         self.config = config
         self.secret = secret
-        self.store: Store = MemoryStore()  # replaced in start() when config.data_dir is set
-        self.scheduler = Scheduler(config.scheduler, track_changes=config.data_dir is not None)
+        self._given_store = store
+        self.store: Store = store or MemoryStore()  # opened in start() when config.data_dir is set
+        durable = store.durable if store is not None else config.data_dir is not None
+        self.scheduler = Scheduler(config.scheduler, track_changes=durable)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._commits: deque[_Batch] = deque()  # group commits in flight, oldest first
         self._unsaved: _Batch | None = None  # rows of a failed commit, to write again
         self._storage_error: StorageError | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._retry_due = False
         self._sync_handle: asyncio.TimerHandle | None = None
         self._compact_handle: asyncio.TimerHandle | None = None
         self._connections: dict[int, _BrokerProtocol] = {}
@@ -239,9 +244,11 @@ class Broker:
             OSError: the address cannot be bound.
         """
         self._loop = loop = asyncio.get_running_loop()
-        if self.config.data_dir is not None:
+        if self.scheduler.track_changes:
             started = time.perf_counter()
-            self.store = SqliteStore(self.config.data_dir, self.config.fsync)
+            if self._given_store is None:
+                assert self.config.data_dir is not None
+                self.store = SqliteStore(self.config.data_dir, self.config.fsync)
             try:
                 recovered = self.store.load(loop.time(), time.time())
             except BaseException:
@@ -251,7 +258,7 @@ class Broker:
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-store")
             log.info(
                 "data in %s (fsync %s): recovered %d jobs in %.2fs",
-                self.config.data_dir,
+                self.config.data_dir or self.store,
                 self.config.fsync,
                 len(recovered.jobs),
                 time.perf_counter() - started,
@@ -287,7 +294,13 @@ class Broker:
         if self._server is None or self._closed is None or self._closed.done():
             return
         self._server.close()
-        for handle in (self._tick_handle, self._heartbeat_handle, self._sync_handle, self._compact_handle):
+        for handle in (
+            self._tick_handle,
+            self._heartbeat_handle,
+            self._sync_handle,
+            self._compact_handle,
+            self._retry_handle,
+        ):
             if handle is not None:
                 handle.cancel()
         if not self._commits:
@@ -450,9 +463,12 @@ class Broker:
         """Start writing this turn's changes, if any; None if there is nothing to write."""
         assert self._writer is not None
         changes = self.scheduler.take_changes()
-        unsaved, self._unsaved = self._unsaved, None
-        if not changes and unsaved is None:
+        # Rows of a failed write go again with the next changes, or alone when the retry timer
+        # says so; a turn with nothing new to write must not hold its replies hostage to them.
+        if not changes and (self._unsaved is None or not self._retry_due):
             return None
+        self._retry_due = False
+        unsaved, self._unsaved = self._unsaved, None
         upserts, deletes = rows(changes, now, time.time())
         if unsaved is not None:  # earlier rows first: later ones of the same job win
             upserts = unsaved.upserts + upserts
@@ -489,12 +505,18 @@ class Broker:
         if self._unsaved is None:
             self._unsaved = batch
         else:
-            self._unsaved = _Batch([], batch.upserts + self._unsaved.upserts, batch.deletes + self._unsaved.deletes)
+            # The earlier failure's rows first, so that the newer state of a job wins.
+            self._unsaved = _Batch([], self._unsaved.upserts + batch.upserts, self._unsaved.deletes + batch.deletes)
         for protocol, _ in batch.outgoing:
             if protocol.transport is not None:
                 protocol.transport.abort()
-        if self._closed is not None and not self._closed.done():
-            self.loop.call_later(1.0, self._schedule_flush)  # try the write again
+        if self._closed is not None and not self._closed.done() and self._retry_handle is None:
+            self._retry_handle = self.loop.call_later(1.0, self._retry_write)
+
+    def _retry_write(self) -> None:
+        self._retry_handle = None
+        self._retry_due = True
+        self._schedule_flush()
 
     def _compact(self) -> None:
         if self._writer is not None:

@@ -18,6 +18,7 @@ from broker.errors import (
     LeaseLost,
     QueueFull,
     ResultTimeout,
+    StorageUnavailable,
     UsageError,
 )
 from client.client import Client
@@ -39,6 +40,7 @@ __all__ = [
     "LeaseLost",
     "QueueFull",
     "ResultTimeout",
+    "StorageUnavailable",
     "UsageError",
     "Worker",
 ]

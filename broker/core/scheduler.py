@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -451,28 +451,19 @@ class Scheduler:
     def complete(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
         """Complete leased jobs with their results: items of (job_id, token, result)."""
         codes: list[str | None] = []
-        for job_id, token, result in items:
-            job, code = self._leased(session_id, job_id, token)
-            if job is None:
-                codes.append(code)
-                continue
+        for job, (_, _, result) in self._fenced(session_id, items, codes):
             self._end_lease(job)
             self._move(job, JobEvent.COMPLETE)
             job.result = result
             self._queues[job.queue].completed += 1
             self._finish(job, now)
-            codes.append(None)
         return codes
 
     def fail(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
         """Fail leased jobs: items of (job_id, token, error type, error message). A job with
         attempts left is retried after an exponential backoff, else buried."""
         codes: list[str | None] = []
-        for job_id, token, error_type, message in items:
-            job, code = self._leased(session_id, job_id, token)
-            if job is None:
-                codes.append(code)
-                continue
+        for job, (_, _, error_type, message) in self._fenced(session_id, items, codes):
             self._end_lease(job)
             job.error = {"type": error_type[:200], "message": message[:2000]}
             self._queues[job.queue].failed += 1
@@ -480,38 +471,39 @@ class Scheduler:
                 self._bury(job, now)
             else:
                 self._retry(job, now)
-            codes.append(None)
         return codes
 
     def touch(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
         """Extend leases: items of (job_id, token, seconds); 0 seconds means the job's own lease."""
         codes: list[str | None] = []
-        for job_id, token, seconds in items:
-            job, code = self._leased(session_id, job_id, token)
-            if job is None:
-                codes.append(code)
-                continue
+        for job, (_, _, seconds) in self._fenced(session_id, items, codes):
             extension = seconds if 0 < seconds <= 86400 * 7 else job.lease_seconds
             self._lease_deadlines.add(job.id, now + extension)
-            codes.append(None)
         return codes
 
     def release(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
         """Hand leased jobs back unrun (a worker shutting down): requeued at the front, the
         attempt not counted."""
         codes: list[str | None] = []
-        for job_id, token in items:
-            job, code = self._leased(session_id, job_id, token)
-            if job is None:
-                codes.append(code)
-                continue
+        for job, _ in self._fenced(session_id, items, codes):
             self._end_lease(job)
             job.attempts -= 1
             self._move(job, JobEvent.REQUEUE)
             self._queues[job.queue].push(job, front=True)
             self._ready[job.queue] = None
-            codes.append(None)
         return codes
+
+    def _fenced(
+        self, session_id: int, items: Iterable[Sequence[Any]], codes: list[str | None]
+    ) -> Iterator[tuple[Job, Sequence[Any]]]:
+        """The items (job_id, token, ...) whose job this session holds under that token: the
+        fence against stale answers. Appends each item's code to `codes`, in order: None, or
+        why it was refused."""
+        for item in items:
+            job, code = self._leased(session_id, item[0], item[1])
+            codes.append(code)
+            if job is not None:
+                yield job, item
 
     def _leased(self, session_id: int, job_id: int, token: int) -> tuple[Job | None, str | None]:
         """The job if this session holds its lease under this token (the fence)."""

@@ -82,6 +82,13 @@ def derive_session_keys(secret: bytes, client_nonce: bytes, server_nonce: bytes)
     )
 
 
+def _frame_mac(keyed: hmac.HMAC, sequence: int, body: bytes) -> bytes:
+    mac = keyed.copy()
+    mac.update(_SEQUENCE.pack(sequence))
+    mac.update(body)
+    return mac.digest()
+
+
 class FrameSigner:
     """Appends HMAC-SHA256(key, seq || body) to each outgoing body; seq counts from 0."""
 
@@ -93,11 +100,9 @@ class FrameSigner:
         self._sequence = 0
 
     def sign(self, body: bytes) -> bytes:
-        mac = self._keyed.copy()
-        mac.update(_SEQUENCE.pack(self._sequence))
-        mac.update(body)
+        tag = _frame_mac(self._keyed, self._sequence, body)
         self._sequence += 1
-        return body + mac.digest()
+        return body + tag
 
 
 class FrameVerifier:
@@ -118,10 +123,7 @@ class FrameVerifier:
         if len(payload) < MAC_SIZE:
             raise IntegrityError(f"frame of {len(payload)} bytes is too short to carry a MAC")
         body = payload[:-MAC_SIZE]
-        mac = self._keyed.copy()
-        mac.update(_SEQUENCE.pack(self._sequence))
-        mac.update(body)
-        if not hmac.compare_digest(mac.digest(), payload[-MAC_SIZE:]):
+        if not hmac.compare_digest(_frame_mac(self._keyed, self._sequence, body), payload[-MAC_SIZE:]):
             raise IntegrityError(f"MAC of frame {self._sequence} does not verify")
         self._sequence += 1
         return body

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -67,6 +67,7 @@ _HEARTBEAT = Heartbeat()
 # Seconds between checkpoints that fold the SQLite WAL into the database and truncate it, so
 # that disk use follows the live jobs rather than the traffic.
 COMPACT_EVERY = 10.0
+_WRITER_SWITCH_INTERVAL = 0.0005
 
 
 class _BrokerProtocol(asyncio.Protocol):
@@ -191,7 +192,8 @@ class Broker:
         durable = store.durable if store is not None else config.data_dir is not None
         self.scheduler = Scheduler(config.scheduler, track_changes=durable)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._commits: deque[_Batch] = deque()  # group commits in flight, oldest first
+        self._writing: _Batch | None = None  # the group commit in flight: at most one
+        self._held: list[tuple[_BrokerProtocol, bytes]] = []  # output waiting for the next commit
         self._unsaved: _Batch | None = None  # rows of a failed commit, to write again
         self._storage_error: StorageError | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
@@ -256,6 +258,9 @@ class Broker:
                 raise
             self.scheduler.restore(recovered.jobs, recovered.next_job_id, loop.time())
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-store")
+            # The writer thread needs the GIL between SQLite calls; with the default 5 ms switch
+            # interval a busy event loop makes every commit wait for it several times over.
+            sys.setswitchinterval(min(sys.getswitchinterval(), _WRITER_SWITCH_INTERVAL))
             log.info(
                 "data in %s (fsync %s): recovered %d jobs in %.2fs",
                 self.config.data_dir or self.store,
@@ -303,7 +308,7 @@ class Broker:
         ):
             if handle is not None:
                 handle.cancel()
-        if not self._commits:
+        if self._writing is None:
             self._flush_now()
         for protocol in list(self._connections.values()):
             if protocol.transport is not None:
@@ -444,55 +449,55 @@ class Broker:
         self._arm_ticker()
 
     def _flush_now(self) -> None:
-        """Dispatch, collect every connection's output, and send it once the turn's changes
-        are committed (group commit: one transaction per loop turn). Output stays in order
-        behind commits still in flight, since frames carry sequence numbers."""
+        """Dispatch, collect every connection's output, and send it once the changes behind it
+        are committed. Group commit: while one commit is in flight, the changes and output of
+        the turns that follow gather into the next, so a slow disk makes commits larger rather
+        than more numerous. Output leaves in the order it was made (frames carry sequence
+        numbers)."""
         now = self.loop.time()
         self._apply(self.scheduler.flush(now))
         dirty, self._dirty = self._dirty, {}
         outgoing = [(protocol, protocol.connection.data_to_send()) for protocol in dirty]
-        if self._writer is not None:
-            batch = self._commit(now, outgoing)
-            if batch is not None or self._commits:
-                self._commits.append(batch or _Batch(outgoing))
-                return
-        for protocol, data in outgoing:
-            protocol.write(data)
+        if self._writer is None:
+            _send(outgoing)
+            return
+        self._held += outgoing
+        if self._writing is None:
+            self._start_commit(now)
 
-    def _commit(self, now: float, outgoing: list[tuple[_BrokerProtocol, bytes]]) -> _Batch | None:
-        """Start writing this turn's changes, if any; None if there is nothing to write."""
+    def _start_commit(self, now: float) -> None:
+        """Write every change not yet written; the output held so far goes out after it."""
         assert self._writer is not None
         changes = self.scheduler.take_changes()
+        held, self._held = self._held, []
         # Rows of a failed write go again with the next changes, or alone when the retry timer
-        # says so; a turn with nothing new to write must not hold its replies hostage to them.
+        # says so; output with nothing new behind it is not held hostage to them.
         if not changes and (self._unsaved is None or not self._retry_due):
-            return None
+            _send(held)
+            return
         self._retry_due = False
-        unsaved, self._unsaved = self._unsaved, None
         upserts, deletes = rows(changes, now, time.time())
+        unsaved, self._unsaved = self._unsaved, None
         if unsaved is not None:  # earlier rows first: later ones of the same job win
             upserts = unsaved.upserts + upserts
             deletes = unsaved.deletes + deletes
-        batch = _Batch(outgoing, upserts, deletes)
-        batch.future = self.loop.run_in_executor(
-            self._writer, self.store.write, upserts, deletes, self.scheduler.next_job_id
-        )
-        batch.future.add_done_callback(self._committed)
-        return batch
+        self._writing = _Batch(held, upserts, deletes)
+        future = self.loop.run_in_executor(self._writer, self.store.write, upserts, deletes, self.scheduler.next_job_id)
+        future.add_done_callback(self._committed)
 
-    def _committed(self, _: object) -> None:
-        commits = self._commits
-        while commits and (commits[0].future is None or commits[0].future.done()):
-            batch = commits.popleft()
-            error = batch.future.exception() if batch.future is not None else None
-            if isinstance(error, BaseException):
-                self._commit_failed(batch, error)
-                continue
-            if batch.future is not None and self._storage_error is not None:
+    def _committed(self, future: asyncio.Future[None]) -> None:
+        batch, self._writing = self._writing, None
+        assert batch is not None
+        error = future.exception()
+        if error is not None:
+            self._commit_failed(batch, error)
+        else:
+            if self._storage_error is not None:
                 log.warning("storage works again; accepting submits")
                 self._storage_error = None
-            for protocol, data in batch.outgoing:
-                protocol.write(data)
+            _send(batch.outgoing)
+        if self._closed is not None and not self._closed.done():
+            self._start_commit(self.loop.time())  # what gathered meanwhile
 
     def _commit_failed(self, batch: _Batch, error: BaseException) -> None:
         """Nothing of the batch is on disk: its acknowledgements must not go out. Close the
@@ -587,10 +592,15 @@ class Broker:
         self._heartbeat_handle = self.loop.call_later(self.config.heartbeat, self._send_heartbeats)
 
 
-class _Batch:
-    """One loop turn's output and the rows committed before it may go out."""
+def _send(outgoing: list[tuple[_BrokerProtocol, bytes]]) -> None:
+    for protocol, data in outgoing:
+        protocol.write(data)
 
-    __slots__ = ("deletes", "future", "outgoing", "upserts")
+
+class _Batch:
+    """Output and the rows that must be committed before it may go out."""
+
+    __slots__ = ("deletes", "outgoing", "upserts")
 
     def __init__(
         self,
@@ -601,7 +611,6 @@ class _Batch:
         self.outgoing = outgoing
         self.upserts = upserts or []
         self.deletes = deletes or []
-        self.future: asyncio.Future[None] | None = None
 
 
 def _log_sync_failure(future: asyncio.Future[None]) -> None:

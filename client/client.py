@@ -4,7 +4,6 @@ polled), map a function over many inputs, cancel, inspect."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -83,6 +82,7 @@ class Client:
         self._reconnecting: asyncio.Task[None] | None = None
         self._waiters: dict[int, asyncio.Future[list[Any]]] = {}  # job id -> its outcome
         self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
+        self._to_watch: list[int] = []  # result() calls of this loop turn, watched together
 
     async def connect(self) -> Client:
         """Connect now rather than on first use."""
@@ -215,12 +215,10 @@ class Client:
             future = self._waiters.get(job_id)
             if future is None:
                 future = self._waiters[job_id] = asyncio.get_running_loop().create_future()
-                connection = self._link.current
-                if connection is None:
-                    await self._link.get()  # on_connect watches it
+                if self._link.current is None:
+                    await self._link.get()  # on_connect watches every waiter
                 else:
-                    with contextlib.suppress(ConnectionClosed):  # if lost, the reconnect watches it
-                        await self._watch(connection, [job_id])
+                    self._watch_soon(job_id)
             try:
                 async with asyncio.timeout(timeout):
                     outcome = await asyncio.shield(future)
@@ -273,8 +271,17 @@ class Client:
             raise ResultTimeout(f"{done} of {len(payloads)} results within {timeout}s") from None
         return [_unwrap(outcome) for outcome in outcomes]
 
-    async def _watch(self, connection: Connection, job_ids: list[int]) -> None:
-        await connection.request(Watch, job_ids=job_ids)
+    def _watch_soon(self, job_id: int) -> None:
+        """Watch jobs in one request per loop turn, however many result() calls asked."""
+        if not self._to_watch:
+            asyncio.get_running_loop().call_soon(self._send_watches)
+        self._to_watch.append(job_id)
+
+    def _send_watches(self) -> None:
+        job_ids, self._to_watch = self._to_watch, []
+        connection = self._link.current
+        if connection is not None:  # else the reconnect watches every waiter
+            connection.request_nowait(Watch, job_ids=job_ids)
 
     def _on_connect(self, connection: Connection) -> None:
         # Outcomes owed to us on a lost connection are asked for again.

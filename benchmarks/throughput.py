@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,6 +81,15 @@ async def measure(address: str, secret: bytes, workers: int, jobs: int) -> dict[
         }
 
 
+def run_async(coroutine: Any) -> Any:
+    """The producer runs on uvloop where it is installed, as the broker and workers do."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 def run(jobs: int, worker_counts: list[int], modes: list[str]) -> list[tuple[str, str, int, float]]:
     rows: list[tuple[str, str, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +111,7 @@ def run(jobs: int, worker_counts: list[int], modes: list[str]) -> list[tuple[str
                     argv += ["--connect", address, "--secret-file", str(secret_file), "--concurrency", "256"]
                     argv += ["--log-level", "warning"]
                     children.append(start(argv, tmp_path / f"worker-{mode}-{workers}-{index}.log"))
-                figures = asyncio.run(measure(address, secret, workers, jobs))
+                figures = run_async(measure(address, secret, workers, jobs))
                 rows += [(mode, submit_mode, workers, rate) for submit_mode, rate in figures.items()]
             finally:
                 for child in children:

@@ -52,7 +52,7 @@ from broker.protocol.messages import (
     Touch,
     Watch,
 )
-from broker.store import FsyncMode, MemoryStore, Row, SqliteStore, Store, rows
+from broker.store import FsyncMode, MemoryStore, SqliteStore, Store, WriteBatch, serialize
 
 __all__ = ["Broker", "serve"]
 
@@ -476,13 +476,12 @@ class Broker:
             _send(held)
             return
         self._retry_due = False
-        upserts, deletes = rows(changes, now, time.time())
+        rows = serialize(changes, now, time.time())
         unsaved, self._unsaved = self._unsaved, None
-        if unsaved is not None:  # earlier rows first: later ones of the same job win
-            upserts = unsaved.upserts + upserts
-            deletes = unsaved.deletes + deletes
-        self._writing = _Batch(held, upserts, deletes)
-        future = self.loop.run_in_executor(self._writer, self.store.write, upserts, deletes, self.scheduler.next_job_id)
+        if unsaved is not None:
+            rows = unsaved.rows.then(rows)
+        self._writing = _Batch(held, rows)
+        future = self.loop.run_in_executor(self._writer, self.store.write, rows, self.scheduler.next_job_id)
         future.add_done_callback(self._committed)
 
     def _committed(self, future: asyncio.Future[None]) -> None:
@@ -507,11 +506,8 @@ class Broker:
         if self._storage_error is None:
             log.error("%s; refusing submits until storage works again", failure)
         self._storage_error = failure
-        if self._unsaved is None:
-            self._unsaved = batch
-        else:
-            # The earlier failure's rows first, so that the newer state of a job wins.
-            self._unsaved = _Batch([], self._unsaved.upserts + batch.upserts, self._unsaved.deletes + batch.deletes)
+        # Rows not yet written go again first, so that the newer state of a job wins.
+        self._unsaved = batch if self._unsaved is None else _Batch([], self._unsaved.rows.then(batch.rows))
         for protocol, _ in batch.outgoing:
             if protocol.transport is not None:
                 protocol.transport.abort()
@@ -600,17 +596,11 @@ def _send(outgoing: list[tuple[_BrokerProtocol, bytes]]) -> None:
 class _Batch:
     """Output and the rows that must be committed before it may go out."""
 
-    __slots__ = ("deletes", "outgoing", "upserts")
+    __slots__ = ("outgoing", "rows")
 
-    def __init__(
-        self,
-        outgoing: list[tuple[_BrokerProtocol, bytes]],
-        upserts: list[Row] | None = None,
-        deletes: list[int] | None = None,
-    ) -> None:
+    def __init__(self, outgoing: list[tuple[_BrokerProtocol, bytes]], rows: WriteBatch) -> None:
         self.outgoing = outgoing
-        self.upserts = upserts or []
-        self.deletes = deletes or []
+        self.rows = rows
 
 
 def _log_sync_failure(future: asyncio.Future[None]) -> None:

@@ -16,13 +16,14 @@ import os
 import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import msgpack
 
 from broker.core.jobs import Job, JobState
+from broker.core.scheduler import Changes
 from broker.errors import StorageError
 
 __all__ = [
@@ -31,18 +32,21 @@ __all__ = [
     "Recovered",
     "Row",
     "SqliteStore",
-    "StorageError",
     "Store",
-    "rows",
+    "Update",
+    "WriteBatch",
+    "serialize",
 ]
 
 SCHEMA_VERSION = 1
 
-# id, queue, state, priority, payload, attempts, max_attempts, lease, backoff, key, result,
-# error, not_before (wall clock), expires_at (wall clock)
+# A job as created: id, queue, state, priority, payload, attempts, max_attempts, lease,
+# backoff, key, result, error, not_before (wall clock), expires_at (wall clock).
 Row = tuple[
     int, str, str, int, bytes | None, int, int, float, float, str | None, bytes | None, bytes | None, float, float
 ]
+# A change of a stored job: state, attempts, result, error, not_before, expires_at, id.
+Update = tuple[str, int, bytes | None, bytes | None, float, float, int]
 
 
 class FsyncMode(enum.StrEnum):
@@ -64,7 +68,7 @@ class Store(Protocol):
         """Every job stored, in id order, with times converted to the scheduler's clock."""
         ...
 
-    def write(self, upserts: list[Row], deletes: list[int], next_job_id: int) -> None:
+    def write(self, batch: WriteBatch, next_job_id: int) -> None:
         """Persist one batch atomically. Runs in the writer thread.
 
         Raises:
@@ -91,7 +95,7 @@ class MemoryStore:
     def load(self, now: float, wall: float) -> Recovered:
         return Recovered([], 1)
 
-    def write(self, upserts: list[Row], deletes: list[int], next_job_id: int) -> None:
+    def write(self, batch: WriteBatch, next_job_id: int) -> None:
         pass
 
     def sync(self) -> None:
@@ -112,35 +116,59 @@ def _unpack(blob: bytes | None) -> Any:
     return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
 
-def rows(changes: dict[int, Job | None], now: float, wall: float) -> tuple[list[Row], list[int]]:
-    """Serialise the scheduler's changes in the event loop's thread (the writer thread must
-    not read jobs that the loop is changing). Times become wall-clock times."""
-    upserts: list[Row] = []
-    deletes: list[int] = []
+@dataclass(slots=True)
+class WriteBatch:
+    """Rows to write in one transaction: inserts first, then updates, then deletes, so that
+    a batch merged from several (earlier first) leaves every job in its latest state."""
+
+    inserts: list[Row] = field(default_factory=list)
+    updates: list[Update] = field(default_factory=list)
+    deletes: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.updates or self.deletes)
+
+    def then(self, later: WriteBatch) -> WriteBatch:
+        return WriteBatch(self.inserts + later.inserts, self.updates + later.updates, self.deletes + later.deletes)
+
+
+def serialize(changes: Changes, now: float, wall: float) -> WriteBatch:
+    """The scheduler's changes as rows, made in the event loop's thread (the writer thread
+    must not read jobs that the loop is changing). Times become wall-clock times. A change
+    writes only the columns that can change, not the payload again."""
     offset = wall - now
-    for job_id, job in changes.items():
-        if job is None:
-            deletes.append(job_id)
-            continue
-        upserts.append(
-            (
-                job.id,
-                job.queue,
-                job.state.value,
-                job.priority,
-                None if job.payload is None else _pack(job.payload),
-                job.attempts,
-                job.max_attempts,
-                job.lease_seconds,
-                job.backoff,
-                job.key,
-                None if job.result is None else _pack(job.result),
-                None if job.error is None else _pack(job.error),
-                job.not_before + offset if job.state is JobState.DELAYED else 0.0,
-                job.expires_at + offset if job.state in (JobState.DONE, JobState.CANCELLED) else 0.0,
-            )
+    inserts = [
+        (
+            job.id,
+            job.queue,
+            job.state.value,
+            job.priority,
+            None if job.payload is None else _pack(job.payload),
+            job.attempts,
+            job.max_attempts,
+            job.lease_seconds,
+            job.backoff,
+            job.key,
+            *_mutable_columns(job, offset),
         )
-    return upserts, deletes
+        for job in changes.created.values()
+    ]
+    updates = [
+        (job.state.value, job.attempts, *_mutable_columns(job, offset), job.id) for job in changes.updated.values()
+    ]
+    return WriteBatch(inserts, updates, changes.forgotten)
+
+
+def _mutable_columns(job: Job, offset: float) -> tuple[bytes | None, bytes | None, float, float]:
+    """result, error, not_before, expires_at: what changes over a job's life besides state
+    and attempts."""
+    state = job.state
+    return (
+        None if job.result is None else _pack(job.result),
+        None if job.error is None else _pack(job.error),
+        job.not_before + offset if state is JobState.DELAYED else 0.0,
+        job.expires_at + offset if state is JobState.DONE or state is JobState.CANCELLED else 0.0,
+    )
 
 
 class _DirectoryLock:
@@ -252,28 +280,36 @@ class SqliteStore:
         next_job_id = max(meta[0] if meta else 1, jobs[-1].id + 1 if jobs else 1)
         return Recovered(jobs, next_job_id)
 
-    def write(self, upserts: list[Row], deletes: list[int], next_job_id: int) -> None:
+    def write(self, batch: WriteBatch, next_job_id: int) -> None:
         db = self._db
         try:
             db.execute("BEGIN")
             try:
-                if upserts:
-                    db.executemany("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", upserts)
-                if deletes:
-                    db.executemany("DELETE FROM jobs WHERE id = ?", ((i,) for i in deletes))
+                if batch.inserts:
+                    # OR REPLACE: a batch written again after a failure reported late is harmless.
+                    db.executemany("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts)
+                if batch.updates:
+                    db.executemany(
+                        "UPDATE jobs SET state=?, attempts=?, result=?, error=?, not_before=?, expires_at=? WHERE id=?",
+                        batch.updates,
+                    )
+                if batch.deletes:
+                    db.executemany("DELETE FROM jobs WHERE id = ?", ((i,) for i in batch.deletes))
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_job_id', ?)", (next_job_id,))
                 db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
                 raise
-            if deletes:
-                # Hand freed pages back to the file system, in step with what was deleted (a page
-                # holds dozens of rows), so that disk use follows the live jobs.
-                # executescript steps the pragma to the end; execute() would free one page only.
-                db.executescript(f"PRAGMA incremental_vacuum({64 + len(deletes) // 16});")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot write to {self.database}: {exc}") from exc
+        if batch.deletes:
+            # Hand freed pages back to the file system, in step with what was deleted (a page
+            # holds dozens of rows), so that disk use follows the live jobs. The batch is
+            # committed already: a failure here is left to the next compaction.
+            with contextlib.suppress(sqlite3.Error):
+                # executescript steps the pragma to the end; execute() would free one page only.
+                db.executescript(f"PRAGMA incremental_vacuum({64 + len(batch.deletes) // 16});")
 
     def sync(self) -> None:
         try:

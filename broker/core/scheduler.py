@@ -23,6 +23,7 @@ from broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
 from broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, QueueFull
 
 __all__ = [
+    "Changes",
     "Deliver",
     "Effect",
     "JobBuried",
@@ -120,6 +121,28 @@ class JobBuried:
 
 
 Effect = Deliver | ResultsReady | SessionExpired | WorkerLost | LeaseExpired | JobBuried
+
+
+# --- changes, for a durable store ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Changes:
+    """What a durable store must write. Each job appears once: `created` jobs in their
+    current state (created and changed since the last take), `updated` jobs whose state,
+    attempts, result, error or times changed, and the ids of jobs `forgotten`."""
+
+    created: dict[int, Job] = field(default_factory=dict)
+    updated: dict[int, Job] = field(default_factory=dict)
+    forgotten: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.created or self.updated or self.forgotten)
+
+    def forget(self, job_id: int) -> None:
+        self.updated.pop(job_id, None)
+        if self.created.pop(job_id, None) is None:  # never written: nothing to delete
+            self.forgotten.append(job_id)
 
 
 # --- state ------------------------------------------------------------------------------
@@ -223,7 +246,7 @@ class Scheduler:
         """
         self.config = config or SchedulerConfig()
         self.track_changes = track_changes
-        self._changed: dict[int, Job | None] = {}  # job id -> job, or None once forgotten
+        self._changes = Changes()
         self._jobs: dict[int, Job] = {}
         self._queues: dict[str, _Queue] = {}
         self._sessions: dict[int, _Session] = {}
@@ -367,7 +390,7 @@ class Scheduler:
             self._next_job_id += 1
             self._jobs[job.id] = job
             if self.track_changes:
-                self._changed[job.id] = job
+                self._changes.created[job.id] = job
             if key is not None:
                 self._keys[(queue_name, key)] = job.id
             if watcher is not None:
@@ -631,7 +654,7 @@ class Scheduler:
             if job.key is not None:
                 self._keys.pop((job.queue, job.key), None)
             if self.track_changes:
-                self._changed[job_id] = None
+                self._changes.forget(job_id)
         for session_id in self._session_deadlines.expire(now):
             session = self._sessions[session_id]
             alive_until = session.last_seen + self.session_timeout
@@ -662,11 +685,10 @@ class Scheduler:
     def next_job_id(self) -> int:
         return self._next_job_id
 
-    def take_changes(self) -> dict[int, Job | None]:
-        """Jobs created or changed since the last call (None: forgotten). Requires
-        track_changes. A job changed twice appears once, in its latest state."""
-        changed, self._changed = self._changed, {}
-        return changed
+    def take_changes(self) -> Changes:
+        """Jobs created, changed and forgotten since the last call (requires track_changes)."""
+        changes, self._changes = self._changes, Changes()
+        return changes
 
     def restore(self, jobs: Iterable[Job], next_job_id: int, now: float) -> None:
         """Load jobs recovered from storage into an empty scheduler. A job that was leased
@@ -702,8 +724,8 @@ class Scheduler:
 
     def _move(self, job: Job, event: JobEvent) -> None:
         transition(job, event)
-        if self.track_changes:
-            self._changed[job.id] = job
+        if self.track_changes and job.id not in self._changes.created:
+            self._changes.updated[job.id] = job
 
     def _dispatch(self, now: float) -> None:
         ready, self._ready = self._ready, {}

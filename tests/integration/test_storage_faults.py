@@ -10,7 +10,7 @@ import pytest
 
 from broker import Broker, BrokerConfig
 from broker.errors import StorageError
-from broker.store import Row, SqliteStore
+from broker.store import SqliteStore, WriteBatch
 from client import Client, ConnectionClosed, StorageUnavailable
 from tests.helpers import SECRET, TIME_UNIT
 
@@ -20,10 +20,10 @@ class FlakyStore(SqliteStore):
 
     failing = False
 
-    def write(self, upserts: list[Row], deletes: list[int], next_job_id: int) -> None:
+    def write(self, batch: WriteBatch, next_job_id: int) -> None:
         if self.failing:
             raise StorageError("cannot write to jobs.sqlite3: database or disk is full")
-        super().write(upserts, deletes, next_job_id)
+        super().write(batch, next_job_id)
 
 
 async def test_failing_writes_withhold_acks_refuse_submits_and_recover(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from broker.core.clock import FakeClock
 from broker.core.jobs import Job, JobState
 from broker.core.scheduler import Deliver, Scheduler, SchedulerConfig
 from broker.errors import StorageError
-from broker.store import FsyncMode, SqliteStore, rows
+from broker.store import FsyncMode, SqliteStore, WriteBatch, serialize
 
 WALL = 1_800_000_000.0
 
@@ -39,9 +39,9 @@ def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
     clock = FakeClock()
     original = scheduler_with_history(clock)
     store = SqliteStore(tmp_path / "data")
-    upserts, deletes = rows(original.take_changes(), clock.now(), WALL)
-    assert deletes == [] and len(upserts) == 7
-    store.write(upserts, deletes, original.next_job_id)
+    batch = serialize(original.take_changes(), clock.now(), WALL)
+    assert len(batch.inserts) == 7 and batch.updates == [] and batch.deletes == []
+    store.write(batch, original.next_job_id)
     store.close()
 
     reopened = SqliteStore(tmp_path / "data")
@@ -70,7 +70,7 @@ def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
 def test_restore_brings_leased_jobs_back_and_keeps_order_keys_and_results(tmp_path: Path) -> None:
     clock = FakeClock()
     original = scheduler_with_history(clock)
-    jobs: list[Job] = sorted((j for j in original.take_changes().values() if j is not None), key=lambda j: j.id)
+    jobs: list[Job] = sorted(original.take_changes().created.values(), key=lambda j: j.id)
     restored = Scheduler(SchedulerConfig(result_ttl=100.0), track_changes=True)
     restored.restore(jobs, original.next_job_id, clock.now())
     now = clock.now()
@@ -102,9 +102,9 @@ def test_deletes_free_the_rows(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "data", FsyncMode.NEVER)
     clock = FakeClock()
     scheduler = scheduler_with_history(clock)
-    upserts, _ = rows(scheduler.take_changes(), clock.now(), WALL)
-    store.write(upserts, [], 8)
-    store.write([], [row[0] for row in upserts], 8)
+    batch = serialize(scheduler.take_changes(), clock.now(), WALL)
+    store.write(batch, 8)
+    store.write(WriteBatch(deletes=[row[0] for row in batch.inserts]), 8)
     assert store.load(0.0, WALL).jobs == []
     store.close()
 
@@ -129,3 +129,44 @@ def test_unusable_directory_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     with pytest.raises(StorageError, match="cannot create data directory"):
         SqliteStore(tmp_path / "a-file" / "data")
+
+
+def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
+    clock = FakeClock()
+    scheduler = Scheduler(SchedulerConfig(result_ttl=100.0), track_changes=True)
+    scheduler.open_session(1, clock.now())
+    done_id, retried_id = scheduler.submit(1, "q", ["a", "b"], clock.now(), backoff=5.0)
+    store = SqliteStore(tmp_path / "data")
+    first = serialize(scheduler.take_changes(), clock.now(), WALL)
+    assert len(first.inserts) == 2
+    store.write(first, scheduler.next_job_id)
+
+    scheduler.reserve(1, ["q"], 2, clock.now())
+    (deliver,) = [e for e in scheduler.flush(clock.now()) if isinstance(e, Deliver)]
+    tokens = {job[0]: job[1] for job in deliver.jobs}
+    scheduler.complete(1, [[done_id, tokens[done_id], [1, 2]]], clock.now())
+    scheduler.fail(1, [[retried_id, tokens[retried_id], "E", "later"]], clock.now())
+    second = serialize(scheduler.take_changes(), clock.now(), WALL)
+    assert second.inserts == [] and len(second.updates) == 2
+    store.write(second, scheduler.next_job_id)
+    store.close()
+
+    reopened = SqliteStore(tmp_path / "data")
+    jobs = {job.id: job for job in reopened.load(0.0, WALL).jobs}
+    reopened.close()
+    assert jobs[done_id].state is JobState.DONE and jobs[done_id].result == [1, 2]
+    assert jobs[done_id].payload == "a"
+    assert jobs[retried_id].state is JobState.DELAYED and jobs[retried_id].attempts == 1
+    assert jobs[retried_id].not_before == pytest.approx(5.0) and jobs[retried_id].error == {
+        "type": "E",
+        "message": "later",
+    }
+
+
+def test_a_job_created_and_forgotten_between_writes_is_never_written() -> None:
+    scheduler = Scheduler(SchedulerConfig(result_ttl=1.0), track_changes=True)
+    scheduler.open_session(1, 0.0)
+    (job_id,) = scheduler.submit(1, "q", ["x"], 0.0)
+    scheduler.cancel([job_id], 0.0)
+    scheduler.tick(2.0)
+    assert not scheduler.take_changes()

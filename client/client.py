@@ -265,11 +265,13 @@ class Client:
                                 future.set_result(outcome)
                                 del self._waiters[job_id]
                         futures.append(future)
-                outcomes = await asyncio.gather(*(asyncio.shield(f) for f in futures))
+                unfinished = [f for f in futures if not f.done()]
+                if unfinished:
+                    await asyncio.wait(unfinished)  # unlike gather, leaves the futures alone on timeout
         except TimeoutError:
             done = sum(1 for f in futures if f.done())
             raise ResultTimeout(f"{done} of {len(payloads)} results within {timeout}s") from None
-        return [_unwrap(outcome) for outcome in outcomes]
+        return [_unwrap(future.result()) for future in futures]
 
     def _watch_soon(self, job_id: int) -> None:
         """Watch jobs in one request per loop turn, however many result() calls asked."""

@@ -102,7 +102,9 @@ class Worker:
             reconnect_timeout=reconnect_timeout,
         )
         self._waiting: deque[_Job] = deque()  # delivered, not started
-        self._running: dict[asyncio.Task[None], _Job] = {}
+        self._running: dict[int, _Job] = {}  # runner slot -> the job it runs
+        self._runners: list[asyncio.Task[None]] = []
+        self._idle: deque[asyncio.Future[None]] = deque()  # runners waiting for a job
         self._completions: list[list[Any]] = []
         self._failures: list[list[Any]] = []
         self._answers: set[asyncio.Future[dict[str, Any]]] = set()
@@ -121,6 +123,9 @@ class Worker:
         self._stopped = asyncio.Event()
         self._executor = self._make_executor()
         installed = self._install_signals(loop) if self.handle_signals else []
+        # A fixed set of runners takes jobs from _waiting: no task is made per job, and a
+        # handler that finishes without suspending runs start to end in one step.
+        self._runners = [asyncio.ensure_future(self._runner(slot)) for slot in range(self.concurrency)]
         try:
             while not self._stopping:
                 connection = await self._link.get()
@@ -157,16 +162,17 @@ class Worker:
                 self._waiting.clear()
                 with contextlib.suppress(ConnectionClosed):
                     await connection.request(Release, items=unstarted)
-        if self._running:
-            _done, still_running = await asyncio.wait(set(self._running), timeout=self.grace)
+        self._wake_runners(len(self._idle))  # idle runners see _stopping and return
+        if self._runners:
+            _done, still_running = await asyncio.wait(self._runners, timeout=self.grace)
+            held = list(self._running.values())
             if still_running:
-                log.warning("handing back %d jobs still running after %.0fs", len(still_running), self.grace)
-                held = [self._running[task] for task in still_running]
+                log.warning("handing back %d jobs still running after %.0fs", len(held), self.grace)
                 for task in still_running:
                     task.cancel()
                 await asyncio.wait(still_running)
                 connection = self._link.current
-                if connection is not None:
+                if connection is not None and held:
                     with contextlib.suppress(ConnectionClosed):
                         await connection.request(Release, items=[[job.id, job.token] for job in held])
         self._flush()
@@ -208,18 +214,33 @@ class Worker:
         waiting = self._waiting
         for item in message.jobs:
             waiting.append(_Job(item))
-        self._start_waiting()
+        self._wake_runners(len(message.jobs))
 
-    def _start_waiting(self) -> None:
-        while self._waiting and len(self._running) < self.concurrency and not self._stopping:
-            job = self._waiting.popleft()
-            task = asyncio.ensure_future(self._run_one(job))
-            self._running[task] = job
-            task.add_done_callback(self._job_done)
+    def _wake_runners(self, count: int) -> None:
+        idle = self._idle
+        while count > 0 and idle:
+            wake = idle.popleft()
+            if not wake.done():
+                wake.set_result(None)
+                count -= 1
 
-    def _job_done(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
-        self._start_waiting()
+    async def _runner(self, slot: int) -> None:
+        loop = asyncio.get_running_loop()
+        waiting, running = self._waiting, self._running
+        while True:
+            if not waiting or self._stopping:
+                if self._stopping:
+                    return
+                wake: asyncio.Future[None] = loop.create_future()
+                self._idle.append(wake)
+                await wake
+                continue
+            job = waiting.popleft()
+            running[slot] = job
+            try:
+                await self._run_one(job)
+            finally:
+                del running[slot]
 
     async def _run_one(self, job: _Job) -> None:
         try:

@@ -326,6 +326,10 @@ def _checker(annotation: Any) -> Checker:
         return optional
     if origin is dict:
         return _simple(dict, "a map")
+    if origin is list and typing.get_origin(args[0]) is tuple:
+        return _rows_checker(typing.get_args(args[0]))
+    if origin is list and args[0] in (int, str):
+        return _plain_list_checker(args[0])
     if origin is list:
         item = _checker(args[0])
 
@@ -335,17 +339,49 @@ def _checker(annotation: Any) -> Checker:
             return value if item is _any else [item(v) for v in value]
 
         return check_list
-    if origin is tuple:
-        fields = [_checker(a) for a in args]
-        size = len(fields)
-
-        def check_tuple(value: Any) -> list[Any]:
-            if type(value) is not list or len(value) != size:
-                raise _Invalid(f"an array of {size}")
-            return [check(v) for check, v in zip(fields, value, strict=True)]
-
-        return check_tuple
     raise TypeError(f"no checker for {annotation!r}")
+
+
+# The batch checkers below run once per job of a frame: they check in place, allocate nothing,
+# and convert only an int found where a float belongs.
+
+
+def _plain_list_checker(kind: type) -> Checker:
+    def check_plain_list(value: Any) -> list[Any]:
+        if type(value) is not list:
+            raise _Invalid("an array")
+        for item in value:
+            if type(item) is not kind:
+                raise _Invalid(f"an array of {kind.__name__}")
+        return value
+
+    return check_plain_list
+
+
+def _rows_checker(columns: tuple[Any, ...]) -> Checker:
+    """list[tuple[...]]: an array of arrays of len(columns), each column int, str, float or Any."""
+    size = len(columns)
+    typed = [(index, kind) for index, kind in enumerate(columns) if kind is not Any]
+    if any(kind not in (int, str, float) for _, kind in typed):
+        raise TypeError(f"no row checker for {columns!r}")
+    shape = f"an array of arrays of {size}"
+
+    def check_rows(value: Any) -> list[Any]:
+        if type(value) is not list:
+            raise _Invalid(shape)
+        for row in value:
+            if type(row) is not list or len(row) != size:
+                raise _Invalid(shape)
+            for index, kind in typed:
+                item = row[index]
+                if type(item) is not kind:
+                    if kind is float and type(item) is int:
+                        row[index] = float(item)
+                    else:
+                        raise _Invalid(f"{shape} with {kind.__name__} at position {index}")
+        return value
+
+    return check_rows
 
 
 _Schema = tuple[tuple[str, Checker, bool], ...]  # name, checker, required

@@ -46,6 +46,8 @@ def test_every_op_is_registered_once() -> None:
 def test_ints_are_accepted_where_floats_are_expected() -> None:
     message = decode(msgpack.packb({"op": "submit", "id": 1, "queue": "q", "payloads": [], "delay": 2}))
     assert isinstance(message, Submit) and message.delay == 2.0 and isinstance(message.delay, float)
+    touch = decode(msgpack.packb({"op": "touch", "id": 1, "items": [[1, 2, 30]]}))
+    assert touch.items == [[1, 2, 30.0]] and isinstance(touch.items[0][2], float)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -57,8 +59,9 @@ def test_ints_are_accepted_where_floats_are_expected() -> None:
         (msgpack.packb({"id": 9}), "unknown op"),
         (msgpack.packb({"op": "watch", "id": 9}), "lacks field 'job_ids'"),
         (msgpack.packb({"op": "watch", "id": 9, "job_ids": "1,2"}), "watch.job_ids must be an array"),
-        (msgpack.packb({"op": "watch", "id": 9, "job_ids": [True]}), "must be an integer"),
-        (msgpack.packb({"op": "complete", "id": 9, "items": [[1, 2]]}), "an array of 3"),
+        (msgpack.packb({"op": "watch", "id": 9, "job_ids": [True]}), "watch.job_ids must be an array of int"),
+        (msgpack.packb({"op": "complete", "id": 9, "items": [[1, 2]]}), "an array of arrays of 3"),
+        (msgpack.packb({"op": "fail", "id": 9, "items": [[1, 2, "E", 5]]}), "with str at position 3"),
         (msgpack.packb({"op": "stats", "id": "9"}), "stats.id must be an integer"),
         (msgpack.packb({"op": "stats", "id": 1, "x": msgpack.ExtType(5, b"zz")}), "extension type 5"),
         (msgpack.packb({"op": "stats", "id": 1}) + b"\x00", "not valid msgpack"),

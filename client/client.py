@@ -83,6 +83,7 @@ class Client:
         self._waiters: dict[int, asyncio.Future[list[Any]]] = {}  # job id -> its outcome
         self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
         self._to_watch: list[int] = []  # result() calls of this loop turn, watched together
+        self._submit_groups: dict[tuple[Any, ...], _SubmitGroup] = {}  # submit() calls of this turn
 
     async def connect(self) -> Client:
         """Connect now rather than on first use."""
@@ -140,17 +141,26 @@ class Client:
             QueueFull: the queue is at its pending limit.
             InvalidRequest: a bad argument.
         """
-        ids = await self.submit_many(
-            queue,
-            [payload],
-            priority=priority,
-            delay=delay,
-            max_attempts=max_attempts,
-            lease=lease,
-            backoff=backoff,
-            keys=None if key is None else [key],
-        )
-        return ids[0]
+        options = (queue, priority, float(delay), max_attempts, lease, backoff)
+        group = self._submit_groups.get(options)
+        if group is None:
+            if not self._submit_groups:
+                asyncio.get_running_loop().call_soon(self._send_submit_groups)
+            group = self._submit_groups[options] = _SubmitGroup()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        group.add(payload, key, future)
+        return await future
+
+    def _send_submit_groups(self) -> None:
+        """Single submits of one loop turn with the same queue and options travel together in
+        one frame (as the writes of a turn do), each call still getting its own id. The
+        broker takes a frame all or none, so a refusal (queue full) reaches the whole group."""
+        groups, self._submit_groups = self._submit_groups, {}
+        for (queue, priority, delay, max_attempts, lease, backoff), group in groups.items():
+            task = asyncio.ensure_future(
+                self._submit(queue, group.payloads, priority, delay, max_attempts, lease, backoff, group.keys(), False)
+            )
+            task.add_done_callback(group.settle)
 
     async def submit_many(
         self,
@@ -360,6 +370,39 @@ class Client:
         """Move dead jobs (all of the queue's, or those named) back to pending. Returns how many."""
         reply = await self._link.call(DeadRequeue, queue=queue, job_ids=None if job_ids is None else list(job_ids))
         return int(reply["requeued"])
+
+
+class _SubmitGroup:
+    """The submit() calls of one loop turn that share a queue and options."""
+
+    __slots__ = ("futures", "has_keys", "idempotency_keys", "payloads")
+
+    def __init__(self) -> None:
+        self.payloads: list[Any] = []
+        self.idempotency_keys: list[str | None] = []
+        self.futures: list[asyncio.Future[int]] = []
+        self.has_keys = False
+
+    def add(self, payload: Any, key: str | None, future: asyncio.Future[int]) -> None:
+        self.payloads.append(payload)
+        self.idempotency_keys.append(key)
+        self.futures.append(future)
+        self.has_keys = self.has_keys or key is not None
+
+    def keys(self) -> list[str | None] | None:
+        return self.idempotency_keys if self.has_keys else None
+
+    def settle(self, task: asyncio.Task[list[int]]) -> None:
+        error = None if task.cancelled() else task.exception()
+        for index, future in enumerate(self.futures):
+            if future.done():
+                continue
+            if task.cancelled():
+                future.cancel()
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(task.result()[index])
 
 
 def _unwrap(outcome: list[Any]) -> Any:

@@ -27,8 +27,11 @@ format: $(VENV)/.installed
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# The beanstalkd baseline needs Debian's beanstalkd; installed here when root, else skipped and said so.
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	command -v beanstalkd >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq beanstalkd) || true
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

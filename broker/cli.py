@@ -127,6 +127,7 @@ def _run(coroutine: Coroutine[Any, Any, Any], *, use_uvloop: bool = True) -> Any
 
 def _serve(args: argparse.Namespace) -> int:
     secret = _broker_secret(args.secret_file)
+    _raise_open_file_limit()
     if args.memory and args.data_dir:
         raise ConfigError("--memory and --data-dir exclude each other")
     config = BrokerConfig(
@@ -148,6 +149,19 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("listening on %s: reachable beyond this machine; the secret is all that guards it", args.host)
     _run(_serve_until_signal(config, secret), use_uvloop=not args.no_uvloop)
     return 0
+
+
+def _raise_open_file_limit() -> None:
+    """Each connection is a file descriptor; the usual soft limit (1024) is far below what a
+    broker with many workers needs, and the hard limit is ours to take."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _broker_secret(secret_file: str | None) -> bytes:

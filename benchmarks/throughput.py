@@ -72,13 +72,13 @@ async def per_job(client: Client, queue: str, jobs: int) -> float:
     return jobs / elapsed
 
 
-async def measure(address: str, secret: bytes, workers: int, jobs: int) -> dict[str, float]:
+SUBMIT_MODES = {"batched (map)": batched, "per-job submit": per_job}
+
+
+async def measure(address: str, secret: bytes, workers: int, jobs: int, submits: list[str]) -> dict[str, float]:
     async with Client(address, secret=secret, name="bench") as client:
         await wait_for_workers(client, workers)
-        return {
-            "batched (map)": await batched(client, "bench", jobs),
-            "per-job submit": await per_job(client, "bench", jobs),
-        }
+        return {name: await SUBMIT_MODES[name](client, "bench", jobs) for name in submits}
 
 
 def run_async(coroutine: Any) -> Any:
@@ -90,7 +90,9 @@ def run_async(coroutine: Any) -> Any:
     return uvloop.run(coroutine)
 
 
-def run(jobs: int, worker_counts: list[int], modes: list[str]) -> list[tuple[str, str, int, float]]:
+def run(
+    jobs: int, worker_counts: list[int], modes: list[str], submits: list[str] | None = None
+) -> list[tuple[str, str, int, float]]:
     rows: list[tuple[str, str, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -111,7 +113,7 @@ def run(jobs: int, worker_counts: list[int], modes: list[str]) -> list[tuple[str
                     argv += ["--connect", address, "--secret-file", str(secret_file), "--concurrency", "256"]
                     argv += ["--log-level", "warning"]
                     children.append(start(argv, tmp_path / f"worker-{mode}-{workers}-{index}.log"))
-                figures = run_async(measure(address, secret, workers, jobs))
+                figures = run_async(measure(address, secret, workers, jobs, submits or list(SUBMIT_MODES)))
                 rows += [(mode, submit_mode, workers, rate) for submit_mode, rate in figures.items()]
             finally:
                 for child in children:
@@ -125,10 +127,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--modes", nargs="+", default=["durable", "memory"], choices=["durable", "memory"])
+    parser.add_argument("--submits", nargs="+", default=list(SUBMIT_MODES), choices=list(SUBMIT_MODES))
     args = parser.parse_args()
     print(f"jobbroker end to end, {args.jobs} jobs, loopback")
     print(f"{'storage':8} {'submits':16} {'workers':>7} {'jobs/s':>10}")
-    for mode, submit_mode, workers, rate in run(args.jobs, args.workers, args.modes):
+    for mode, submit_mode, workers, rate in run(args.jobs, args.workers, args.modes, args.submits):
         print(f"{mode:8} {submit_mode:16} {workers:7} {rate:10,.0f}")
 
 

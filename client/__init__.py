@@ -22,7 +22,7 @@ from broker.errors import (
     UsageError,
 )
 from client.client import Client
-from client.worker import Worker
+from client.worker import Job, Worker, current_job
 
 __all__ = [
     "AuthenticationFailed",
@@ -32,6 +32,7 @@ __all__ = [
     "ConnectionClosed",
     "InvalidRequest",
     "InvalidState",
+    "Job",
     "JobCancelled",
     "JobDead",
     "JobError",
@@ -43,4 +44,5 @@ __all__ = [
     "StorageUnavailable",
     "UsageError",
     "Worker",
+    "current_job",
 ]

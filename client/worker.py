@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -18,13 +19,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
-from broker.errors import ConnectionClosed, UsageError
+from broker.errors import ConnectionClosed, UsageError, broker_error
 from broker.protocol.auth import resolve_secret
 from broker.protocol.messages import Complete, Deliver, Fail, Release, Reserve, Results, Touch
 from client.client import default_address
 from client.connection import Connection, Link
 
-__all__ = ["Handler", "Worker"]
+__all__ = ["Handler", "Job", "Worker", "current_job"]
 
 log = logging.getLogger("jobbroker.worker")
 
@@ -32,11 +33,38 @@ Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
 ExecutorChoice = Literal["thread", "process", "inline"] | concurrent.futures.Executor
 
 
-class _Job:
-    __slots__ = ("attempt", "id", "lease", "payload", "queue", "token")
+class Job:
+    """The job a handler is running: `current_job()` inside a handler returns it."""
 
-    def __init__(self, item: list[Any]) -> None:
+    __slots__ = ("_worker", "attempt", "id", "lease", "payload", "queue", "token")
+
+    def __init__(self, item: list[Any], worker: Worker) -> None:
         self.id, self.token, self.queue, self.payload, self.attempt, self.lease = item
+        self._worker = worker
+
+    async def touch(self, seconds: float = 0.0) -> None:
+        """Extend this job's lease to `seconds` from now (0: the job's own lease length), for
+        a handler that runs longer than its lease. From a coroutine handler.
+
+        Raises:
+            LeaseLost: the lease was already lost (the job went to another worker).
+        """
+        await self._worker.touch(self.id, self.token, seconds)
+
+
+_current_job: contextvars.ContextVar[Job] = contextvars.ContextVar("jobbroker_current_job")
+
+
+def current_job() -> Job:
+    """The job the calling handler is running (coroutine handlers and thread-pool handlers).
+
+    Raises:
+        UsageError: called outside a handler.
+    """
+    try:
+        return _current_job.get()
+    except LookupError:
+        raise UsageError("current_job() is only meaningful inside a handler") from None
 
 
 class Worker:
@@ -101,8 +129,8 @@ class Worker:
             on_connect=self._on_connect,
             reconnect_timeout=reconnect_timeout,
         )
-        self._waiting: deque[_Job] = deque()  # delivered, not started
-        self._running: dict[int, _Job] = {}  # runner slot -> the job it runs
+        self._waiting: deque[Job] = deque()  # delivered, not started
+        self._running: dict[int, Job] = {}  # runner slot -> the job it runs
         self._runners: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()  # runners waiting for a job
         self._completions: list[list[Any]] = []
@@ -213,7 +241,7 @@ class Worker:
             return
         waiting = self._waiting
         for item in message.jobs:
-            waiting.append(_Job(item))
+            waiting.append(Job(item, self))
         self._wake_runners(len(message.jobs))
 
     def _wake_runners(self, count: int) -> None:
@@ -242,7 +270,8 @@ class Worker:
             finally:
                 del running[slot]
 
-    async def _run_one(self, job: _Job) -> None:
+    async def _run_one(self, job: Job) -> None:
+        _current_job.set(job)  # each runner is a task with its own context
         try:
             if self._is_coroutine:
                 result = await self.handler(job.payload)  # type: ignore[misc]
@@ -250,7 +279,10 @@ class Worker:
                 result = self.handler(job.payload)
             else:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._executor, functools.partial(self.handler, job.payload))
+                call = functools.partial(self.handler, job.payload)
+                if isinstance(self._executor, concurrent.futures.ThreadPoolExecutor):
+                    call = functools.partial(contextvars.copy_context().run, call)  # current_job() in threads
+                result = await loop.run_in_executor(self._executor, call)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -262,9 +294,15 @@ class Worker:
         self._schedule_flush()
 
     async def touch(self, job_id: int, token: int, seconds: float = 0.0) -> None:
-        """Extend a running job's lease by `seconds` (0: the job's own lease)."""
+        """Extend a running job's lease to `seconds` from now (0: the job's own lease).
+
+        Raises:
+            LeaseLost: the lease was already lost.
+        """
         connection = await self._link.get()
-        await connection.request(Touch, items=[[job_id, token, float(seconds)]])
+        reply = await connection.request(Touch, items=[[job_id, token, float(seconds)]])
+        for _, code in reply["refused"]:
+            raise broker_error(code, f"cannot extend the lease of job {job_id}: {code}")
 
     # --- answers, one frame per turn --------------------------------------------------
 

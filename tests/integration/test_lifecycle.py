@@ -9,7 +9,18 @@ from collections.abc import Callable
 
 import pytest
 
-from client import Client, InvalidState, JobCancelled, JobDead, JobNotFound, QueueFull, ResultTimeout, Worker
+from client import (
+    Client,
+    InvalidState,
+    JobCancelled,
+    JobDead,
+    JobNotFound,
+    QueueFull,
+    ResultTimeout,
+    UsageError,
+    Worker,
+    current_job,
+)
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import STUCK, BrokerProcess, Process, wait_until
 
@@ -197,3 +208,34 @@ async def test_client_reconnects_when_the_broker_comes_back(start_broker: Callab
         assert second.port == first.port
         job_id = await client.submit("after-restart", 1)
         assert (await client.job(job_id))["state"] == "pending"
+
+
+async def test_a_long_handler_keeps_its_lease_by_touching(broker: BrokerProcess, client: Client) -> None:
+    async def slow_double(n: int) -> int:
+        job = current_job()
+        for _ in range(6):  # 1.2 s of work under a 0.5 s lease
+            await asyncio.sleep(0.2)
+            await job.touch(0.5)
+        return n * 2
+
+    def which_job(n: int) -> list[int]:
+        job = current_job()  # in a pool thread too
+        return [job.id, job.attempt]
+
+    job_id = await client.submit("long", 21, lease=0.5)
+    other_id = await client.submit("threads", 0)
+    workers = [
+        Worker(broker.address, secret=SECRET, queues=["long"], handler=slow_double, concurrency=1),
+        Worker(broker.address, secret=SECRET, queues=["threads"], handler=which_job, concurrency=1),
+    ]
+    running = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        assert await client.result(job_id, timeout=10 * TIME_UNIT) == 42
+        assert (await client.job(job_id))["attempts"] == 1  # never expired, never redelivered
+        assert await client.result(other_id, timeout=10 * TIME_UNIT) == [other_id, 1]
+    finally:
+        for worker in workers:
+            worker.stop()
+        await asyncio.gather(*running)
+    with pytest.raises(UsageError):
+        current_job()

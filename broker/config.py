@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,10 @@ class BrokerConfig:
         data_dir: where jobs are kept (SQLite); None keeps them in memory only. The CLI
             defaults to a directory next to the secret.
         fsync: when group commits reach the disk (broker/store.py, FsyncMode).
+        max_connections: connections held at once; more are refused.
+        max_payload_size: bytes of one job's encoded payload.
+        max_result_size: bytes of one job's encoded result; a larger one fails the job.
+        tls_cert, tls_key: PEM files; with them the broker speaks TLS only.
     """
 
     host: str = DEFAULT_HOST
@@ -44,6 +49,27 @@ class BrokerConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     data_dir: Path | None = None
     fsync: FsyncMode = FsyncMode.ALWAYS
+    max_connections: int = 10_000
+    max_payload_size: int = 1024 * 1024
+    max_result_size: int = 1024 * 1024
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context, or None without a certificate.
+
+        Raises:
+            ConfigError: the certificate or key cannot be loaded.
+        """
+        if self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS certificate {self.tls_cert} / key {self.tls_key}: {exc}") from exc
+        return context
 
     @property
     def heartbeat(self) -> float:

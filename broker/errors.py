@@ -16,6 +16,8 @@
     │   ├── LeaseLost            fencing: the lease this completion refers to is no longer held
     │   ├── InvalidState         e.g. cancelling a job that is already running
     │   ├── InvalidRequest
+    │   ├── Forbidden            the credential's role does not allow it
+    │   ├── LimitExceeded        over a batch, payload, result or queue-count limit
     │   └── StorageUnavailable   the broker cannot persist new jobs right now
     ├── JobError                 a job ended without a result
     │   ├── JobDead              it failed max_attempts times; `error` holds the last failure
@@ -36,6 +38,7 @@ __all__ = [
     "BrokerError",
     "ConfigError",
     "ConnectionClosed",
+    "Forbidden",
     "FrameTooLarge",
     "IntegrityError",
     "InvalidRequest",
@@ -47,6 +50,7 @@ __all__ = [
     "JobNotFound",
     "JobbrokerError",
     "LeaseLost",
+    "LimitExceeded",
     "MalformedMessage",
     "ProtocolError",
     "QueueFull",
@@ -152,6 +156,18 @@ class InvalidRequest(BrokerError):
     code = "invalid_request"
 
 
+class Forbidden(BrokerError):
+    """The credential's role does not allow this request (or this job is another's)."""
+
+    code = "forbidden"
+
+
+class LimitExceeded(BrokerError):
+    """A request is over one of the broker's limits (batch, payload, result, queues)."""
+
+    code = "limit_exceeded"
+
+
 class StorageUnavailable(BrokerError):
     """The broker cannot persist new jobs (disk full, unwritable, failing); nothing was accepted."""
 
@@ -188,7 +204,17 @@ class InvalidTransition(JobbrokerError):
 
 
 _BROKER_ERRORS: dict[str, type[BrokerError]] = {
-    cls.code: cls for cls in (QueueFull, JobNotFound, LeaseLost, InvalidState, InvalidRequest, StorageUnavailable)
+    cls.code: cls
+    for cls in (
+        QueueFull,
+        JobNotFound,
+        LeaseLost,
+        InvalidState,
+        InvalidRequest,
+        Forbidden,
+        LimitExceeded,
+        StorageUnavailable,
+    )
 }
 
 

@@ -13,9 +13,12 @@ import concurrent.futures
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import msgpack
+
+from broker.access import PERMISSIONS, AuthThrottle, Role, default_credentials
 from broker.config import BrokerConfig
 from broker.core.scheduler import (
     Deliver as DeliverEffect,
@@ -29,12 +32,22 @@ from broker.core.scheduler import (
     SessionExpired,
     WorkerLost,
 )
-from broker.errors import BrokerError, InvalidRequest, StorageError, StorageUnavailable
+from broker.errors import (
+    BrokerError,
+    Forbidden,
+    InvalidRequest,
+    LimitExceeded,
+    StorageError,
+    StorageUnavailable,
+    UsageError,
+)
+from broker.protocol.auth import Credential
 from broker.protocol.connection import Authenticated, ServerConnection, State
 from broker.protocol.messages import (
     Cancel,
     Complete,
     DeadList,
+    DeadPurge,
     DeadRequeue,
     Deliver,
     ErrorReply,
@@ -77,14 +90,17 @@ class _BrokerProtocol(asyncio.Protocol):
         self.broker = broker
         self.session = session
         self.connection = ServerConnection(
-            broker.secret,
+            broker.credentials,
             session=session,
             heartbeat=broker.config.heartbeat,
             max_frame_size=broker.config.max_frame_size,
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.address = "?"  # the peer's IP, for the authentication throttle
         self.authenticated = False
+        self.allowed: frozenset[str] = frozenset()  # ops the credential's role may send
+        self.owner: str | None = None  # the credential, for producers and workers; None for admins
         self.close_when_sent = False  # after a fatal protocol error: send the error frame, then close
         self._handshake_timer: asyncio.TimerHandle | None = None
 
@@ -92,10 +108,22 @@ class _BrokerProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peername = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        self._handshake_timer = self.broker.loop.call_later(
-            self.broker.config.handshake_timeout, self._handshake_expired
-        )
-        self.broker._connections[self.session] = self
+        self.address = str(peername[0]) if isinstance(peername, tuple) else self.peer
+        broker = self.broker
+        if len(broker._connections) >= broker.config.max_connections:
+            log.warning("refusing %s: %d connections, the limit", self.peer, len(broker._connections))
+            self.transport.abort()
+            return
+        broker._connections[self.session] = self
+        self._handshake_timer = broker.loop.call_later(broker.config.handshake_timeout, self._handshake_expired)
+        delay = broker.auth_throttle.delay(self.address, broker.loop.time())
+        if delay > 0:  # this address failed to authenticate lately: make it wait
+            self.transport.pause_reading()
+            broker.loop.call_later(delay, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         connection = self.connection
@@ -121,8 +149,15 @@ class _BrokerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if not self.authenticated and self.connection.claimed_credential and self.connection.error is None:
+            # The client gave up after our challenge: it could not verify our proof.
+            self._auth_failed(f"handshake abandoned (wrong secret for {self.connection.claimed_credential!r}?)")
         self.connection.close()
         self.broker._connection_lost(self, exc)
+
+    def _auth_failed(self, reason: object) -> None:
+        log.warning("authentication failed from %s: %s", self.peer, reason)
+        self.broker.auth_throttle.failed(self.address, self.broker.loop.time())
 
     def write(self, data: bytes) -> None:
         """Put bytes on the wire (called by the broker's flush, in frame order)."""
@@ -148,8 +183,18 @@ class _BrokerProtocol(asyncio.Protocol):
             self._handshake_timer.cancel()
             self._handshake_timer = None
         self.authenticated = True
+        self.allowed = PERMISSIONS[event.role]
+        self.owner = None if event.role == Role.ADMIN else event.credential
+        self.broker.auth_throttle.succeeded(self.address)
         self.broker.scheduler.open_session(self.session, self.broker.loop.time(), name=event.client, peer=self.peer)
-        log.info("session %d authenticated: %s from %s", self.session, event.client or "client", self.peer)
+        log.info(
+            "session %d authenticated: %s as %s (%s) from %s",
+            self.session,
+            event.client or "client",
+            event.credential,
+            event.role,
+            self.peer,
+        )
 
     def _close_after_error(self) -> None:
         error = self.connection.error
@@ -157,18 +202,15 @@ class _BrokerProtocol(asyncio.Protocol):
             if self.authenticated:
                 log.warning("session %d (%s): %s; closing", self.session, self.peer, error)
             else:
-                log.warning("authentication failed from %s: %s", self.peer, error)
+                self._auth_failed(error)
         self.close_when_sent = True
         self.broker._mark_dirty(self)
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
         if not self.authenticated and self.transport is not None:
-            log.warning(
-                "authentication failed from %s: no handshake within %.1fs",
-                self.peer,
-                self.broker.config.handshake_timeout,
-            )
+            self._auth_failed(f"no handshake within {self.broker.config.handshake_timeout:.1f}s")
+            self.connection.close()  # counted now; not again when the connection is lost
             self.transport.abort()
 
 
@@ -180,13 +222,27 @@ class Broker:
 
     Args:
         config: listening address, limits and job-core settings.
-        secret: the shared secret clients must prove they hold.
+        secret: the shared secret of the one credential, "default" (admin), when no
+            `credentials` are given.
+        credentials: the named credentials clients authenticate as, with their roles.
         store: where jobs are kept; default: SQLite in config.data_dir, or memory if that is None.
     """
 
-    def __init__(self, config: BrokerConfig, secret: bytes, *, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        secret: bytes | None = None,
+        *,
+        credentials: Mapping[str, Credential] | None = None,
+        store: Store | None = None,
+    ) -> None:
+        if credentials is None:
+            if secret is None:
+                raise UsageError("a broker needs a secret or credentials")
+            credentials = default_credentials(secret)
         self.config = config
-        self.secret = secret
+        self.credentials = credentials
+        self.auth_throttle = AuthThrottle()
         self._given_store = store
         self.store: Store = store or MemoryStore()  # opened in start() when config.data_dir is set
         durable = store.durable if store is not None else config.data_dir is not None
@@ -210,7 +266,7 @@ class Broker:
         self._heartbeat_handle: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._handlers: dict[type[Request], Callable[[int, Any, float], dict[str, Any]]] = {
+        self._handlers: dict[type[Request], Callable[[_BrokerProtocol, Any, float], dict[str, Any]]] = {
             Submit: self._on_submit,
             Reserve: self._on_reserve,
             Complete: self._on_complete,
@@ -223,6 +279,7 @@ class Broker:
             JobInfo: self._on_job_info,
             DeadList: self._on_dead_list,
             DeadRequeue: self._on_dead_requeue,
+            DeadPurge: self._on_dead_purge,
         }
 
     # --- lifecycle --------------------------------------------------------------------
@@ -275,13 +332,14 @@ class Broker:
             log.info("in memory only (--memory): jobs are lost when the broker stops")
         self._closed = loop.create_future()
         try:
-            self._server = await loop.create_server(self._new_protocol, self.config.host, self.config.port)
+            tls = self.config.tls_context()
+            self._server = await loop.create_server(self._new_protocol, self.config.host, self.config.port, ssl=tls)
         except BaseException:
             self._close_store()
             raise
         self._heartbeat_handle = loop.call_later(self.config.heartbeat, self._send_heartbeats)
         self._schedule_flush()  # deliver recovered jobs, arm the ticker
-        log.info("listening on %s:%d", self.config.host, self.port)
+        log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if self.config.tls_cert else "")
 
     async def serve_forever(self) -> None:
         """Start if needed and serve until close(); cancellation closes the broker."""
@@ -374,7 +432,11 @@ class Broker:
         try:
             if handler is None:
                 raise InvalidRequest(f"op {request.op!r} is not handled")
-            data = handler(protocol.session, request, self.loop.time())
+            if request.op not in protocol.allowed:
+                raise Forbidden(
+                    f"op {request.op!r} is not allowed for credential {protocol.connection.claimed_credential!r}"
+                )
+            data = handler(protocol, request, self.loop.time())
         except BrokerError as exc:
             protocol.connection.send(ErrorReply(id=request.id, code=exc.code, message=str(exc)))
         except Exception:
@@ -384,11 +446,14 @@ class Broker:
         else:
             protocol.connection.send(Reply(id=request.id, data=data))
 
-    def _on_submit(self, session: int, request: Submit, now: float) -> dict[str, Any]:
+    def _on_submit(self, client: _BrokerProtocol, request: Submit, now: float) -> dict[str, Any]:
         if self._storage_error is not None:
             raise StorageUnavailable(f"the broker cannot store new jobs: {self._storage_error}")
+        oversized = _too_large(request.payloads, self.config.max_payload_size)
+        if oversized is not None:
+            raise LimitExceeded(f"payload {oversized} is over the limit of {self.config.max_payload_size} bytes")
         ids = self.scheduler.submit(
-            session,
+            client.session,
             request.queue,
             request.payloads,
             now,
@@ -399,43 +464,56 @@ class Broker:
             backoff=request.backoff,
             keys=request.keys,
             watch=request.watch,
+            owner=client.owner,
         )
         return {"job_ids": ids}
 
-    def _on_reserve(self, session: int, request: Reserve, now: float) -> dict[str, Any]:
-        self.scheduler.reserve(session, request.queues, request.prefetch, now)
+    def _on_reserve(self, client: _BrokerProtocol, request: Reserve, now: float) -> dict[str, Any]:
+        self.scheduler.reserve(client.session, request.queues, request.prefetch, now)
         return {}
 
-    def _on_complete(self, session: int, request: Complete, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.complete(session, request.items, now))
+    def _on_complete(self, client: _BrokerProtocol, request: Complete, now: float) -> dict[str, Any]:
+        limit = self.config.max_result_size
+        oversized = _too_large([item[2] for item in request.items], limit, every=True)
+        if not oversized:
+            return _refusals(self.scheduler.complete(client.session, request.items, now))
+        # A result over the limit fails its job (retried, then dead) rather than vanishing.
+        items = [item for index, item in enumerate(request.items) if index not in oversized]
+        codes = iter(self.scheduler.complete(client.session, items, now))
+        failures = [[item[0], item[1], "ResultTooLarge", f"result over {limit} bytes"] for item in request.items]
+        self.scheduler.fail(client.session, [failures[index] for index in sorted(oversized)], now)
+        return _refusals(["result_too_large" if i in oversized else next(codes) for i in range(len(request.items))])
 
-    def _on_fail(self, session: int, request: Fail, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.fail(session, request.items, now))
+    def _on_fail(self, client: _BrokerProtocol, request: Fail, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.fail(client.session, request.items, now))
 
-    def _on_touch(self, session: int, request: Touch, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.touch(session, request.items, now))
+    def _on_touch(self, client: _BrokerProtocol, request: Touch, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.touch(client.session, request.items, now))
 
-    def _on_release(self, session: int, request: Release, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.release(session, request.items, now))
+    def _on_release(self, client: _BrokerProtocol, request: Release, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.release(client.session, request.items, now))
 
-    def _on_watch(self, session: int, request: Watch, now: float) -> dict[str, Any]:
-        self.scheduler.watch(session, request.job_ids)
+    def _on_watch(self, client: _BrokerProtocol, request: Watch, now: float) -> dict[str, Any]:
+        self.scheduler.watch(client.session, request.job_ids, owner=client.owner)
         return {}
 
-    def _on_cancel(self, session: int, request: Cancel, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.cancel(request.job_ids, now))
+    def _on_cancel(self, client: _BrokerProtocol, request: Cancel, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.cancel(request.job_ids, now, owner=client.owner))
 
-    def _on_stats(self, session: int, request: Stats, now: float) -> dict[str, Any]:
+    def _on_stats(self, client: _BrokerProtocol, request: Stats, now: float) -> dict[str, Any]:
         return self.scheduler.stats(now)
 
-    def _on_job_info(self, session: int, request: JobInfo, now: float) -> dict[str, Any]:
-        return {"job": self.scheduler.job_info(request.job_id)}
+    def _on_job_info(self, client: _BrokerProtocol, request: JobInfo, now: float) -> dict[str, Any]:
+        return {"job": self.scheduler.job_info(request.job_id, owner=client.owner)}
 
-    def _on_dead_list(self, session: int, request: DeadList, now: float) -> dict[str, Any]:
+    def _on_dead_list(self, client: _BrokerProtocol, request: DeadList, now: float) -> dict[str, Any]:
         return {"jobs": self.scheduler.dead_list(request.queue, request.limit)}
 
-    def _on_dead_requeue(self, session: int, request: DeadRequeue, now: float) -> dict[str, Any]:
+    def _on_dead_requeue(self, client: _BrokerProtocol, request: DeadRequeue, now: float) -> dict[str, Any]:
         return {"requeued": self.scheduler.dead_requeue(request.queue, request.job_ids, now)}
+
+    def _on_dead_purge(self, client: _BrokerProtocol, request: DeadPurge, now: float) -> dict[str, Any]:
+        return {"purged": self.scheduler.dead_purge(request.queue, request.job_ids)}
 
     # --- the per-turn flush and timers ------------------------------------------------
 
@@ -608,6 +686,18 @@ def _log_sync_failure(future: asyncio.Future[None]) -> None:
         log.error("%s", future.exception())
 
 
+def _too_large(values: list[Any], limit: int, *, every: bool = False) -> Any:
+    """Which values encode to more than `limit` bytes: the first index (or, with every, the
+    set of all), or None / an empty set. Cheap in the common case: when all of them together
+    fit, none is checked alone."""
+    if len(msgpack.packb(values, use_bin_type=True)) <= limit:
+        return set() if every else None
+    oversized = {i for i, value in enumerate(values) if len(msgpack.packb(value, use_bin_type=True)) > limit}
+    if every:
+        return oversized
+    return min(oversized) if oversized else None
+
+
 def _refusals(codes: list[str | None]) -> dict[str, Any]:
     return {"refused": [[index, code] for index, code in enumerate(codes) if code is not None]}
 
@@ -623,7 +713,9 @@ def _ids(ids: list[int]) -> str:
     return f"[{shown}{',...' if len(ids) > 20 else ''}]"
 
 
-async def serve(config: BrokerConfig, secret: bytes) -> None:
+async def serve(
+    config: BrokerConfig, secret: bytes | None = None, *, credentials: Mapping[str, Credential] | None = None
+) -> None:
     """Run a broker until cancelled."""
-    broker = Broker(config, secret)
+    broker = Broker(config, secret, credentials=credentials)
     await broker.serve_forever()

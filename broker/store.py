@@ -38,12 +38,26 @@ __all__ = [
     "serialize",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.owner
 
 # A job as created: id, queue, state, priority, payload, attempts, max_attempts, lease,
-# backoff, key, result, error, not_before (wall clock), expires_at (wall clock).
+# backoff, key, result, error, not_before (wall clock), expires_at (wall clock), owner.
 Row = tuple[
-    int, str, str, int, bytes | None, int, int, float, float, str | None, bytes | None, bytes | None, float, float
+    int,
+    str,
+    str,
+    int,
+    bytes | None,
+    int,
+    int,
+    float,
+    float,
+    str | None,
+    bytes | None,
+    bytes | None,
+    float,
+    float,
+    str | None,
 ]
 # A change of a stored job: state, attempts, result, error, not_before, expires_at, id.
 Update = tuple[str, int, bytes | None, bytes | None, float, float, int]
@@ -150,6 +164,7 @@ def serialize(changes: Changes, now: float, wall: float) -> WriteBatch:
             job.backoff,
             job.key,
             *_mutable_columns(job, offset),
+            job.owner,
         )
         for job in changes.created.values()
     ]
@@ -254,10 +269,14 @@ class SqliteStore:
                 id INTEGER PRIMARY KEY, queue TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL,
                 payload BLOB, attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL, lease REAL NOT NULL,
                 backoff REAL NOT NULL, key TEXT, result BLOB, error BLOB, not_before REAL NOT NULL,
-                expires_at REAL NOT NULL)"""
+                expires_at REAL NOT NULL, owner TEXT)"""
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         version = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        if version is not None and version[0] == 1:  # before owners: jobs belong to nobody
+            db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            db.execute("UPDATE meta SET value = 2 WHERE name = 'schema'")
+            version = (2,)
         if version is None:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
@@ -287,7 +306,7 @@ class SqliteStore:
             try:
                 if batch.inserts:
                     # OR REPLACE: a batch written again after a failure reported late is harmless.
-                    db.executemany("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts)
+                    db.executemany("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts)
                 if batch.updates:
                     db.executemany(
                         "UPDATE jobs SET state=?, attempts=?, result=?, error=?, not_before=?, expires_at=? WHERE id=?",
@@ -363,6 +382,7 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
         error,
         not_before,
         expires_at,
+        owner,
     ) = row
     job = Job(
         job_id,
@@ -376,6 +396,7 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
         state=JobState(state),
     )
     job.attempts = attempts
+    job.owner = owner
     if result is not None:
         job.result = _unpack(result)
     if error is not None:

@@ -4,7 +4,7 @@ polled), map a function over many inputs, cancel, inspect."""
 from __future__ import annotations
 
 import asyncio
-import os
+import ssl
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,7 +17,6 @@ from broker.errors import (
     UsageError,
     broker_error,
 )
-from broker.protocol.auth import resolve_secret
 from broker.protocol.messages import (
     Cancel,
     DeadList,
@@ -31,14 +30,7 @@ from broker.protocol.messages import (
 )
 from client.connection import Connection, Link
 
-__all__ = ["DEFAULT_ADDRESS", "Client", "default_address"]
-
-DEFAULT_ADDRESS = "127.0.0.1:7878"
-
-
-def default_address() -> str:
-    """$JOBBROKER_CONNECT if set, else 127.0.0.1:7878."""
-    return os.environ.get("JOBBROKER_CONNECT") or DEFAULT_ADDRESS
+__all__ = ["Client"]
 
 
 _MAP_BATCH = 1000
@@ -52,13 +44,17 @@ class Client:
         secret: the shared secret (bytes). Default: $JOBBROKER_SECRET_FILE,
             $JOBBROKER_SECRET, then the default secret file the broker writes.
         secret_file: read the secret from this file instead.
+        credential: the credential name to authenticate as; default $JOBBROKER_CREDENTIAL,
+            else "default".
+        tls: speak TLS: an ssl.SSLContext, or the CA file that signed the broker's
+            certificate; default $JOBBROKER_TLS_CA, else plain TCP.
         name: how this client shows in the broker's logs and stats.
         reconnect_timeout: how long to keep trying to reach a broker that went away.
 
     Use as `async with Client(...) as client:`; or call connect() and close().
 
     Raises:
-        ConfigError: no usable secret.
+        ConfigError: no usable secret, or an unusable CA file.
     """
 
     def __init__(
@@ -67,12 +63,17 @@ class Client:
         *,
         secret: bytes | str | None = None,
         secret_file: str | None = None,
+        credential: str | None = None,
+        tls: ssl.SSLContext | str | None = None,
         name: str = "client",
         reconnect_timeout: float = 30.0,
     ) -> None:
-        self._link = Link(
-            address or default_address(),
-            resolve_secret(secret, secret_file),
+        self._link = Link.from_settings(
+            address,
+            secret=secret,
+            secret_file=secret_file,
+            credential=credential,
+            tls=tls,
             client=name,
             on_push=self._on_push,
             on_connect=self._on_connect,

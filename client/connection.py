@@ -10,25 +10,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from broker.errors import (
     AuthenticationFailed,
+    ConfigError,
     ConnectionClosed,
     FrameTooLarge,
     IntegrityError,
     ProtocolError,
     broker_error,
 )
+from broker.protocol.auth import DEFAULT_CREDENTIAL, resolve_secret
 from broker.protocol.connection import ClientConnection, State
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from broker.protocol.messages import Deliver, ErrorReply, Heartbeat, Message, Reply, Request, Results, Welcome
 
 log = logging.getLogger("jobbroker.client")
 
-__all__ = ["Connection", "backoff_delays", "is_retryable", "parse_address"]
+DEFAULT_ADDRESS = "127.0.0.1:7878"
+
+__all__ = ["Connection", "Link", "backoff_delays", "client_tls", "is_retryable", "parse_address"]
+
+
+def client_tls(tls: ssl.SSLContext | str | os.PathLike[str] | None) -> ssl.SSLContext | None:
+    """A TLS context from what the caller gave: a context as is, or a CA file to verify the
+    broker's certificate against, or None for plain TCP."""
+    if tls is None or isinstance(tls, ssl.SSLContext):
+        return tls
+    try:
+        return ssl.create_default_context(cafile=os.fspath(tls))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load CA file {tls}: {exc}") from exc
+
 
 PushHandler = Callable[[Deliver | Results], None]
 
@@ -62,8 +80,8 @@ def backoff_delays(initial: float = 0.05, factor: float = 2.0, maximum: float = 
 
 def is_retryable(exc: BaseException) -> bool:
     """Worth reconnecting after: the broker was unreachable or the connection dropped.
-    Not: a refused handshake (wrong secret), which no retry will mend."""
-    if isinstance(exc, AuthenticationFailed):
+    Not: a refused handshake (wrong secret) or a failed TLS check, which no retry will mend."""
+    if isinstance(exc, AuthenticationFailed | ssl.SSLError | ssl.CertificateError):
         return False
     if isinstance(exc, ConnectionClosed):
         return not isinstance(exc.cause, AuthenticationFailed)
@@ -91,8 +109,10 @@ class _Protocol(asyncio.Protocol):
 class Connection:
     """An authenticated connection to the broker. Make one with `await Connection.open(...)`."""
 
-    def __init__(self, secret: bytes, *, client: str, on_push: PushHandler | None, max_frame_size: int) -> None:
-        self._protocol = ClientConnection(secret, client=client, max_frame_size=max_frame_size)
+    def __init__(
+        self, secret: bytes, *, credential: str, client: str, on_push: PushHandler | None, max_frame_size: int
+    ) -> None:
+        self._protocol = ClientConnection(secret, credential=credential, client=client, max_frame_size=max_frame_size)
         self._on_push = on_push
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -113,21 +133,25 @@ class Connection:
         port: int,
         secret: bytes,
         *,
+        credential: str = DEFAULT_CREDENTIAL,
         client: str = "client",
         on_push: PushHandler | None = None,
         timeout: float = 10.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        tls: ssl.SSLContext | None = None,
     ) -> Connection:
-        """Connect and authenticate.
+        """Connect (over TLS with `tls`) and authenticate as `credential`.
 
         Raises:
-            OSError: the broker cannot be reached.
+            OSError: the broker cannot be reached; ssl.SSLError: TLS failed (wrong CA, not TLS).
             AuthenticationFailed: the handshake failed (wrong secret, not a jobbroker).
             TimeoutError: no handshake within `timeout`.
         """
-        self = cls(secret, client=client, on_push=on_push, max_frame_size=max_frame_size)
+        self = cls(secret, credential=credential, client=client, on_push=on_push, max_frame_size=max_frame_size)
         async with asyncio.timeout(timeout):
-            await self._loop.create_connection(lambda: _Protocol(self), host, port)
+            await self._loop.create_connection(
+                lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls is not None else None
+            )
             self._protocol.initiate()
             self._write()
             try:
@@ -270,6 +294,8 @@ class Link:
         on_connect: called with each new connection (to watch or reserve again) before use.
         on_lost: called when a connection is lost (not when the link is closed).
         reconnect_timeout: how long to keep trying before giving up with the last error.
+        credential: the credential name to authenticate as.
+        tls: a client TLS context, to speak TLS to the broker.
     """
 
     def __init__(
@@ -283,8 +309,12 @@ class Link:
         on_lost: Callable[[ConnectionClosed], None] | None = None,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        credential: str = DEFAULT_CREDENTIAL,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port = parse_address(address)
+        self._credential = credential
+        self._tls = tls
         self._secret = secret
         self._client = client
         self._on_push = on_push
@@ -296,6 +326,28 @@ class Link:
         self._connecting: asyncio.Lock | None = None
         self._closed = False
         self.connections_made = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        address: str | None,
+        *,
+        secret: bytes | str | None,
+        secret_file: str | None,
+        credential: str | None,
+        tls: ssl.SSLContext | str | os.PathLike[str] | None,
+        **options: Any,
+    ) -> Link:
+        """A link from a Client's or Worker's arguments, the environment filling the gaps:
+        $JOBBROKER_CONNECT (else 127.0.0.1:7878), the secret as resolve_secret() finds it,
+        $JOBBROKER_CREDENTIAL (else "default"), $JOBBROKER_TLS_CA (else plain TCP)."""
+        return cls(
+            address or os.environ.get("JOBBROKER_CONNECT") or DEFAULT_ADDRESS,
+            resolve_secret(secret, secret_file),
+            credential=credential or os.environ.get("JOBBROKER_CREDENTIAL") or DEFAULT_CREDENTIAL,
+            tls=client_tls(tls if tls is not None else os.environ.get("JOBBROKER_TLS_CA") or None),
+            **options,
+        )
 
     @property
     def current(self) -> Connection | None:
@@ -335,6 +387,8 @@ class Link:
                     self.host,
                     self.port,
                     self._secret,
+                    credential=self._credential,
+                    tls=self._tls,
                     client=self._client,
                     on_push=self._on_push,
                     timeout=self.connect_timeout,

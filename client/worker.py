@@ -15,14 +15,13 @@ import functools
 import inspect
 import logging
 import signal
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from broker.errors import ConnectionClosed, UsageError, broker_error
-from broker.protocol.auth import resolve_secret
 from broker.protocol.messages import Complete, Deliver, Fail, Release, Reserve, Results, Touch
-from client.client import default_address
 from client.connection import Connection, Link
 
 __all__ = ["Handler", "Job", "Worker", "current_job"]
@@ -76,7 +75,7 @@ class Worker:
         handler: `f(payload) -> result`, a coroutine function or a plain one. Its return
             value (any msgpack value) completes the job; an exception fails it with the
             exception's type and text.
-        secret, secret_file: as for Client.
+        secret, secret_file, credential, tls: as for Client.
         concurrency: jobs run at once.
         prefetch: jobs held at once (running plus waiting); default 2 x concurrency.
         executor: where plain-function handlers run: "thread" (default), "process", "inline"
@@ -96,6 +95,8 @@ class Worker:
         handler: Handler,
         secret: bytes | str | None = None,
         secret_file: str | None = None,
+        credential: str | None = None,
+        tls: ssl.SSLContext | str | None = None,
         concurrency: int = 16,
         prefetch: int | None = None,
         executor: ExecutorChoice = "thread",
@@ -121,9 +122,12 @@ class Worker:
         self._is_coroutine = inspect.iscoroutinefunction(handler)
         self._executor_choice = executor
         self._executor: concurrent.futures.Executor | None = None
-        self._link = Link(
-            address or default_address(),
-            resolve_secret(secret, secret_file),
+        self._link = Link.from_settings(
+            address,
+            secret=secret,
+            secret_file=secret_file,
+            credential=credential,
+            tls=tls,
             client=name,
             on_push=self._on_push,
             on_connect=self._on_connect,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from broker.protocol.auth import Credential
 from broker.protocol.connection import ClientConnection, ServerConnection
 
 SECRET = b"test-secret-0123456789abcdef"
@@ -12,12 +13,20 @@ SECRET = b"test-secret-0123456789abcdef"
 TIME_UNIT = float(os.environ.get("JOBBROKER_TEST_TIME_UNIT", "1"))
 
 
+def credentials(*entries: tuple[str, str, bytes]) -> dict[str, Credential]:
+    """Credentials by name from (name, role, secret); by default the one admin "default"."""
+    entries = entries or (("default", "admin", SECRET),)
+    return {name: Credential(name, role, (secret,)) for name, role, secret in entries}
+
+
 def connected_pair(
     client_secret: bytes = SECRET, server_secret: bytes = SECRET, *, max_frame_size: int = 1024 * 1024
 ) -> tuple[ClientConnection, ServerConnection]:
     """A client and a server protocol joined in memory, after the handshake."""
     client = ClientConnection(client_secret, client="test", max_frame_size=max_frame_size)
-    server = ServerConnection(server_secret, session=1, heartbeat=5.0, max_frame_size=max_frame_size)
+    server = ServerConnection(
+        credentials(("default", "admin", server_secret)), session=1, heartbeat=5.0, max_frame_size=max_frame_size
+    )
     client.initiate()
     exchange(client, server)
     return client, server

@@ -60,6 +60,7 @@ class Job:
         "lease_seconds",
         "max_attempts",
         "not_before",
+        "owner",
         "payload",
         "priority",
         "queue",
@@ -98,6 +99,7 @@ class Job:
         self.result: Any = None
         self.error: dict[str, str] | None = None  # the last failure: {"type", "message"}
         self.watchers: list[int] | None = None  # sessions awaiting the outcome
+        self.owner: str | None = None  # the credential that submitted it
         self.not_before = 0.0  # when a delayed job becomes pending (scheduler's clock)
         self.expires_at = 0.0  # when a finished job is forgotten (scheduler's clock)
 

@@ -13,6 +13,7 @@ once, fenced by lease tokens.
 from __future__ import annotations
 
 import bisect
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 from broker.core.deadlines import Deadlines
 from broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
-from broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, QueueFull
+from broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
 
 __all__ = [
     "Changes",
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 MAX_QUEUE_NAME = 200
+# Queue names: ASCII letters, digits and . _ : / @ -, starting with a letter or digit; they show
+# in logs, stats and metrics, where anything else could mislead.
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*\Z")
 MAX_KEY_LENGTH = 200
 HEARTBEATS_MISSED_BEFORE_DEAD = 3
 _RATE_SAMPLE_EVERY = 1.0
@@ -54,7 +58,9 @@ class SchedulerConfig:
         max_backoff: cap of the retry delay.
         result_ttl: how long results (and finished jobs) are kept.
         max_pending_per_queue: pending plus delayed jobs a queue may hold (backpressure).
-        max_prefetch: the largest prefetch a worker may ask for.
+        max_prefetch: the largest prefetch a worker may ask for: its in-flight jobs at most.
+        max_batch: jobs (or job ids) one request may carry.
+        max_queues: queues the broker holds at most.
     """
 
     heartbeat: float = 5.0
@@ -65,6 +71,8 @@ class SchedulerConfig:
     result_ttl: float = 3600.0
     max_pending_per_queue: int = 1_000_000
     max_prefetch: int = 10_000
+    max_batch: int = 10_000
+    max_queues: int = 10_000
 
 
 # --- effects: what the asyncio layer must do after a flush ------------------------------
@@ -321,16 +329,22 @@ class Scheduler:
         backoff: float | None = None,
         keys: Sequence[str | None] | None = None,
         watch: bool = False,
+        owner: str | None = None,
     ) -> list[int]:
         """Add jobs to a queue, all or none. Returns their ids, in order; a job whose
         idempotency key is already known gets the id of the first job with that key.
 
+        `owner` (the submitting credential) alone may later cancel, watch and inspect the jobs
+        when it is not an admin.
+
         Raises:
             InvalidRequest: a bad argument.
+            LimitExceeded: more jobs than max_batch, or a new queue past max_queues.
             QueueFull: the queue would hold more than max_pending_per_queue jobs.
         """
         config = self.config
         _check_queue_name(queue_name)
+        self._check_batch(len(payloads))
         if not -(2**31) <= priority < 2**31:
             raise InvalidRequest("priority must fit in 32 bits")
         if not 0.0 <= delay < 10 * 365 * 86400:
@@ -362,7 +376,7 @@ class Scheduler:
                 f"queue {queue_name!r} holds {waiting_now} waiting jobs; the limit is {config.max_pending_per_queue}"
             )
         if queue is None:
-            queue = self._queues[queue_name] = _Queue(queue_name)
+            queue = self._new_queue(queue_name)
 
         state = JobState.DELAYED if delay > 0 else JobState.PENDING
         ids: list[int] = []
@@ -374,7 +388,7 @@ class Scheduler:
                 if existing is not None:
                     ids.append(existing)
                     if watcher is not None:
-                        self._watch_one(watcher, existing)
+                        self._watch_one(watcher, existing, owner)
                     continue
             job = Job(
                 self._next_job_id,
@@ -387,6 +401,7 @@ class Scheduler:
                 key=key,
                 state=state,
             )
+            job.owner = owner
             self._next_job_id += 1
             self._jobs[job.id] = job
             if self.track_changes:
@@ -408,11 +423,12 @@ class Scheduler:
             self._ready[queue_name] = None
         return ids
 
-    def cancel(self, job_ids: Iterable[int], now: float) -> list[str | None]:
-        """Cancel pending or delayed jobs. Per job: None, or an error code."""
+    def cancel(self, job_ids: Sequence[int], now: float, owner: str | None = None) -> list[str | None]:
+        """Cancel pending or delayed jobs (an owner: only its own). Per job: None, or an error code."""
+        self._check_batch(len(job_ids))
         codes: list[str | None] = []
         for job_id in job_ids:
-            job = self._jobs.get(job_id)
+            job = self._visible(job_id, owner)
             if job is None:
                 codes.append(JobNotFound.code)
             elif job.state not in (JobState.PENDING, JobState.DELAYED):
@@ -429,15 +445,16 @@ class Scheduler:
                 codes.append(None)
         return codes
 
-    def watch(self, session_id: int, job_ids: Iterable[int]) -> None:
+    def watch(self, session_id: int, job_ids: Sequence[int], owner: str | None = None) -> None:
         """Ask for the outcome of jobs; each arrives in a ResultsReady effect, at once if the
-        job has already finished."""
+        job has already finished. An owner sees only its own jobs: others are "unknown"."""
         session = self._session(session_id)
+        self._check_batch(len(job_ids))
         for job_id in job_ids:
-            self._watch_one(session.id, job_id)
+            self._watch_one(session.id, job_id, owner)
 
-    def _watch_one(self, session_id: int, job_id: int) -> None:
-        job = self._jobs.get(job_id)
+    def _watch_one(self, session_id: int, job_id: int, owner: str | None) -> None:
+        job = self._visible(job_id, owner)
         if job is None:
             self._outbox.results.setdefault(session_id, []).append([job_id, "unknown", None])
         elif job.state in FINAL_STATES:
@@ -457,6 +474,7 @@ class Scheduler:
             raise InvalidRequest(f"prefetch must be between 0 and {self.config.max_prefetch}")
         if prefetch and not queue_names:
             raise InvalidRequest("reserve names no queue")
+        self._check_batch(len(queue_names))
         for name in queue_names:
             _check_queue_name(name)
         for name in session.waiting:
@@ -468,7 +486,7 @@ class Scheduler:
         session.prefetch = prefetch
         for name in session.queues:
             if name not in self._queues:
-                self._queues[name] = _Queue(name)
+                self._new_queue(name)
         self._offer_credit(session)
 
     def complete(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
@@ -522,6 +540,8 @@ class Scheduler:
         """The items (job_id, token, ...) whose job this session holds under that token: the
         fence against stale answers. Appends each item's code to `codes`, in order: None, or
         why it was refused."""
+        if isinstance(items, Sequence):
+            self._check_batch(len(items))
         for item in items:
             job, code = self._leased(session_id, item[0], item[1])
             codes.append(code)
@@ -539,13 +559,13 @@ class Scheduler:
 
     # --- admin ------------------------------------------------------------------------
 
-    def job_info(self, job_id: int) -> dict[str, Any]:
-        """Everything known of one job.
+    def job_info(self, job_id: int, owner: str | None = None) -> dict[str, Any]:
+        """Everything known of one job (an owner: of its own jobs only).
 
         Raises:
-            JobNotFound: no such job, or its result TTL has passed.
+            JobNotFound: no such job, its result TTL has passed, or it is another's.
         """
-        job = self._jobs.get(job_id)
+        job = self._visible(job_id, owner)
         if job is None:
             raise JobNotFound(f"job {job_id} is unknown (never submitted, or expired)")
         return _describe(job)
@@ -575,6 +595,17 @@ class Scheduler:
             queue.push(job)
         if chosen:
             self._ready[queue_name] = None
+        return len(chosen)
+
+    def dead_purge(self, queue_name: str, job_ids: Sequence[int] | None) -> int:
+        """Forget dead jobs (all of the queue's, or those named). Returns how many."""
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return 0
+        chosen = list(queue.dead) if job_ids is None else [i for i in job_ids if i in queue.dead]
+        for job_id in chosen:
+            del queue.dead[job_id]
+            self._forget(self._jobs[job_id])
         return len(chosen)
 
     def stats(self, now: float) -> dict[str, Any]:
@@ -650,11 +681,7 @@ class Scheduler:
             buried = self._lose_lease(job, now, "lease expired")
             self._outbox.notices.append(LeaseExpired(job_id, job.queue, holder, buried))
         for job_id in self._expiry_deadlines.expire(now):
-            job = self._jobs.pop(job_id)
-            if job.key is not None:
-                self._keys.pop((job.queue, job.key), None)
-            if self.track_changes:
-                self._changes.forget(job_id)
+            self._forget(self._jobs[job_id])
         for session_id in self._session_deadlines.expire(now):
             session = self._sessions[session_id]
             alive_until = session.last_seen + self.session_timeout
@@ -721,6 +748,30 @@ class Scheduler:
         self._outbox = _Outbox()  # restoring is not news to anyone
 
     # --- internals --------------------------------------------------------------------
+
+    def _forget(self, job: Job) -> None:
+        del self._jobs[job.id]
+        if job.key is not None:
+            self._keys.pop((job.queue, job.key), None)
+        if self.track_changes:
+            self._changes.forget(job.id)
+
+    def _visible(self, job_id: int, owner: str | None) -> Job | None:
+        """The job, if it exists and `owner` may see it (None: anyone may, as admins do)."""
+        job = self._jobs.get(job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            return None
+        return job
+
+    def _check_batch(self, size: int) -> None:
+        if size > self.config.max_batch:
+            raise LimitExceeded(f"{size} items in one request; the limit is {self.config.max_batch}")
+
+    def _new_queue(self, name: str) -> _Queue:
+        if len(self._queues) >= self.config.max_queues:
+            raise LimitExceeded(f"the broker holds {len(self._queues)} queues, its limit; {name!r} is not created")
+        queue = self._queues[name] = _Queue(name)
+        return queue
 
     def _move(self, job: Job, event: JobEvent) -> None:
         transition(job, event)
@@ -837,8 +888,11 @@ class Scheduler:
 
 
 def _check_queue_name(name: str) -> None:
-    if not name or len(name) > MAX_QUEUE_NAME or not name.isprintable():
-        raise InvalidRequest(f"a queue name has 1 to {MAX_QUEUE_NAME} printable characters, not {name[:50]!r}")
+    if len(name) > MAX_QUEUE_NAME or not _QUEUE_NAME.match(name):
+        raise InvalidRequest(
+            f"a queue name has 1 to {MAX_QUEUE_NAME} of A-Z a-z 0-9 . _ : / @ - (starting with a letter or digit), "
+            f"not {name[:50]!r}"
+        )
 
 
 def _outcome(job: Job) -> list[Any]:

@@ -16,16 +16,20 @@ import os
 import secrets
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.errors import ConfigError, IntegrityError
 
 __all__ = [
     "ALGORITHM",
+    "DEFAULT_CREDENTIAL",
     "MAC_SIZE",
+    "MAX_SECRETS_PER_CREDENTIAL",
     "MIN_SECRET_SIZE",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
+    "Credential",
     "FrameSigner",
     "FrameVerifier",
     "client_proof",
@@ -44,9 +48,25 @@ ALGORITHM = "hmac-sha256"
 NONCE_SIZE = 32
 MAC_SIZE = 32
 MIN_SECRET_SIZE = 16
+DEFAULT_CREDENTIAL = "default"  # the name a client authenticates as unless told otherwise
 
 _SEQUENCE = struct.Struct(">Q")
 _PREFIX = f"jobbroker/{PROTOCOL_VERSION}|{ALGORITHM}|".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A name the broker knows, its role, and its secrets (two or more while rotating).
+
+    Roles are "producer", "worker" and "admin"; broker/access.py says what each may do.
+    """
+
+    name: str
+    role: str
+    secrets: tuple[bytes, ...]
+
+
+MAX_SECRETS_PER_CREDENTIAL = 8
 
 
 def new_nonce() -> bytes:
@@ -54,18 +74,20 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_SIZE)
 
 
-def _mac(secret: bytes, label: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    return hmac.digest(secret, _PREFIX + label + b"|" + client_nonce + server_nonce, hashlib.sha256)
+def _mac(secret: bytes, label: bytes, name: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    encoded = name.encode()
+    transcript = _PREFIX + label + b"|" + len(encoded).to_bytes(2, "big") + encoded + client_nonce + server_nonce
+    return hmac.digest(secret, transcript, hashlib.sha256)
 
 
-def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """What the broker sends to prove it holds the secret."""
-    return _mac(secret, b"server-proof", client_nonce, server_nonce)
+def server_proof(secret: bytes, name: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the broker sends to prove it holds the secret of credential `name`."""
+    return _mac(secret, b"server-proof", name, client_nonce, server_nonce)
 
 
-def client_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """What the client sends to prove it holds the secret."""
-    return _mac(secret, b"client-proof", client_nonce, server_nonce)
+def client_proof(secret: bytes, name: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the client sends to prove it holds the secret of credential `name`."""
+    return _mac(secret, b"client-proof", name, client_nonce, server_nonce)
 
 
 def proof_matches(expected: bytes, received: object) -> bool:
@@ -73,12 +95,12 @@ def proof_matches(expected: bytes, received: object) -> bool:
     return isinstance(received, bytes) and len(received) == MAC_SIZE and hmac.compare_digest(expected, received)
 
 
-def derive_session_keys(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
+def derive_session_keys(secret: bytes, name: str, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
     """(client-to-broker key, broker-to-client key): one key per direction, so that a frame
     cannot be reflected back to its sender."""
     return (
-        _mac(secret, b"key-client-to-broker", client_nonce, server_nonce),
-        _mac(secret, b"key-broker-to-client", client_nonce, server_nonce),
+        _mac(secret, b"key-client-to-broker", name, client_nonce, server_nonce),
+        _mac(secret, b"key-broker-to-client", name, client_nonce, server_nonce),
     )
 
 
@@ -146,9 +168,13 @@ def load_secret_file(path: str | os.PathLike[str]) -> bytes:
     """The file's content without its trailing newline.
 
     Raises:
-        ConfigError: the file cannot be read or holds a secret that is too short.
+        ConfigError: the file cannot be read, can be read by others than its owner (POSIX),
+            or holds a secret that is too short.
     """
     try:
+        if os.name == "posix" and os.stat(path).st_mode & 0o077:
+            # As ssh does with private keys: a secret others can read is no secret.
+            raise ConfigError(f"secret file {path} is readable by others: chmod 600 {path}")
         secret = Path(path).read_bytes().rstrip(b"\r\n")
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror or exc}") from exc

@@ -14,6 +14,7 @@ an error reply and the connection goes on.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from broker.errors import (
@@ -78,6 +79,8 @@ class Authenticated:
     """Server-side event: the handshake succeeded; requests may follow."""
 
     client: str
+    credential: str
+    role: str
 
 
 Event = Message | Authenticated
@@ -86,8 +89,9 @@ Event = Message | Authenticated
 class _Connection:
     role: Role
 
-    def __init__(self, secret: bytes, max_frame_size: int, nonce: bytes | None) -> None:
-        self._secret = secret
+    def __init__(self, max_frame_size: int, nonce: bytes | None) -> None:
+        self._secret = b""  # the credential's secret in use, once known
+        self._credential = auth.DEFAULT_CREDENTIAL
         self._decoder = FrameDecoder(max_frame_size)
         self._max_frame_size = max_frame_size
         self._nonce = nonce if nonce is not None else auth.new_nonce()
@@ -186,7 +190,7 @@ class _Connection:
         raise NotImplementedError
 
     def _start_session(self, client_nonce: bytes, server_nonce: bytes) -> None:
-        to_broker, to_client = auth.derive_session_keys(self._secret, client_nonce, server_nonce)
+        to_broker, to_client = auth.derive_session_keys(self._secret, self._credential, client_nonce, server_nonce)
         if self.role is Role.SERVER:
             self._signer, self._verifier = auth.FrameSigner(to_client), auth.FrameVerifier(to_broker)
         else:
@@ -206,7 +210,7 @@ class ServerConnection(_Connection):
     """The broker's side of one connection.
 
     Args:
-        secret: the shared secret.
+        credentials: the credentials clients may authenticate as, by name.
         session: the id the broker gives this connection, sent in the welcome.
         heartbeat: the heartbeat interval in seconds, sent in the welcome.
         max_frame_size: largest frame body accepted.
@@ -217,40 +221,63 @@ class ServerConnection(_Connection):
 
     def __init__(
         self,
-        secret: bytes,
+        credentials: Mapping[str, auth.Credential],
         *,
         session: int,
         heartbeat: float,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         nonce: bytes | None = None,
     ) -> None:
-        super().__init__(secret, max_frame_size, nonce)
+        super().__init__(max_frame_size, nonce)
         self.state = State.AWAIT_HELLO
+        self._credentials = credentials
+        self._candidates: tuple[bytes, ...] = ()
         self.session = session
         self.heartbeat = heartbeat
         self.client_name = ""
+        self.credential: auth.Credential | None = None  # known once authenticated
+        self.claimed_credential = ""  # the name the hello asked for, for logs
 
     def _step(self, message: Message, events: list[Event]) -> None:
         if isinstance(message, Hello):
             _check_hello_fields(message.version, message.nonce)
             self._peer_nonce = message.nonce
             self.client_name = message.client[:200]
-            proof = auth.server_proof(self._secret, message.nonce, self._nonce)
-            self._queue(Challenge(version=auth.PROTOCOL_VERSION, nonce=self._nonce, proof=proof))
+            self.claimed_credential = self._credential = message.credential[:200]
+            known = self._credentials.get(self._credential)
+            # An unknown name gets a decoy proof, so that names cannot be probed for.
+            self._candidates = known.secrets if known is not None else (auth.new_nonce(),)
+            proofs = [auth.server_proof(s, self._credential, message.nonce, self._nonce) for s in self._candidates]
+            self._queue(Challenge(version=auth.PROTOCOL_VERSION, nonce=self._nonce, proofs=proofs))
         elif isinstance(message, Authenticate):
-            expected = auth.client_proof(self._secret, self._peer_nonce, self._nonce)
-            if not auth.proof_matches(expected, message.proof):
-                raise AuthenticationFailed("client proof does not match: wrong secret")
+            credential = self._credentials.get(self._credential)
+            for secret in self._candidates:
+                expected = auth.client_proof(secret, self._credential, self._peer_nonce, self._nonce)
+                if credential is not None and auth.proof_matches(expected, message.proof):
+                    self._secret = secret
+                    break
+            else:
+                known = "wrong secret" if credential is not None else "unknown credential"
+                raise AuthenticationFailed(f"{known} for credential {self._credential!r}")
+            self.credential = credential
             self._start_session(self._peer_nonce, self._nonce)
-            self._queue(Welcome(session=self.session, heartbeat=self.heartbeat, max_frame_size=self._max_frame_size))
-            events.append(Authenticated(client=self.client_name))
+            self._queue(
+                Welcome(
+                    session=self.session,
+                    heartbeat=self.heartbeat,
+                    max_frame_size=self._max_frame_size,
+                    role=credential.role,
+                )
+            )
+            events.append(Authenticated(client=self.client_name, credential=credential.name, role=credential.role))
 
 
 class ClientConnection(_Connection):
     """The client's side of one connection. Call initiate() first, then send its output.
 
     Args:
-        secret: the shared secret.
+        secret: the credential's secret.
+        credential: the credential's name.
         client: a short name for the broker's logs and stats.
         max_frame_size: largest frame body accepted.
         nonce: the client's nonce; random unless a test fixes it.
@@ -262,11 +289,14 @@ class ClientConnection(_Connection):
         self,
         secret: bytes,
         *,
+        credential: str = auth.DEFAULT_CREDENTIAL,
         client: str = "",
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         nonce: bytes | None = None,
     ) -> None:
-        super().__init__(secret, max_frame_size, nonce)
+        super().__init__(max_frame_size, nonce)
+        self._secret = secret
+        self._credential = credential
         self.state = State.AWAIT_CHALLENGE
         self._client_name = client
         self._initiated = False
@@ -277,15 +307,25 @@ class ClientConnection(_Connection):
         if self._initiated:
             raise UsageError("initiate() called twice")
         self._initiated = True
-        self._queue(Hello(version=auth.PROTOCOL_VERSION, nonce=self._nonce, client=self._client_name))
+        self._queue(
+            Hello(
+                version=auth.PROTOCOL_VERSION, nonce=self._nonce, client=self._client_name, credential=self._credential
+            )
+        )
 
     def _step(self, message: Message, events: list[Event]) -> None:
         if isinstance(message, Challenge):
             _check_hello_fields(message.version, message.nonce)
-            expected = auth.server_proof(self._secret, self._nonce, message.nonce)
-            if not auth.proof_matches(expected, message.proof):
-                raise AuthenticationFailed("broker proof does not match: wrong secret, or not our broker")
-            self._queue(Authenticate(proof=auth.client_proof(self._secret, self._nonce, message.nonce)))
+            expected = auth.server_proof(self._secret, self._credential, self._nonce, message.nonce)
+            proofs = message.proofs[: auth.MAX_SECRETS_PER_CREDENTIAL]
+            if not any(auth.proof_matches(expected, proof) for proof in proofs):
+                raise AuthenticationFailed(
+                    f"broker proof does not match: wrong secret or unknown credential {self._credential!r}, "
+                    "or not our broker"
+                )
+            self._queue(
+                Authenticate(proof=auth.client_proof(self._secret, self._credential, self._nonce, message.nonce))
+            )
             self._start_session(self._nonce, message.nonce)
         elif isinstance(message, Welcome):
             self.welcome = message

@@ -26,6 +26,7 @@ __all__ = [
     "Challenge",
     "Complete",
     "DeadList",
+    "DeadPurge",
     "DeadRequeue",
     "Deliver",
     "ErrorReply",
@@ -80,6 +81,7 @@ class Hello(Message):
     version: int
     nonce: bytes
     client: str = ""
+    credential: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,7 @@ class Challenge(Message):
     op: ClassVar[str] = "challenge"
     version: int
     nonce: bytes
-    proof: bytes
+    proofs: list[bytes]  # one per secret of the credential (several while rotating)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,7 @@ class Welcome(Message):
     session: int
     heartbeat: float
     max_frame_size: int
+    role: str = "admin"
 
 
 # --- both directions --------------------------------------------------------------------
@@ -209,6 +212,14 @@ class DeadRequeue(Request):
     job_ids: list[int] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DeadPurge(Request):
+    op: ClassVar[str] = "dead_purge"
+    id: int
+    queue: str
+    job_ids: list[int] | None = None
+
+
 # --- broker to client -------------------------------------------------------------------
 
 
@@ -263,6 +274,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         JobInfo,
         DeadList,
         DeadRequeue,
+        DeadPurge,
         Reply,
         ErrorReply,
         Deliver,
@@ -328,7 +340,7 @@ def _checker(annotation: Any) -> Checker:
         return _simple(dict, "a map")
     if origin is list and typing.get_origin(args[0]) is tuple:
         return _rows_checker(typing.get_args(args[0]))
-    if origin is list and args[0] in (int, str):
+    if origin is list and args[0] in (int, str, bytes):
         return _plain_list_checker(args[0])
     if origin is list:
         item = _checker(args[0])

@@ -87,14 +87,19 @@ async def test_serve_generates_a_private_secret_on_first_start(
         assert await client.submit("q", 1) > 0
 
 
-def test_bad_secret_file_is_a_clear_error(tmp_path: Path) -> None:
-    short = tmp_path / "short"
-    short.write_text("abc\n")
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [("abc\n", 0o600, "at least 16"), ("a-long-enough-secret\n", 0o644, "readable by others: chmod 600")],
+)
+def test_bad_secret_file_is_a_clear_error(tmp_path: Path, content: str, mode: int, message: str) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(content)
+    secret_file.chmod(mode)
     result = subprocess.run(
-        [sys.executable, "-m", "broker", "stats", "--secret-file", str(short)],
+        [sys.executable, "-m", "broker", "stats", "--secret-file", str(secret_file)],
         capture_output=True,
         text=True,
         timeout=30,
         cwd=REPO,
     )
-    assert result.returncode == 2 and "at least 16" in result.stderr
+    assert result.returncode == 2 and message in result.stderr

@@ -13,11 +13,12 @@ SECRET = b"k" * 32
 def test_proofs_depend_on_role_secret_and_both_nonces() -> None:
     a, b = auth.new_nonce(), auth.new_nonce()
     assert a != b and len(a) == auth.NONCE_SIZE
-    server = auth.server_proof(SECRET, a, b)
-    assert server != auth.client_proof(SECRET, a, b)  # a proof cannot be reflected
-    assert server != auth.server_proof(b"j" * 32, a, b)
-    assert server != auth.server_proof(SECRET, b, a)
-    assert auth.proof_matches(server, auth.server_proof(SECRET, a, b))
+    server = auth.server_proof(SECRET, "default", a, b)
+    assert server != auth.client_proof(SECRET, "default", a, b)  # a proof cannot be reflected
+    assert server != auth.server_proof(b"j" * 32, "default", a, b)
+    assert server != auth.server_proof(SECRET, "default", b, a)
+    assert server != auth.server_proof(SECRET, "other", a, b)  # the name is covered
+    assert auth.proof_matches(server, auth.server_proof(SECRET, "default", a, b))
 
 
 @pytest.mark.parametrize("received", [b"", b"x" * 31, "text", None, b"x" * 33])
@@ -27,9 +28,9 @@ def test_proof_of_wrong_type_or_length_never_matches(received: object) -> None:
 
 def test_session_keys_differ_per_direction_and_connection() -> None:
     a, b = auth.new_nonce(), auth.new_nonce()
-    to_broker, to_client = auth.derive_session_keys(SECRET, a, b)
+    to_broker, to_client = auth.derive_session_keys(SECRET, "default", a, b)
     assert to_broker != to_client
-    assert auth.derive_session_keys(SECRET, a, auth.new_nonce())[0] != to_broker
+    assert auth.derive_session_keys(SECRET, "default", a, auth.new_nonce())[0] != to_broker
 
 
 def test_frame_macs_detect_tampering_replay_and_reordering() -> None:
@@ -73,6 +74,7 @@ def test_secret_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     secret_file = tmp_path / "file"
     secret_file.write_bytes(b"f" * 20 + b"\n")
+    secret_file.chmod(0o600)
     monkeypatch.setenv("JOBBROKER_SECRET_FILE", str(secret_file))
     assert auth.resolve_secret() == b"f" * 20  # trailing newline dropped
 
@@ -83,6 +85,7 @@ def test_secret_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def default_path_file(tmp_path: Path) -> Path:
     path = tmp_path / "explicit"
     path.write_bytes(b"g" * 20)
+    path.chmod(0o600)
     return path
 
 
@@ -91,7 +94,16 @@ def test_short_secrets_are_refused(tmp_path: Path) -> None:
         auth.resolve_secret(secret=b"abc")
     path = tmp_path / "short"
     path.write_bytes(b"abc\n")
+    path.chmod(0o600)
     with pytest.raises(ConfigError, match="at least 16"):
+        auth.load_secret_file(path)
+
+
+def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "open"
+    path.write_bytes(b"x" * 32)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
         auth.load_secret_file(path)
 
 

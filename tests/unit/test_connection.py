@@ -16,19 +16,21 @@ from broker.protocol.messages import (
     decode,
     encode,
 )
-from tests.helpers import SECRET, connected_pair, exchange
+from tests.helpers import SECRET, connected_pair, credentials, exchange
 
 
 def test_handshake_then_requests_and_replies() -> None:
     client = ClientConnection(SECRET, client="me")
-    server = ServerConnection(SECRET, session=7, heartbeat=2.0)
+    server = ServerConnection(credentials(), session=7, heartbeat=2.0)
     client.initiate()
     server_events = server.receive_data(client.data_to_send())
     assert server_events == [] and server.state is State.AWAIT_AUTHENTICATE
     client.receive_data(server.data_to_send())
-    assert server.receive_data(client.data_to_send()) == [Authenticated(client="me")]
+    assert server.receive_data(client.data_to_send()) == [
+        Authenticated(client="me", credential="default", role="admin")
+    ]
     (welcome,) = client.receive_data(server.data_to_send())
-    assert welcome == Welcome(session=7, heartbeat=2.0, max_frame_size=server._max_frame_size)
+    assert welcome == Welcome(session=7, heartbeat=2.0, max_frame_size=server._max_frame_size, role="admin")
     assert client.state is State.OPEN and server.state is State.OPEN
 
     client.send(Stats(id=1))
@@ -39,7 +41,7 @@ def test_handshake_then_requests_and_replies() -> None:
 
 def test_wrong_secret_is_refused_by_the_client_before_it_proves_anything() -> None:
     client = ClientConnection(b"w" * 32)
-    server = ServerConnection(SECRET, session=1, heartbeat=5.0)
+    server = ServerConnection(credentials(), session=1, heartbeat=5.0)
     client.initiate()
     server.receive_data(client.data_to_send())
     client.receive_data(server.data_to_send())  # the broker's proof does not match
@@ -49,11 +51,11 @@ def test_wrong_secret_is_refused_by_the_client_before_it_proves_anything() -> No
 
 def test_wrong_secret_is_refused_by_the_server() -> None:
     # A client that skips checking the broker's proof still cannot get in.
-    server = ServerConnection(SECRET, session=1, heartbeat=5.0)
+    server = ServerConnection(credentials(), session=1, heartbeat=5.0)
     client_nonce = auth.new_nonce()
     server.receive_data(encode_frame(encode(Hello(version=1, nonce=client_nonce))))
     challenge = decode(FrameDecoder().feed(server.data_to_send())[0])
-    wrong = auth.client_proof(b"w" * 32, client_nonce, challenge.nonce)  # type: ignore[attr-defined]
+    wrong = auth.client_proof(b"w" * 32, "default", client_nonce, challenge.nonce)  # type: ignore[attr-defined]
     events = server.receive_data(encode_frame(msgpack.packb({"op": "authenticate", "proof": wrong})))
     assert events == [] and server.state is State.CLOSED
     assert isinstance(server.error, AuthenticationFailed)
@@ -62,7 +64,7 @@ def test_wrong_secret_is_refused_by_the_server() -> None:
 
 
 def test_requests_before_the_handshake_close_the_connection() -> None:
-    server = ServerConnection(SECRET, session=1, heartbeat=5.0)
+    server = ServerConnection(credentials(), session=1, heartbeat=5.0)
     assert server.receive_data(encode_frame(encode(Stats(id=1)))) == []
     assert server.state is State.CLOSED and isinstance(server.error, AuthenticationFailed)
     assert server.receive_data(encode_frame(encode(Stats(id=2)))) == []  # input discarded
@@ -70,7 +72,7 @@ def test_requests_before_the_handshake_close_the_connection() -> None:
 
 def test_unsupported_version_and_short_nonce() -> None:
     for hello in (Hello(version=99, nonce=b"n" * 32), Hello(version=1, nonce=b"short")):
-        server = ServerConnection(SECRET, session=1, heartbeat=5.0)
+        server = ServerConnection(credentials(), session=1, heartbeat=5.0)
         server.receive_data(encode_frame(encode(hello)))
         assert server.state is State.CLOSED
 

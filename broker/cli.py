@@ -11,14 +11,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.access import default_credentials, load_credentials
 from broker.config import DEFAULT_HOST, DEFAULT_PORT, BrokerConfig, default_store_dir, ensure_secret_file
 from broker.core.scheduler import SchedulerConfig
 from broker.errors import ConfigError, JobbrokerError, StorageError
-from broker.protocol.auth import load_secret_file, resolve_secret
+from broker.protocol.auth import Credential, resolve_secret
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from broker.store import FsyncMode
 
@@ -83,11 +84,27 @@ def _parser() -> argparse.ArgumentParser:
         choices=[m.value for m in FsyncMode],
         help="always: fsync each group commit before acknowledging (default); interval: at most 1 s later; never",
     )
+    serve.add_argument("--credentials", default=None, help="credentials file (TOML): names, roles, secret files")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate (chain): speak TLS only")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    serve.add_argument("--max-connections", type=int, default=10_000, help="connections at once (10000)")
+    serve.add_argument("--max-payload-size", type=int, default=1024 * 1024, help="bytes per payload (1 MiB)")
+    serve.add_argument("--max-result-size", type=int, default=1024 * 1024, help="bytes per result (1 MiB)")
+    serve.add_argument("--max-queues", type=int, default=10_000, help="queues at most (10000)")
+    serve.add_argument("--max-write-buffer", type=int, default=64 * 1024 * 1024, help="bytes queued to a peer (64 MiB)")
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
 
-    worker = command("worker", _worker, "run a worker on a handler")
+    def client_command(name: str, run: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = command(name, run, help_text)
+        sub.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
+        sub.add_argument(
+            "--credential", default=None, help="credential name (default $JOBBROKER_CREDENTIAL, else default)"
+        )
+        sub.add_argument("--tls-ca", default=None, help="CA file: speak TLS, verify the broker against it")
+        return sub
+
+    worker = client_command("worker", _worker, "run a worker on a handler")
     worker.add_argument("handler", help="module:function to run on each job's payload")
-    worker.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
     worker.add_argument("--queue", action="append", required=True, help="queue to take jobs from (repeatable)")
     worker.add_argument("--concurrency", type=int, default=16, help="jobs run at once (16)")
     worker.add_argument("--prefetch", type=int, default=None, help="jobs held at once (2 x concurrency)")
@@ -95,18 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", default=None, help="name shown in stats (default host:pid)")
     worker.add_argument("--grace", type=float, default=30.0, help="seconds to finish running jobs on stop (30)")
 
-    submit = command("submit", _submit, "submit jobs")
+    submit = client_command("submit", _submit, "submit jobs")
     submit.add_argument("queue")
     submit.add_argument("payloads", nargs="+", help="payloads, as JSON where they parse, else strings")
-    submit.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--delay", type=float, default=0.0)
     submit.add_argument("--max-attempts", type=int, default=None)
     submit.add_argument("--wait", action="store_true", help="wait for the results and print them")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: seconds to wait")
 
-    stats = command("stats", _stats, "show queues and workers")
-    stats.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
+    stats = client_command("stats", _stats, "show queues and workers")
     stats.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -126,7 +141,15 @@ def _run(coroutine: Coroutine[Any, Any, Any], *, use_uvloop: bool = True) -> Any
 
 
 def _serve(args: argparse.Namespace) -> int:
-    secret = _broker_secret(args.secret_file)
+    if args.credentials:
+        credentials = load_credentials(args.credentials)
+        log.info(
+            "credentials from %s: %s", args.credentials, ", ".join(f"{c.name} ({c.role})" for c in credentials.values())
+        )
+    else:
+        credentials = default_credentials(_broker_secret(args.secret_file))
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
     _raise_open_file_limit()
     if args.memory and args.data_dir:
         raise ConfigError("--memory and --data-dir exclude each other")
@@ -136,6 +159,12 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_frame_size=args.max_frame_size,
+        max_connections=args.max_connections,
+        max_payload_size=args.max_payload_size,
+        max_result_size=args.max_result_size,
+        max_write_buffer=args.max_write_buffer,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
         handshake_timeout=args.handshake_timeout,
         scheduler=SchedulerConfig(
             heartbeat=args.heartbeat,
@@ -143,11 +172,15 @@ def _serve(args: argparse.Namespace) -> int:
             default_max_attempts=args.max_attempts,
             result_ttl=args.result_ttl,
             max_pending_per_queue=args.max_pending,
+            max_queues=args.max_queues,
         ),
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: reachable beyond this machine; the secret is all that guards it", args.host)
-    _run(_serve_until_signal(config, secret), use_uvloop=not args.no_uvloop)
+    config.tls_context()  # a bad certificate stops us here, before anything listens
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
+        log.warning(
+            "listening on %s without TLS: traffic is authenticated but readable; see docs/security.md", args.host
+        )
+    _run(_serve_until_signal(config, credentials), use_uvloop=not args.no_uvloop)
     return 0
 
 
@@ -182,11 +215,11 @@ def _broker_secret(secret_file: str | None) -> bytes:
     return secret
 
 
-async def _serve_until_signal(config: BrokerConfig, secret: bytes) -> None:
+async def _serve_until_signal(config: BrokerConfig, credentials: Mapping[str, Credential]) -> None:
     from broker.server import Broker
 
     loop = asyncio.get_running_loop()
-    broker = Broker(config, secret)
+    broker = Broker(config, credentials=credentials)
     await broker.start()
     print(f"jobbroker listening on {config.host}:{broker.port}", file=sys.stderr, flush=True)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -200,8 +233,8 @@ async def _serve_until_signal(config: BrokerConfig, secret: bytes) -> None:
 # --- client-side commands -------------------------------------------------------------------
 
 
-def _client_secret(args: argparse.Namespace) -> bytes:
-    return load_secret_file(args.secret_file) if args.secret_file else resolve_secret()
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"secret_file": args.secret_file, "credential": args.credential, "tls": args.tls_ca}
 
 
 def _load_handler(spec: str) -> Callable[[Any], Any]:
@@ -230,7 +263,7 @@ def _worker(args: argparse.Namespace) -> int:
         args.connect,
         queues=args.queue,
         handler=handler,
-        secret=_client_secret(args),
+        **_client_options(args),
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         executor=args.executor,
@@ -255,7 +288,7 @@ def _submit(args: argparse.Namespace) -> int:
     from client.client import Client
 
     async def go() -> int:
-        async with Client(args.connect, secret=_client_secret(args), name="cli") as client:
+        async with Client(args.connect, name="cli", **_client_options(args)) as client:
             payloads = [_parse_payload(p) for p in args.payloads]
             ids = await client.submit_many(
                 args.queue, payloads, priority=args.priority, delay=args.delay, max_attempts=args.max_attempts
@@ -279,7 +312,7 @@ def _stats(args: argparse.Namespace) -> int:
     from client.client import Client
 
     async def go() -> dict[str, Any]:
-        async with Client(args.connect, secret=_client_secret(args), name="cli") as client:
+        async with Client(args.connect, name="cli", **_client_options(args)) as client:
             return await client.stats()
 
     info = _run(go())

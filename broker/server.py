@@ -81,6 +81,7 @@ _HEARTBEAT = Heartbeat()
 # that disk use follows the live jobs rather than the traffic.
 COMPACT_EVERY = 10.0
 _WRITER_SWITCH_INTERVAL = 0.0005
+_LISTEN_BACKLOG = 4096  # bursts of connecting workers wait in the kernel, not in SYN retries
 
 
 class _BrokerProtocol(asyncio.Protocol):
@@ -102,6 +103,7 @@ class _BrokerProtocol(asyncio.Protocol):
         self.allowed: frozenset[str] = frozenset()  # ops the credential's role may send
         self.owner: str | None = None  # the credential, for producers and workers; None for admins
         self.close_when_sent = False  # after a fatal protocol error: send the error frame, then close
+        self._throttled: list[bytes] | None = None  # input held back while the throttle delays us
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -115,17 +117,31 @@ class _BrokerProtocol(asyncio.Protocol):
             self.transport.abort()
             return
         broker._connections[self.session] = self
-        self._handshake_timer = broker.loop.call_later(broker.config.handshake_timeout, self._handshake_expired)
         delay = broker.auth_throttle.delay(self.address, broker.loop.time())
-        if delay > 0:  # this address failed to authenticate lately: make it wait
-            self.transport.pause_reading()
-            broker.loop.call_later(delay, self._resume_reading)
+        if delay > 0:  # this address failed to authenticate lately: its input waits
+            self._throttled = []
+            broker.loop.call_later(delay, self._end_throttle)
+        else:
+            self._start_handshake_timer()
 
-    def _resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+    def _start_handshake_timer(self) -> None:
+        self._handshake_timer = self.broker.loop.call_later(
+            self.broker.config.handshake_timeout, self._handshake_expired
+        )
+
+    def _end_throttle(self) -> None:
+        held, self._throttled = self._throttled, None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._start_handshake_timer()  # the wait does not count against the handshake
+        if held:
+            self.data_received(b"".join(held))
 
     def data_received(self, data: bytes) -> None:
+        if self._throttled is not None:
+            if sum(map(len, self._throttled)) < 65536:  # a handshake is small; more is dropped
+                self._throttled.append(data)
+            return
         connection = self.connection
         events = connection.receive_data(data)
         broker = self.broker
@@ -209,8 +225,14 @@ class _BrokerProtocol(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
         if not self.authenticated and self.transport is not None:
-            self._auth_failed(f"no handshake within {self.broker.config.handshake_timeout:.1f}s")
-            self.connection.close()  # counted now; not again when the connection is lost
+            # Logged, not throttled: a silent connection guesses no secret, and the throttle
+            # would punish every client behind the same address.
+            log.warning(
+                "authentication failed from %s: no handshake within %.1fs",
+                self.peer,
+                self.broker.config.handshake_timeout,
+            )
+            self.connection.close()
             self.transport.abort()
 
 
@@ -333,7 +355,13 @@ class Broker:
         self._closed = loop.create_future()
         try:
             tls = self.config.tls_context()
-            self._server = await loop.create_server(self._new_protocol, self.config.host, self.config.port, ssl=tls)
+            self._server = await loop.create_server(
+                self._new_protocol,
+                self.config.host,
+                self.config.port,
+                ssl=tls,
+                backlog=min(self.config.max_connections, _LISTEN_BACKLOG),
+            )
         except BaseException:
             self._close_store()
             raise

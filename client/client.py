@@ -20,6 +20,7 @@ from broker.errors import (
 from broker.protocol.messages import (
     Cancel,
     DeadList,
+    DeadPurge,
     DeadRequeue,
     Deliver,
     JobInfo,
@@ -366,6 +367,11 @@ class Client:
         """The queue's dead jobs, oldest first, with their last errors."""
         reply = await self._link.call(DeadList, queue=queue, limit=limit)
         return list(reply["jobs"])
+
+    async def purge_dead(self, queue: str, job_ids: Iterable[int] | None = None) -> int:
+        """Forget dead jobs (all of the queue's, or those named). Returns how many."""
+        reply = await self._link.call(DeadPurge, queue=queue, job_ids=None if job_ids is None else list(job_ids))
+        return int(reply["purged"])
 
     async def requeue_dead(self, queue: str, job_ids: Iterable[int] | None = None) -> int:
         """Move dead jobs (all of the queue's, or those named) back to pending. Returns how many."""

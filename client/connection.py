@@ -144,7 +144,8 @@ class Connection:
 
         Raises:
             OSError: the broker cannot be reached; ssl.SSLError: TLS failed (wrong CA, not TLS).
-            AuthenticationFailed: the handshake failed (wrong secret, not a jobbroker).
+            AuthenticationFailed: the broker refused our proof or we refused its (wrong secret).
+            ConnectionClosed: the connection was lost during the handshake.
             TimeoutError: no handshake within `timeout`.
         """
         self = cls(secret, credential=credential, client=client, on_push=on_push, max_frame_size=max_frame_size)
@@ -268,10 +269,10 @@ class Connection:
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
         if not self._welcome.done():
+            # A refused proof is final; a connection lost mid-handshake (the broker at its
+            # connection limit, restarting) is worth another try.
             cause = exc.cause
-            self._welcome.set_exception(
-                cause if isinstance(cause, AuthenticationFailed) else AuthenticationFailed(f"handshake failed: {exc}")
-            )
+            self._welcome.set_exception(cause if isinstance(cause, AuthenticationFailed) else exc)
             with contextlib.suppress(BaseException):
                 self._welcome.exception()  # retrieved: no "never retrieved" warning
         pending, self._pending = self._pending, {}

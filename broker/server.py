@@ -190,6 +190,8 @@ class _BrokerProtocol(asyncio.Protocol):
             transport.close()
 
     def send(self, message: Message) -> None:
+        # A later frame of the same read may have broken the connection (a bad MAC): the
+        # replies to the authentic requests before it are then dropped, as if lost in transit.
         if self.connection.state is State.OPEN:
             self.connection.send(message)
             self.broker._mark_dirty(self)
@@ -466,13 +468,13 @@ class Broker:
                 )
             data = handler(protocol, request, self.loop.time())
         except BrokerError as exc:
-            protocol.connection.send(ErrorReply(id=request.id, code=exc.code, message=str(exc)))
+            protocol.send(ErrorReply(id=request.id, code=exc.code, message=str(exc)))
         except Exception:
             # A bug of ours must not take the connection (or the broker) down with it.
             log.exception("internal error handling %s from session %d", request.op, protocol.session)
-            protocol.connection.send(ErrorReply(id=request.id, code="internal", message="internal broker error"))
+            protocol.send(ErrorReply(id=request.id, code="internal", message="internal broker error"))
         else:
-            protocol.connection.send(Reply(id=request.id, data=data))
+            protocol.send(Reply(id=request.id, data=data))
 
     def _on_submit(self, client: _BrokerProtocol, request: Submit, now: float) -> dict[str, Any]:
         if self._storage_error is not None:

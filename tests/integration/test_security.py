@@ -275,7 +275,7 @@ async def test_a_peer_that_never_reads_is_cut_off(start_broker: Callable[..., Br
 async def test_slow_and_idle_connections_do_not_starve_others(start_broker: Callable[..., BrokerProcess]) -> None:
     broker = start_broker("--handshake-timeout", "1")
     host, port = parse_address(broker.address)
-    idle = [socket.create_connection((host, port)) for _ in range(500)]
+    idle = [socket.create_connection((host, port)) for _ in range(1000)]
     trickle = socket.create_connection((host, port))
     try:
         async with Client(broker.address, secret=SECRET) as client:

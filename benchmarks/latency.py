@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import signal
 import statistics
 import sys
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import run_async, start, wait_for_port, wait_for_workers  # noqa: E402
+from harness import run_async, start, wait_for_port, wait_for_workers, write_secret  # noqa: E402
 
 from client import Client  # noqa: E402
 
@@ -55,12 +54,9 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 def run(samples: int, storage: str) -> dict[str, float]:
-    secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        secret_file = tmp / "secret"
-        secret_file.write_bytes(secret)
-        secret_file.chmod(0o600)
+        secret, secret_file = write_secret(tmp)
         argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
         argv += ["--memory"] if storage == "memory" else ["--data-dir", str(tmp / "data")]
         broker = start([*argv, "--log-level", "warning"], tmp / "broker.log")

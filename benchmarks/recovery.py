@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import signal
 import sys
 import tempfile
@@ -24,19 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import start, wait_for_port, wait_for_workers  # noqa: E402
+from harness import rss_mib, start, wait_for_port, wait_for_workers, write_secret  # noqa: E402
 
 from broker.server import COMPACT_EVERY  # noqa: E402
 from client import Client  # noqa: E402
 
 BATCH = 10_000
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def disk_mib(path: Path) -> float:
@@ -89,12 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1_000_000)
     args = parser.parse_args()
-    secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        secret_file = tmp / "secret"
-        secret_file.write_bytes(secret)
-        secret_file.chmod(0o600)
+        secret, secret_file = write_secret(tmp)
         data_dir = tmp / "data"
 
         broker = Broker(tmp, secret_file, data_dir, "first")

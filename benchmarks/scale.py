@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import resource
-import secrets
 import signal
 import sys
 import tempfile
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import run_async, start, wait_for_port  # noqa: E402
+from harness import rss_mib, run_async, start, wait_for_port, write_secret  # noqa: E402
 
 from broker.protocol.messages import Deliver, Reserve, Results  # noqa: E402
 from client import Client  # noqa: E402
@@ -35,13 +34,6 @@ from client.connection import Connection, parse_address  # noqa: E402
 
 BATCH = 10_000
 HEARTBEAT = 1.0
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -89,48 +81,45 @@ async def idle_workers(address: str, secret: bytes, count: int, broker_pid: int,
             connection.close()
 
 
+class DeliveryCounter:
+    """An on_push callback that sets `all_here` once `count` jobs were delivered."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.received = 0
+        self.all_here = asyncio.Event()
+
+    def __call__(self, message: Deliver | Results) -> None:
+        if isinstance(message, Deliver):
+            self.received += len(message.jobs)
+            if self.received >= self.count:
+                self.all_here.set()
+
+
 async def hold(address: str, secret: bytes, count: int) -> None:
     """The doomed worker: takes `count` jobs and never answers."""
     host, port = parse_address(address)
-    received = 0
-    done = asyncio.Event()
-
-    def on_push(message: Deliver | Results) -> None:
-        nonlocal received
-        if isinstance(message, Deliver):
-            received += len(message.jobs)
-            if received >= count:
-                done.set()
-
-    connection = await Connection.open(host, port, secret, client="doomed", on_push=on_push)
+    counter = DeliveryCounter(count)
+    connection = await Connection.open(host, port, secret, client="doomed", on_push=counter)
     await connection.request(Reserve, queues=["leased"], prefetch=count)
-    await done.wait()
+    await counter.all_here.wait()
     print("holding", flush=True)
     await asyncio.sleep(3600)
 
 
 async def takeover(address: str, secret: bytes, count: int, doomed: Any, how: int) -> float:
     host, port = parse_address(address)
-    received = 0
-    all_here = asyncio.Event()
-
-    def on_push(message: Deliver | Results) -> None:
-        nonlocal received
-        if isinstance(message, Deliver):
-            received += len(message.jobs)
-            if received >= count:
-                all_here.set()
-
+    counter = DeliveryCounter(count)
     async with Client(address, secret=secret) as client:
         await client.submit_many("leased", range(count))
         while doomed.poll() is None and "holding" not in doomed.log_path.read_text():
             await asyncio.sleep(0.05)
-        heir = await Connection.open(host, port, secret, client="heir", on_push=on_push)
+        heir = await Connection.open(host, port, secret, client="heir", on_push=counter)
         try:
             await heir.request(Reserve, queues=["leased"], prefetch=count)
             started = time.perf_counter()
             doomed.send_signal(how)
-            await asyncio.wait_for(all_here.wait(), 60)
+            await asyncio.wait_for(counter.all_here.wait(), 60)
             return time.perf_counter() - started
         finally:
             heir.close()
@@ -149,13 +138,10 @@ def main() -> None:
         run_async(hold(address, Path(secret_file).read_bytes(), int(count)))
         return
     raise_file_limit()
-    secret = secrets.token_hex(32).encode()
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        secret_file = tmp / "secret"
-        secret_file.write_bytes(secret)
-        secret_file.chmod(0o600)
+        secret, secret_file = write_secret(tmp)
 
         broker = Broker(tmp, secret_file, "pending")
         rate = run_async(pending(broker.address, secret, args.pending))

@@ -12,44 +12,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import run_async, start, wait_for_port, wait_for_workers, write_secret  # noqa: E402
+
 from client import Client  # noqa: E402
 
 PIPELINE = 2000  # per-job submits in flight at once
-
-
-def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
-    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-
-def wait_for_port(log: Path, timeout: float = 15.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
-        if match:
-            return int(match.group(1))
-        time.sleep(0.02)
-    raise RuntimeError(f"broker did not start:\n{log.read_text()}")
-
-
-async def wait_for_workers(client: Client, count: int) -> None:
-    async with asyncio.timeout(30):
-        while len((await client.stats())["workers"]) < count:
-            await asyncio.sleep(0.05)
 
 
 async def batched(client: Client, queue: str, jobs: int) -> float:
@@ -81,25 +57,13 @@ async def measure(address: str, secret: bytes, workers: int, jobs: int, submits:
         return {name: await SUBMIT_MODES[name](client, "bench", jobs) for name in submits}
 
 
-def run_async(coroutine: Any) -> Any:
-    """The producer runs on uvloop where it is installed, as the broker and workers do."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
-
-
 def run(
     jobs: int, worker_counts: list[int], modes: list[str], submits: list[str] | None = None
 ) -> list[tuple[str, str, int, float]]:
     rows: list[tuple[str, str, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        secret = secrets.token_hex(32).encode()
-        secret_file = tmp_path / "secret"
-        secret_file.write_bytes(secret)
-        secret_file.chmod(0o600)
+        secret, secret_file = write_secret(tmp_path)
         for mode, workers in [(m, w) for w in worker_counts for m in modes]:
             log = tmp_path / f"broker-{mode}-{workers}.log"
             argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]

@@ -35,6 +35,7 @@ from broker.core.scheduler import (
 from broker.errors import (
     BrokerError,
     Forbidden,
+    FrameTooLarge,
     InvalidRequest,
     LimitExceeded,
     StorageError,
@@ -195,6 +196,18 @@ class _BrokerProtocol(asyncio.Protocol):
         if self.connection.state is State.OPEN:
             self.connection.send(message)
             self.broker._mark_dirty(self)
+
+    def send_batch(self, message_type: type[Deliver] | type[Results], items: list[list[Any]]) -> None:
+        """Push a batch, in as many frames as the frame limit needs (large payloads)."""
+        try:
+            self.send(message_type(items))
+        except FrameTooLarge:
+            if len(items) == 1:  # one item over the limit: the limits on payloads prevent it
+                log.error("session %d: a %s item does not fit in a frame; dropped", self.session, message_type.op)
+                return
+            half = len(items) // 2
+            self.send_batch(message_type, items[:half])
+            self.send_batch(message_type, items[half:])
 
     def _authenticated(self, event: Authenticated) -> None:
         if self._handshake_timer is not None:
@@ -644,12 +657,12 @@ class Broker:
                 protocol = connections.get(effect.session)
                 if protocol is not None:
                     for chunk in _chunks(effect.jobs):
-                        protocol.send(Deliver(jobs=chunk))
+                        protocol.send_batch(Deliver, chunk)
             elif isinstance(effect, ResultsReady):
                 protocol = connections.get(effect.session)
                 if protocol is not None:
                     for chunk in _chunks(effect.items):
-                        protocol.send(Results(items=chunk))
+                        protocol.send_batch(Results, chunk)
             elif isinstance(effect, SessionExpired):
                 protocol = connections.get(effect.session)
                 log.warning("session %d missed its heartbeats: dead", effect.session)

@@ -10,9 +10,11 @@ from typing import Any
 
 from broker.errors import (
     ConnectionClosed,
+    FrameTooLarge,
     JobCancelled,
     JobDead,
     JobNotFound,
+    LimitExceeded,
     ResultTimeout,
     UsageError,
     broker_error,
@@ -192,20 +194,26 @@ class Client:
         keys: Sequence[str | None] | None,
         watch: bool,
     ) -> list[int]:
-        reply = await self._link.call(
-            Submit,
-            # Resending is safe only when every job carries an idempotency key.
-            retry=keys is not None and all(k is not None for k in keys),
-            queue=queue,
-            payloads=payloads,
-            priority=priority,
-            delay=float(delay),
-            max_attempts=max_attempts,
-            lease=None if lease is None else float(lease),
-            backoff=None if backoff is None else float(backoff),
-            keys=None if keys is None else list(keys),
-            watch=watch,
-        )
+        try:
+            reply = await self._link.call(
+                Submit,
+                # Resending is safe only when every job carries an idempotency key.
+                retry=keys is not None and all(k is not None for k in keys),
+                queue=queue,
+                payloads=payloads,
+                priority=priority,
+                delay=float(delay),
+                max_attempts=max_attempts,
+                lease=None if lease is None else float(lease),
+                backoff=None if backoff is None else float(backoff),
+                keys=None if keys is None else list(keys),
+                watch=watch,
+            )
+        except FrameTooLarge as exc:
+            raise LimitExceeded(
+                f"{len(payloads)} payloads make a frame of {exc.size} bytes; the broker takes {exc.limit}: "
+                "submit fewer at a time"
+            ) from None
         return list(reply["job_ids"])
 
     # --- results ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
-from broker.errors import ConnectionClosed, UsageError, broker_error
+from broker.errors import ConnectionClosed, FrameTooLarge, UsageError, broker_error
 from broker.protocol.messages import Complete, Deliver, Fail, Release, Reserve, Results, Touch
 from client.connection import Connection, Link
 
@@ -348,7 +348,15 @@ class Worker:
                 self._send(connection, Fail, [[item[0], item[1], "UnencodableResult", f"result cannot be sent: {exc}"]])
 
     def _send(self, connection: Connection, request_type: type[Complete] | type[Fail], items: list[list[Any]]) -> None:
-        future = connection.request(request_type, items=items)
+        try:
+            future = connection.request(request_type, items=items)
+        except FrameTooLarge:
+            if len(items) == 1:
+                raise ValueError("one result does not fit in a frame") from None  # fails the job instead
+            half = len(items) // 2
+            self._send(connection, request_type, items[:half])
+            self._send(connection, request_type, items[half:])
+            return
         self._answers.add(future)
         future.add_done_callback(functools.partial(self._answered, items))
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from broker.errors import (
     AuthenticationFailed,
     ConnectionClosed,
+    FrameTooLarge,
     MalformedMessage,
     ProtocolError,
     UsageError,
@@ -94,6 +95,9 @@ class _Connection:
         self._credential = auth.DEFAULT_CREDENTIAL
         self._decoder = FrameDecoder(max_frame_size)
         self._max_frame_size = max_frame_size
+        # The largest frame the peer takes: the broker announces its own in the welcome; the
+        # broker assumes its clients take what it takes (the default is the same).
+        self.peer_max_frame_size = max_frame_size
         self._nonce = nonce if nonce is not None else auth.new_nonce()
         self._peer_nonce = b""
         self._signer: auth.FrameSigner | None = None
@@ -106,13 +110,24 @@ class _Connection:
     # --- output ---------------------------------------------------------------------------
 
     def send(self, message: Message) -> None:
-        """Queue a message; after the handshake it is MACed."""
+        """Queue a message; after the handshake it is MACed.
+
+        Raises:
+            ConnectionClosed: the connection is closed.
+            FrameTooLarge: the message would make a frame the peer refuses; nothing is queued
+                (split the batch, or send less).
+        """
         if self.state is State.CLOSED:
             raise ConnectionClosed("cannot send on a closed connection", self.error)
-        self._queue(message)
+        body = encode(message)
+        if len(body) + auth.MAC_SIZE > self.peer_max_frame_size:
+            raise FrameTooLarge(len(body) + auth.MAC_SIZE, self.peer_max_frame_size)
+        self._queue_body(body)
 
     def _queue(self, message: Message) -> None:
-        body = encode(message)
+        self._queue_body(encode(message))
+
+    def _queue_body(self, body: bytes) -> None:
         if self._signer is not None:
             body = self._signer.sign(body)
         self._outgoing.append(encode_frame(body))
@@ -329,4 +344,6 @@ class ClientConnection(_Connection):
             self._start_session(self._nonce, message.nonce)
         elif isinstance(message, Welcome):
             self.welcome = message
+            self.peer_max_frame_size = message.max_frame_size
+            self._decoder.allow(message.max_frame_size)  # the broker sends frames up to its own limit
             events.append(message)

@@ -35,6 +35,10 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._max_frame_size = max_frame_size
 
+    def allow(self, max_frame_size: int) -> None:
+        """Accept frames up to `max_frame_size` from now on, if that is more than before."""
+        self._max_frame_size = max(self._max_frame_size, max_frame_size)
+
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet make a whole frame."""

@@ -292,3 +292,24 @@ async def test_slow_and_idle_connections_do_not_starve_others(start_broker: Call
     finally:
         for sock in [*idle, trickle]:
             sock.close()
+
+
+async def test_big_payloads_travel_in_frames_under_the_limit(broker: BrokerProcess) -> None:
+    async with Client(broker.address, secret=SECRET) as client:
+        big = "p" * 900_000  # under the payload limit; twenty of them are over the frame limit
+        with pytest.raises(LimitExceeded, match="submit fewer at a time"):
+            await client.submit_many("big", [big] * 20)
+        ids = []
+        for _ in range(4):
+            ids += await client.submit_many("big", [big] * 5)
+
+        async def size(payload: str) -> int:
+            return len(payload)
+
+        worker = Worker(broker.address, secret=SECRET, queues=["big"], handler=size, concurrency=20, prefetch=20)
+        running = asyncio.create_task(worker.run())
+        try:  # the 20 deliveries (18 MB) must come in several frames
+            assert await asyncio.gather(*(client.result(i, timeout=30 * TIME_UNIT) for i in ids)) == [900_000] * 20
+        finally:
+            worker.stop()
+            await running

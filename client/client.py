@@ -37,6 +37,7 @@ __all__ = ["Client"]
 
 
 _MAP_BATCH = 1000
+_WATCH_BATCH = 5000
 
 
 class Client:
@@ -285,9 +286,11 @@ class Client:
                                 future.set_result(outcome)
                                 del self._waiters[job_id]
                         futures.append(future)
-                unfinished = [f for f in futures if not f.done()]
-                if unfinished:
-                    await asyncio.wait(unfinished)  # unlike gather, leaves the futures alone on timeout
+                # In order: results come in batches, so most of these awaits find their future
+                # done and do not suspend. A timeout cancels this await, never a shared future.
+                for future in futures:
+                    if not future.done():
+                        await asyncio.wait((future,))
         except TimeoutError:
             done = sum(1 for f in futures if f.done())
             raise ResultTimeout(f"{done} of {len(payloads)} results within {timeout}s") from None
@@ -303,12 +306,12 @@ class Client:
         job_ids, self._to_watch = self._to_watch, []
         connection = self._link.current
         if connection is not None:  # else the reconnect watches every waiter
-            connection.request_nowait(Watch, job_ids=job_ids)
+            _watch_all(connection, job_ids)
 
     def _on_connect(self, connection: Connection) -> None:
         # Outcomes owed to us on a lost connection are asked for again.
         if self._waiters:
-            connection.request_nowait(Watch, job_ids=list(self._waiters))
+            _watch_all(connection, list(self._waiters))
 
     def _on_lost(self, reason: ConnectionClosed) -> None:
         # Someone awaits results that only a live connection can bring: reconnect now rather
@@ -385,6 +388,12 @@ class Client:
         """Move dead jobs (all of the queue's, or those named) back to pending. Returns how many."""
         reply = await self._link.call(DeadRequeue, queue=queue, job_ids=None if job_ids is None else list(job_ids))
         return int(reply["requeued"])
+
+
+def _watch_all(connection: Connection, job_ids: list[int]) -> None:
+    # In requests under the broker's batch limit (10,000 ids by default).
+    for start in range(0, len(job_ids), _WATCH_BATCH):
+        connection.request_nowait(Watch, job_ids=job_ids[start : start + _WATCH_BATCH])
 
 
 class _SubmitGroup:

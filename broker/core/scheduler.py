@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.core.deadlines import Deadlines
+from broker.core.deadlines import Deadlines, OrderedDeadlines
 from broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
 from broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
 
@@ -263,7 +263,8 @@ class Scheduler:
         self._next_token = 1
         self._lease_deadlines: Deadlines[int] = Deadlines()  # job id
         self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
-        self._expiry_deadlines: Deadlines[int] = Deadlines()  # job id of a finished job
+        # job id of a finished job; TTLs are all alike, so these come in time order
+        self._expiry_deadlines: OrderedDeadlines[int] = OrderedDeadlines()
         self._session_deadlines: Deadlines[int] = Deadlines()  # session id
         self._ready: dict[str, None] = {}  # queues that may have work for waiters (ordered set)
         self._outbox = _Outbox()
@@ -723,6 +724,7 @@ class Scheduler:
         its last). Jobs must come in id order so that FIFO order survives."""
         if self._jobs:
             raise InvalidRequest("restore() needs an empty scheduler")
+        finished: list[Job] = []
         for job in jobs:
             self._jobs[job.id] = job
             queue = self._queues.get(job.queue)
@@ -742,8 +744,10 @@ class Scheduler:
             elif job.state is JobState.DEAD:
                 queue.dead[job.id] = job
             else:  # done or cancelled: kept for the rest of the result TTL
-                self._expiry_deadlines.add(job.id, job.expires_at)
+                finished.append(job)
             self._ready[job.queue] = None
+        for job in sorted(finished, key=lambda job: job.expires_at):
+            self._expiry_deadlines.add(job.id, job.expires_at)
         self._next_job_id = max(self._next_job_id, next_job_id)
         self._outbox = _Outbox()  # restoring is not news to anyone
 

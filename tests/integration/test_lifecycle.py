@@ -239,3 +239,19 @@ async def test_a_long_handler_keeps_its_lease_by_touching(broker: BrokerProcess,
         await asyncio.gather(*running)
     with pytest.raises(UsageError):
         current_job()
+
+
+async def test_waiting_on_more_results_than_one_request_may_carry(broker: BrokerProcess, client: Client) -> None:
+    ids = await client.submit_many("wide", range(6000)) + await client.submit_many("wide", range(6000, 12_000))
+
+    async def double(n: int) -> int:
+        return 2 * n
+
+    worker = Worker(broker.address, secret=SECRET, queues=["wide"], handler=double, concurrency=64)
+    running = asyncio.create_task(worker.run())
+    try:  # 12,000 result() calls in one loop turn: watched in requests under the batch limit
+        results = await asyncio.gather(*(client.result(i, timeout=60 * TIME_UNIT) for i in ids))
+    finally:
+        worker.stop()
+        await running
+    assert results == [2 * n for n in range(12_000)]

@@ -1,4 +1,4 @@
-from broker.core.deadlines import Deadlines
+from broker.core.deadlines import Deadlines, OrderedDeadlines
 
 
 def test_expire_in_order_and_cancel() -> None:
@@ -30,3 +30,15 @@ def test_cancelled_entries_do_not_pile_up() -> None:
         deadlines.cancel(i)
     assert len(deadlines._heap) <= 2 * 1024 + 2
     assert deadlines.next_deadline() is None
+
+
+def test_ordered_deadlines_expire_in_order_and_never_early() -> None:
+    deadlines: OrderedDeadlines[str] = OrderedDeadlines()
+    deadlines.add("a", 1.0)
+    deadlines.add("b", 2.0)
+    deadlines.add("c", 1.5)  # out of order: moved to 2.0
+    deadlines.cancel("a")
+    assert deadlines.next_deadline() == 2.0
+    assert deadlines.expire(1.9) == []
+    assert deadlines.expire(2.0) == ["b", "c"]
+    assert deadlines.next_deadline() is None and len(deadlines) == 0

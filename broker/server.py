@@ -2,8 +2,10 @@
 their requests to the scheduler, and send the scheduler's effects back out.
 
 Output is batched per loop turn: replies and pushes are queued on each connection and one
-flush callback per turn dispatches jobs and writes every connection's buffer at once. Timers
-are a single call_at for the scheduler's next deadline plus one heartbeat timer.
+flush callback per turn dispatches jobs and writes every connection's buffer at once; with a
+durable store, that output is held until the turn's changes are committed (group commit, one
+commit in flight at a time). Timers: one call_at for the scheduler's next deadline, one for
+heartbeats, and for a durable store the compaction (and fsync interval) timers.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, seconds (default 5)")
     serve.add_argument("--lease", type=float, default=30.0, help="default job lease, seconds (default 30)")
     serve.add_argument("--max-attempts", type=int, default=3, help="default deliveries before a job is dead (3)")
-    serve.add_argument("--result-ttl", type=float, default=3600.0, help="seconds results are kept (3600)")
+    serve.add_argument("--result-ttl", type=float, default=300.0, help="seconds results are kept (300)")
     serve.add_argument("--max-pending", type=int, default=1_000_000, help="waiting jobs per queue (1000000)")
     serve.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE, help="bytes (16 MiB)")
     serve.add_argument("--handshake-timeout", type=float, default=5.0, help="seconds to authenticate (5)")

@@ -68,7 +68,7 @@ class SchedulerConfig:
     default_max_attempts: int = 3
     default_backoff: float = 1.0
     max_backoff: float = 300.0
-    result_ttl: float = 3600.0
+    result_ttl: float = 300.0
     max_pending_per_queue: int = 1_000_000
     max_prefetch: int = 10_000
     max_batch: int = 10_000

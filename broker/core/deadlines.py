@@ -16,14 +16,14 @@ K = TypeVar("K", bound=Hashable)
 _COMPACT_FLOOR = 1024
 
 
-class Deadlines(Generic[K]):
-    """At most one deadline per key; adding a key again replaces its deadline."""
+class _Keyed(Generic[K]):
+    """At most one deadline per key; adding a key again replaces its deadline. An entry is
+    live while its counter is the key's latest: cancelling forgets the key, nothing else."""
 
-    __slots__ = ("_counter", "_heap", "_live")
+    __slots__ = ("_counter", "_live")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, K]] = []
-        self._live: dict[K, int] = {}  # key -> counter of its live heap entry
+        self._live: dict[K, int] = {}  # key -> counter of its live entry
         self._counter = 0
 
     def __len__(self) -> int:
@@ -32,15 +32,25 @@ class Deadlines(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._live
 
+    def cancel(self, key: K) -> None:
+        self._live.pop(key, None)
+
+
+class Deadlines(_Keyed[K]):
+    """Deadlines in any order, in a heap."""
+
+    __slots__ = ("_heap",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._heap: list[tuple[float, int, K]] = []
+
     def add(self, key: K, when: float) -> None:
         self._counter += 1
         self._live[key] = self._counter
         heapq.heappush(self._heap, (when, self._counter, key))
         if len(self._heap) > _COMPACT_FLOOR and len(self._heap) > 2 * len(self._live):
             self._compact()
-
-    def cancel(self, key: K) -> None:
-        self._live.pop(key, None)
 
     def next_deadline(self) -> float | None:
         heap, live = self._heap, self._live
@@ -68,24 +78,17 @@ class Deadlines(Generic[K]):
         heapq.heapify(self._heap)
 
 
-class OrderedDeadlines(Generic[K]):
+class OrderedDeadlines(_Keyed[K]):
     """Deadlines added in time order (a constant delay from a clock that does not go back,
     as result TTLs are): a FIFO instead of a heap, O(1) to add. Same interface as Deadlines.
     A deadline earlier than the last one added is moved to it: it comes due a little late,
     never early."""
 
-    __slots__ = ("_counter", "_live", "_queue")
+    __slots__ = ("_queue",)
 
     def __init__(self) -> None:
+        super().__init__()
         self._queue: deque[tuple[float, int, K]] = deque()
-        self._live: dict[K, int] = {}
-        self._counter = 0
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._live
 
     def add(self, key: K, when: float) -> None:
         if self._queue and when < self._queue[-1][0]:
@@ -93,9 +96,6 @@ class OrderedDeadlines(Generic[K]):
         self._counter += 1
         self._live[key] = self._counter
         self._queue.append((when, self._counter, key))
-
-    def cancel(self, key: K) -> None:
-        self._live.pop(key, None)
 
     def next_deadline(self) -> float | None:
         queue, live = self._queue, self._live

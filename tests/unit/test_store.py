@@ -170,3 +170,22 @@ def test_a_job_created_and_forgotten_between_writes_is_never_written() -> None:
     scheduler.cancel([job_id], 0.0)
     scheduler.tick(2.0)
     assert not scheduler.take_changes()
+
+
+def test_jobs_that_changed_alike_are_updated_together(tmp_path: Path) -> None:
+    clock = FakeClock()
+    scheduler = Scheduler(track_changes=True)
+    scheduler.open_session(1, clock.now())
+    ids = scheduler.submit(1, "q", list(range(50)), clock.now())
+    store = SqliteStore(tmp_path / "data")
+    store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
+    scheduler.reserve(1, ["q"], 40, clock.now())
+    scheduler.flush(clock.now())
+    batch = serialize(scheduler.take_changes(), clock.now(), WALL)
+    assert len(batch.updates) == 40 and len({update[:-1] for update in batch.updates}) == 1
+    store.write(batch, scheduler.next_job_id)
+    store.close()
+    reopened = SqliteStore(tmp_path / "data")
+    states = {job.id: (str(job.state), job.attempts) for job in reopened.load(0.0, WALL).jobs}
+    reopened.close()
+    assert [states[i] for i in ids] == [("leased", 1)] * 40 + [("pending", 0)] * 10

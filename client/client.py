@@ -240,11 +240,12 @@ class Client:
                     await self._link.get()  # on_connect watches every waiter
                 else:
                     self._watch_soon(job_id)
-            try:
-                async with asyncio.timeout(timeout):
-                    outcome = await asyncio.shield(future)
-            except TimeoutError:
-                raise ResultTimeout(f"no result for job {job_id} within {timeout}s") from None
+            if not future.done():
+                # wait() neither cancels the shared future on timeout nor needs a shield.
+                await asyncio.wait((future,), timeout=timeout)
+                if not future.done():
+                    raise ResultTimeout(f"no result for job {job_id} within {timeout}s")
+            outcome = future.result()
         return _unwrap(outcome)
 
     async def map(

@@ -162,3 +162,19 @@ async def test_fsync_modes_keep_acknowledged_jobs_across_kill_9(
         assert (await client.job(ids[-1]))["state"] == "pending"
     with sqlite3.connect(data_dir / "jobs.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_running_worker_reconnects_when_the_broker_comes_back(
+    tmp_path: Path, start_broker: Callable[..., BrokerProcess], start_worker: Callable[..., Process]
+) -> None:
+    data_dir = tmp_path / "kept"
+    broker = start_broker(data_dir=data_dir)
+    worker = start_worker(broker.address)
+    async with Client(broker.address, secret=SECRET, reconnect_timeout=20 * TIME_UNIT) as client:
+        assert await client.result(await client.submit("squares", 3), timeout=20 * TIME_UNIT) == 9
+        broker = restart(start_broker, broker, data_dir)
+        await asyncio.sleep(0.1)  # the client sees the old connection gone before it submits
+        job_id = await client.submit("squares", 4)
+        assert await client.result(job_id, timeout=20 * TIME_UNIT) == 16  # the same worker, reconnected
+    assert worker.popen.poll() is None
+    assert "connection to the broker lost; reconnecting" in worker.output()

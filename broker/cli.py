@@ -123,6 +123,17 @@ def _parser() -> argparse.ArgumentParser:
 
     stats = client_command("stats", _stats, "show queues and workers")
     stats.add_argument("--json", action="store_true", help="print JSON")
+
+    dead = client_command("dead", _dead, "list, requeue or purge a queue's dead jobs")
+    dead.add_argument("action", choices=["list", "requeue", "purge"])
+    dead.add_argument("queue")
+    dead.add_argument("job_ids", nargs="*", type=int, help="only these jobs (requeue, purge)")
+    dead.add_argument("--limit", type=int, default=100, help="list: at most this many (100)")
+    dead.add_argument("--json", action="store_true", help="list: print JSON")
+
+    job = client_command("job", _job, "show one job")
+    job.add_argument("action", choices=["show"])
+    job.add_argument("job_id", type=int)
     return parser
 
 
@@ -285,41 +296,71 @@ def _parse_payload(text: str) -> Any:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from client.client import Client
+    async def go(client: Any) -> None:
+        payloads = [_parse_payload(p) for p in args.payloads]
+        ids = await client.submit_many(
+            args.queue, payloads, priority=args.priority, delay=args.delay, max_attempts=args.max_attempts
+        )
+        for job_id, payload in zip(ids, payloads, strict=True):
+            if not args.wait:
+                print(job_id)
+                continue
+            try:
+                result = await client.result(job_id, timeout=args.timeout)
+            except JobbrokerError as exc:
+                print(f"{job_id}\t{json.dumps(payload)}\terror: {exc}")
+            else:
+                print(f"{job_id}\t{json.dumps(payload)}\t{json.dumps(result, default=repr)}")
 
-    async def go() -> int:
-        async with Client(args.connect, name="cli", **_client_options(args)) as client:
-            payloads = [_parse_payload(p) for p in args.payloads]
-            ids = await client.submit_many(
-                args.queue, payloads, priority=args.priority, delay=args.delay, max_attempts=args.max_attempts
-            )
-            for job_id, payload in zip(ids, payloads, strict=True):
-                if not args.wait:
-                    print(job_id)
-                    continue
-                try:
-                    result = await client.result(job_id, timeout=args.timeout)
-                except JobbrokerError as exc:
-                    print(f"{job_id}\t{json.dumps(payload)}\terror: {exc}")
-                else:
-                    print(f"{job_id}\t{json.dumps(payload)}\t{json.dumps(result, default=repr)}")
-        return 0
-
-    return int(_run(go()))
+    _with_client(args, go)
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from client.client import Client
-
-    async def go() -> dict[str, Any]:
-        async with Client(args.connect, name="cli", **_client_options(args)) as client:
-            return await client.stats()
-
-    info = _run(go())
+    info = _with_client(args, lambda c: c.stats())
     if args.json:
         print(json.dumps(info, indent=2, default=repr))
     else:
         print(format_stats(info))
+    return 0
+
+
+def _with_client(args: argparse.Namespace, call: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    from client.client import Client
+
+    async def go() -> Any:
+        async with Client(args.connect, name="cli", **_client_options(args)) as client:
+            return await call(client)
+
+    return _run(go())
+
+
+def _dead(args: argparse.Namespace) -> int:
+    ids = args.job_ids or None
+    if args.action == "list":
+        jobs = _with_client(args, lambda c: c.dead_letters(args.queue, args.limit))
+        if args.json:
+            print(json.dumps(jobs, indent=2, default=repr))
+        elif not jobs:
+            print(f"(no dead jobs in {args.queue})")
+        else:
+            rows = [
+                [j["id"], j["attempts"], (j["error"] or {}).get("type", ""), (j["error"] or {}).get("message", "")]
+                for j in jobs
+            ]
+            print("\n".join(_table(["job", "attempts", "error", "message"], rows)))
+    elif args.action == "requeue":
+        print(f"requeued {_with_client(args, lambda c: c.requeue_dead(args.queue, ids))}")
+    else:
+        print(f"purged {_with_client(args, lambda c: c.purge_dead(args.queue, ids))}")
+    return 0
+
+
+def _job(args: argparse.Namespace) -> int:
+    info = _with_client(args, lambda c: c.job(args.job_id))
+    width = max(map(len, info))
+    for name, value in info.items():
+        print(f"{name:{width}}  {json.dumps(value, default=repr)}")
     return 0
 
 

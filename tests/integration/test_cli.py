@@ -103,3 +103,24 @@ def test_bad_secret_file_is_a_clear_error(tmp_path: Path, content: str, mode: in
         cwd=REPO,
     )
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_dead_letters_and_jobs_from_the_shell(
+    broker: BrokerProcess, secret_file: Path, start_worker: Callable[..., Process]
+) -> None:
+    common = ["--connect", broker.address, "--secret-file", str(secret_file)]
+    jobbroker = [sys.executable, "-m", "broker"]
+    start_worker(broker.address, "fragile", "handlers:fail_always")
+    (job_id,) = map(int, run([*jobbroker, "submit", "fragile", '{"n": 1}', "--max-attempts", "1", *common], {}).split())
+    output = run(
+        [*jobbroker, "submit", "fragile", "2", "--max-attempts", "1", "--wait", "--timeout", "20", *common], {}
+    )
+    assert "is dead" in output
+    listed = run([*jobbroker, "dead", "list", "fragile", *common], {})
+    assert re.search(rf"^{job_id}\s+1\s+ValueError\s+cannot handle", listed, re.MULTILINE), listed
+    shown = run([*jobbroker, "job", "show", str(job_id), *common], {})
+    assert re.search(r'^state\s+"dead"$', shown, re.MULTILINE) and '"n": 1' in shown, shown
+    assert run([*jobbroker, "dead", "purge", "fragile", str(job_id), *common], {}).strip() == "purged 1"
+    assert run([*jobbroker, "dead", "requeue", "fragile", *common], {}).strip() == "requeued 1"  # the other one
+    purged = run([*jobbroker, "dead", "list", "fragile", "--json", *common], {})
+    assert job_id not in [job["id"] for job in json.loads(purged)]

@@ -24,6 +24,7 @@ from broker.errors import (
     UsageError,
 )
 from client.client import Client
+from client.sync import SyncClient
 from client.worker import Job, Worker, current_job
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "QueueFull",
     "ResultTimeout",
     "StorageUnavailable",
+    "SyncClient",
     "UsageError",
     "Worker",
     "current_job",

@@ -17,6 +17,7 @@ from client import (
     JobNotFound,
     QueueFull,
     ResultTimeout,
+    SyncClient,
     UsageError,
     Worker,
     current_job,
@@ -255,3 +256,16 @@ async def test_waiting_on_more_results_than_one_request_may_carry(broker: Broker
         worker.stop()
         await running
     assert results == [2 * n for n in range(12_000)]
+
+
+def test_sync_client_for_plain_scripts(broker: BrokerProcess, start_worker: Callable[..., Process]) -> None:
+    start_worker(broker.address)
+    with SyncClient(broker.address, secret=SECRET) as client:
+        job_ids = client.submit_many("squares", range(5))
+        assert [client.result(job_id, timeout=20 * TIME_UNIT) for job_id in job_ids] == [0, 1, 4, 9, 16]
+        assert client.map("squares", [6, 7], timeout=20 * TIME_UNIT) == [36, 49]
+        assert client.stats()["queues"]["squares"]["done"] == 7
+        with pytest.raises(JobNotFound):
+            client.job(10**9)
+    with pytest.raises(RuntimeError, match="closed"):
+        client.stats()

@@ -258,7 +258,8 @@ class Scheduler:
         self._jobs: dict[int, Job] = {}
         self._queues: dict[str, _Queue] = {}
         self._sessions: dict[int, _Session] = {}
-        self._keys: dict[tuple[str, str], int] = {}  # (queue, idempotency key) -> job id
+        # (owner, queue, idempotency key) -> job id: one producer's keys never meet another's
+        self._keys: dict[tuple[str | None, str, str], int] = {}
         self._next_job_id = 1
         self._next_token = 1
         self._lease_deadlines: Deadlines[int] = Deadlines()  # job id
@@ -333,7 +334,7 @@ class Scheduler:
         owner: str | None = None,
     ) -> list[int]:
         """Add jobs to a queue, all or none. Returns their ids, in order; a job whose
-        idempotency key is already known gets the id of the first job with that key.
+        idempotency key this owner already used on this queue gets the first job's id.
 
         `owner` (the submitting credential) alone may later cancel, watch and inspect the jobs
         when it is not an admin.
@@ -370,7 +371,7 @@ class Scheduler:
         queue = self._queues.get(queue_name)
         known = 0
         if keys is not None:
-            known = sum(1 for key in keys if key is not None and (queue_name, key) in self._keys)
+            known = sum(1 for key in keys if key is not None and (owner, queue_name, key) in self._keys)
         waiting_now = 0 if queue is None else queue.pending_count + queue.delayed_count
         if waiting_now + len(payloads) - known > config.max_pending_per_queue:
             raise QueueFull(
@@ -385,7 +386,7 @@ class Scheduler:
         for index, payload in enumerate(payloads):
             key = None if keys is None else keys[index]
             if key is not None:
-                existing = self._keys.get((queue_name, key))
+                existing = self._keys.get((owner, queue_name, key))
                 if existing is not None:
                     ids.append(existing)
                     if watcher is not None:
@@ -408,7 +409,7 @@ class Scheduler:
             if self.track_changes:
                 self._changes.created[job.id] = job
             if key is not None:
-                self._keys[(queue_name, key)] = job.id
+                self._keys[(owner, queue_name, key)] = job.id
             if watcher is not None:
                 job.watchers = [watcher]
             if state is JobState.DELAYED:
@@ -731,7 +732,7 @@ class Scheduler:
             if queue is None:
                 queue = self._queues[job.queue] = _Queue(job.queue)
             if job.key is not None:
-                self._keys[(job.queue, job.key)] = job.id
+                self._keys[(job.owner, job.queue, job.key)] = job.id
             if job.state is JobState.LEASED:
                 job.worker = None
                 queue.leased_count += 1  # _lose_lease takes it off again
@@ -756,7 +757,7 @@ class Scheduler:
     def _forget(self, job: Job) -> None:
         del self._jobs[job.id]
         if job.key is not None:
-            self._keys.pop((job.queue, job.key), None)
+            self._keys.pop((job.owner, job.queue, job.key), None)
         if self.track_changes:
             self._changes.forget(job.id)
 

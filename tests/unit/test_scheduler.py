@@ -346,3 +346,11 @@ def test_million_jobs_flow_without_sleeping() -> None:
             h.scheduler.complete(WORKER_A, [[job_id, token, None]], h.now)
             total += 1
     assert total == 20_000 and h.stats()["done"] == 20_000
+
+
+def test_idempotency_keys_belong_to_their_owner() -> None:
+    h = Harness()
+    (first,) = h.scheduler.submit(PRODUCER, "q", ["a"], h.now, keys=["k"], owner="alice")
+    (other,) = h.scheduler.submit(PRODUCER, "q", ["b"], h.now, keys=["k"], owner="bob")
+    assert other != first
+    assert h.scheduler.submit(PRODUCER, "q", ["a2"], h.now, keys=["k"], owner="alice") == [first]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import importlib
 import json
 import logging
@@ -33,11 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if args.log_format == "json" else logging.Formatter(_TEXT_LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     try:
         return int(args.run(args) or 0)
     except (ConfigError, StorageError) as exc:
@@ -53,6 +52,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+_TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time (ISO 8601, UTC), level, logger, message, and the
+    exception when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobbroker", description="A job broker for Python.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
             "--secret-file", help="file holding the shared secret (its content without the trailing newline)"
         )
         sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        sub.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object a line")
         return sub
 
     serve = command("serve", _serve, "run the broker daemon")

@@ -124,3 +124,11 @@ def test_dead_letters_and_jobs_from_the_shell(
     assert run([*jobbroker, "dead", "requeue", "fragile", *common], {}).strip() == "requeued 1"  # the other one
     purged = run([*jobbroker, "dead", "list", "fragile", "--json", *common], {})
     assert job_id not in [job["id"] for job in json.loads(purged)]
+
+
+def test_json_logs(start_broker: Callable[..., BrokerProcess]) -> None:
+    broker = start_broker("--log-format", "json")
+    lines = [line for line in broker.output().splitlines() if line.startswith("{")]
+    entries = [json.loads(line) for line in lines]
+    assert any(e["logger"] == "jobbroker.broker" and e["message"].startswith("listening on") for e in entries)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)

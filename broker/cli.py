@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import tomllib
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,11 @@ DEFAULT_CONNECT = os.environ.get("JOBBROKER_CONNECT") or f"{DEFAULT_HOST}:{DEFAU
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"jobbroker: {exc}", file=sys.stderr)
+        return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if args.log_format == "json" else logging.Formatter(_TEXT_LOG_FORMAT))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
@@ -71,7 +75,69 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The command line, with `serve`'s settings taken, in this order, from its flags, from
+    JOBBROKER_<FLAG> environment variables (JOBBROKER_MAX_PENDING for --max-pending), from
+    the TOML file named by --config or $JOBBROKER_CONFIG (max_pending = 1000), then defaults.
+
+    Raises:
+        ConfigError: an unreadable config file, an unknown setting, or a bad value.
+    """
+    environ = os.environ if environ is None else environ
+    parser, serve = _parser()
+    argv = list(argv)
+    if argv[:1] == ["serve"]:
+        serve.set_defaults(**_serve_settings(serve, argv[1:], environ))
+    return parser.parse_args(argv)
+
+
+def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Mapping[str, str]) -> dict[str, Any]:
+    options = {a.dest: a for a in serve._actions if a.option_strings and a.dest not in ("help", "config")}
+    located = argparse.ArgumentParser(add_help=False)
+    located.add_argument("--config")
+    config_path = located.parse_known_args(argv)[0].config or environ.get("JOBBROKER_CONFIG")
+    settings: dict[str, Any] = {}
+    if config_path:
+        try:
+            table = tomllib.loads(Path(config_path).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
+        for key, value in table.items():
+            dest = key.replace("-", "_")
+            if dest not in options:
+                raise ConfigError(f"{config_path}: unknown setting {key!r}")
+            settings[dest] = value
+    for dest in options:
+        name = f"JOBBROKER_{dest.upper()}"
+        if environ.get(name) and dest not in ("secret_file",):  # $JOBBROKER_SECRET_FILE: resolve_secret's
+            settings[dest] = environ[name]
+    return {dest: _setting(options[dest], value) for dest, value in settings.items()}
+
+
+def _setting(action: argparse.Action, value: Any) -> Any:
+    """A value from the environment or the config file, checked as the flag would be."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{flag}: {value!r} is not true or false")
+    if action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{flag}: {value!r} is not a valid value") from None
+    elif not isinstance(value, str):
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="jobbroker", description="A job broker for Python.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -81,11 +147,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--secret-file", help="file holding the shared secret (its content without the trailing newline)"
         )
-        sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(info)")
         sub.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object a line")
         return sub
 
     serve = command("serve", _serve, "run the broker daemon")
+    serve.add_argument("--config", help="TOML file of settings (after flags and JOBBROKER_* variables)")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks one)")
     serve.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, seconds (default 5)")
@@ -153,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     job = client_command("job", _job, "show one job")
     job.add_argument("action", choices=["show"])
     job.add_argument("job_id", type=int)
-    return parser
+    return parser, serve
 
 
 def _run(coroutine: Coroutine[Any, Any, Any], *, use_uvloop: bool = True) -> Any:

@@ -1,0 +1,55 @@
+"""`jobbroker serve` settings: flags, then JOBBROKER_* variables, then the config file, then defaults."""
+
+from pathlib import Path
+
+import pytest
+
+from broker.cli import parse_args
+from broker.errors import ConfigError
+
+
+def test_defaults() -> None:
+    args = parse_args(["serve"], {})
+    assert (args.host, args.port, args.max_pending, args.memory, args.fsync) == (
+        "127.0.0.1",
+        7878,
+        1_000_000,
+        False,
+        "always",
+    )
+
+
+def test_precedence_flag_then_environment_then_file(tmp_path: Path) -> None:
+    config = tmp_path / "jobbroker.toml"
+    config.write_text('port = 9000\nmax_pending = 10\nheartbeat = 2.5\nfsync = "interval"\n')
+    from_file = parse_args(["serve", "--config", str(config)], {})
+    assert (from_file.port, from_file.max_pending, from_file.heartbeat, from_file.fsync) == (9000, 10, 2.5, "interval")
+
+    environ = {"JOBBROKER_MAX_PENDING": "20", "JOBBROKER_MEMORY": "true", "JOBBROKER_CONFIG": str(config)}
+    from_environment = parse_args(["serve"], environ)
+    assert (from_environment.port, from_environment.max_pending, from_environment.memory) == (9000, 20, True)
+
+    from_flags = parse_args(["serve", "--max-pending", "30", "--port", "1"], environ)
+    assert (from_flags.port, from_flags.max_pending, from_flags.heartbeat) == (1, 30, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("environ", "file_text", "message"),
+    [
+        ({"JOBBROKER_PORT": "seventy"}, "", "--port: 'seventy' is not a valid value"),
+        ({"JOBBROKER_FSYNC": "sometimes"}, "", "--fsync: 'sometimes' is not one of always, interval, never"),
+        ({"JOBBROKER_MEMORY": "perhaps"}, "", "--memory: 'perhaps' is not true or false"),
+        ({}, "colour = 'blue'\n", "unknown setting 'colour'"),
+        ({}, "port = [1\n", "cannot read config file"),
+    ],
+)
+def test_bad_settings_are_clear_errors(tmp_path: Path, environ: dict[str, str], file_text: str, message: str) -> None:
+    config = tmp_path / "jobbroker.toml"
+    config.write_text(file_text)
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["serve", "--config", str(config)], environ)
+
+
+def test_other_commands_are_untouched_by_serve_settings() -> None:
+    args = parse_args(["stats", "--json"], {"JOBBROKER_PORT": "not-a-port"})
+    assert args.json and args.command == "stats"

@@ -24,6 +24,7 @@ from broker.protocol.messages import (
     DeadList,
     DeadPurge,
     DeadRequeue,
+    Drain,
     Fail,
     JobInfo,
     Release,
@@ -45,7 +46,7 @@ class Role(enum.StrEnum):
 
 _PRODUCER_OPS = frozenset({Submit.op, Watch.op, Cancel.op, JobInfo.op})
 _WORKER_OPS = frozenset({Reserve.op, Complete.op, Fail.op, Touch.op, Release.op})
-_ADMIN_OPS = _PRODUCER_OPS | _WORKER_OPS | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op}
+_ADMIN_OPS = _PRODUCER_OPS | _WORKER_OPS | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op, Drain.op}
 
 # The requests each role may make; anything else is answered `forbidden`.
 PERMISSIONS: Mapping[str, frozenset[str]] = {

@@ -178,6 +178,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--max-result-size", type=int, default=1024 * 1024, help="bytes per result (1 MiB)")
     serve.add_argument("--max-queues", type=int, default=10_000, help="queues at most (10000)")
     serve.add_argument("--max-write-buffer", type=int, default=64 * 1024 * 1024, help="bytes queued to a peer (64 MiB)")
+    serve.add_argument("--grace", type=float, default=10.0, help="on SIGTERM: seconds for jobs in flight (10)")
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
 
     def client_command(name: str, run: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -216,6 +217,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     dead.add_argument("job_ids", nargs="*", type=int, help="only these jobs (requeue, purge)")
     dead.add_argument("--limit", type=int, default=100, help="list: at most this many (100)")
     dead.add_argument("--json", action="store_true", help="list: print JSON")
+
+    drain = client_command("drain", _drain, "stop the broker delivering jobs; running ones finish")
+    drain.add_argument("--resume", action="store_true", help="deliver again")
+    drain.add_argument("--wait", action="store_true", help="wait until no job is in flight")
+    drain.add_argument("--timeout", type=float, default=None, help="with --wait: seconds at most")
 
     job = client_command("job", _job, "show one job")
     job.add_argument("action", choices=["show"])
@@ -277,7 +283,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning(
             "listening on %s without TLS: traffic is authenticated but readable; see docs/security.md", args.host
         )
-    _run(_serve_until_signal(config, credentials), use_uvloop=not args.no_uvloop)
+    _run(_serve_until_signal(config, credentials, args.grace), use_uvloop=not args.no_uvloop)
     return 0
 
 
@@ -312,18 +318,27 @@ def _broker_secret(secret_file: str | None) -> bytes:
     return secret
 
 
-async def _serve_until_signal(config: BrokerConfig, credentials: Mapping[str, Credential]) -> None:
+async def _serve_until_signal(config: BrokerConfig, credentials: Mapping[str, Credential], grace: float) -> None:
     from broker.server import Broker
 
     loop = asyncio.get_running_loop()
     broker = Broker(config, credentials=credentials)
     await broker.start()
     print(f"jobbroker listening on {config.host}:{broker.port}", file=sys.stderr, flush=True)
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        # The first signal drains for up to `grace` seconds; a second one closes at once.
+        if stopping:
+            broker.close()
+        else:
+            stopping.append(loop.create_task(broker.shutdown(grace)))
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(signum, broker.close)
+            loop.add_signal_handler(signum, on_signal)
         except (NotImplementedError, RuntimeError):  # Windows
-            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(broker.close))
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(on_signal))
     await broker.wait_closed()
 
 
@@ -439,6 +454,21 @@ def _dead(args: argparse.Namespace) -> int:
         print(f"requeued {_with_client(args, lambda c: c.requeue_dead(args.queue, ids))}")
     else:
         print(f"purged {_with_client(args, lambda c: c.purge_dead(args.queue, ids))}")
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    async def go(client: Any) -> int:
+        in_flight = int(await client.drain(not args.resume))
+        if args.wait and not args.resume:
+            async with asyncio.timeout(args.timeout):
+                while in_flight:
+                    await asyncio.sleep(0.2)
+                    in_flight = sum(q["in_flight"] for q in (await client.stats())["queues"].values())
+        return in_flight
+
+    in_flight = _with_client(args, go)
+    print(f"deliveries {'resumed' if args.resume else 'stopped'}; {in_flight} jobs in flight")
     return 0
 
 

@@ -53,6 +53,7 @@ from broker.protocol.messages import (
     DeadPurge,
     DeadRequeue,
     Deliver,
+    Drain,
     ErrorReply,
     Fail,
     Heartbeat,
@@ -319,6 +320,7 @@ class Broker:
             DeadList: self._on_dead_list,
             DeadRequeue: self._on_dead_requeue,
             DeadPurge: self._on_dead_purge,
+            Drain: self._on_drain,
         }
 
     # --- lifecycle --------------------------------------------------------------------
@@ -417,6 +419,20 @@ class Broker:
             if protocol.transport is not None:
                 protocol.transport.close()
         self._closed.set_result(None)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting connections and delivering jobs, give jobs in flight up to `grace`
+        seconds to finish, then close (saving everything). Jobs still leased then are
+        requeued by the next start, their attempt counted."""
+        if self._server is None or self._closed is None or self._closed.done():
+            return
+        self._server.close()
+        in_flight = self.scheduler.drain()
+        log.warning("shutting down: %d jobs in flight, waiting up to %.0fs", in_flight, grace)
+        deadline = self.loop.time() + grace
+        while self.scheduler.in_flight and self.loop.time() < deadline and not self._closed.done():
+            await asyncio.sleep(0.05)
+        self.close()
 
     async def wait_closed(self) -> None:
         """Wait until close() and every pending write have finished."""
@@ -556,6 +572,18 @@ class Broker:
 
     def _on_dead_requeue(self, client: _BrokerProtocol, request: DeadRequeue, now: float) -> dict[str, Any]:
         return {"requeued": self.scheduler.dead_requeue(request.queue, request.job_ids, now)}
+
+    def _on_drain(self, client: _BrokerProtocol, request: Drain, now: float) -> dict[str, Any]:
+        in_flight = self.scheduler.drain(request.on)
+        log.warning(
+            "deliveries %s by session %d; %d jobs in flight",
+            "stopped" if request.on else "resumed",
+            client.session,
+            in_flight,
+        )
+        if not request.on:
+            self._schedule_flush()
+        return {"in_flight": in_flight}
 
     def _on_dead_purge(self, client: _BrokerProtocol, request: DeadPurge, now: float) -> dict[str, Any]:
         return {"purged": self.scheduler.dead_purge(request.queue, request.job_ids)}

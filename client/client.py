@@ -25,6 +25,7 @@ from broker.protocol.messages import (
     DeadPurge,
     DeadRequeue,
     Deliver,
+    Drain,
     JobInfo,
     Results,
     Stats,
@@ -379,6 +380,12 @@ class Client:
         """The queue's dead jobs, oldest first, with their last errors."""
         reply = await self._link.call(DeadList, queue=queue, limit=limit)
         return list(reply["jobs"])
+
+    async def drain(self, on: bool = True) -> int:
+        """Stop the broker delivering jobs (on=False: start again); jobs already taken run to
+        their end. Admins only. Returns how many jobs are in flight."""
+        reply = await self._link.call(Drain, on=on)
+        return int(reply["in_flight"])
 
     async def purge_dead(self, queue: str, job_ids: Iterable[int] | None = None) -> int:
         """Forget dead jobs (all of the queue's, or those named). Returns how many."""

@@ -35,7 +35,7 @@ class SyncClient:
 
     Takes the same arguments as Client and has the same methods, blocking: submit,
     submit_many, result, map, stats, cancel, cancel_many, job, dead_letters, requeue_dead,
-    purge_dead. Safe to call from one thread at a time.
+    purge_dead, drain. Safe to call from one thread at a time.
     """
 
     def __init__(self, address: str | None = None, **options: Any) -> None:
@@ -83,3 +83,4 @@ class SyncClient:
     dead_letters = _blocking("dead_letters")
     requeue_dead = _blocking("requeue_dead")
     purge_dead = _blocking("purge_dead")
+    drain = _blocking("drain")

@@ -270,6 +270,7 @@ class Scheduler:
         self._ready: dict[str, None] = {}  # queues that may have work for waiters (ordered set)
         self._outbox = _Outbox()
         self._last_rate_sample = float("-inf")
+        self.draining = False  # deliveries stopped (drain, or a broker shutting down)
 
     # --- sessions ---------------------------------------------------------------------
 
@@ -646,7 +647,23 @@ class Scheduler:
             for session in self._sessions.values()
             if session.queues
         ]
-        return {"queues": queues, "workers": workers, "sessions": len(self._sessions), "jobs": len(self._jobs)}
+        return {
+            "queues": queues,
+            "workers": workers,
+            "sessions": len(self._sessions),
+            "jobs": len(self._jobs),
+            "draining": self.draining,
+        }
+
+    def drain(self, on: bool = True) -> int:
+        """Stop delivering jobs (or, with on=False, start again); jobs already leased run to
+        their end. Returns how many are leased now."""
+        self.draining = on
+        return self.in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return sum(queue.leased_count for queue in self._queues.values())
 
     # --- time -------------------------------------------------------------------------
 
@@ -784,6 +801,8 @@ class Scheduler:
             self._changes.updated[job.id] = job
 
     def _dispatch(self, now: float) -> None:
+        if self.draining:
+            return  # _ready keeps the queues with work for when deliveries resume
         ready, self._ready = self._ready, {}
         deliveries = self._outbox.deliveries
         for name in ready:

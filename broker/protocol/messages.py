@@ -29,6 +29,7 @@ __all__ = [
     "DeadPurge",
     "DeadRequeue",
     "Deliver",
+    "Drain",
     "ErrorReply",
     "Fail",
     "Heartbeat",
@@ -220,6 +221,13 @@ class DeadPurge(Request):
     job_ids: list[int] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Drain(Request):
+    op: ClassVar[str] = "drain"
+    id: int
+    on: bool = True
+
+
 # --- broker to client -------------------------------------------------------------------
 
 
@@ -275,6 +283,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         DeadList,
         DeadRequeue,
         DeadPurge,
+        Drain,
         Reply,
         ErrorReply,
         Deliver,

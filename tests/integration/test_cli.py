@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from client import Client
 from tests.helpers import TIME_UNIT
-from tests.integration.conftest import REPO, BrokerProcess, Process
+from tests.integration.conftest import REPO, BrokerProcess, Process, wait_until
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
@@ -132,3 +134,37 @@ def test_json_logs(start_broker: Callable[..., BrokerProcess]) -> None:
     entries = [json.loads(line) for line in lines]
     assert any(e["logger"] == "jobbroker.broker" and e["message"].startswith("listening on") for e in entries)
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+
+
+def test_drain_stops_deliveries_until_resumed(
+    broker: BrokerProcess, secret_file: Path, start_worker: Callable[..., Process]
+) -> None:
+    common = ["--connect", broker.address, "--secret-file", str(secret_file)]
+    jobbroker = [sys.executable, "-m", "broker"]
+    assert "deliveries stopped; 0 jobs in flight" in run([*jobbroker, "drain", "--wait", *common], {})
+    ids = run([*jobbroker, "submit", "squares", "5", "6", *common], {}).split()
+    start_worker(broker.address)
+    time.sleep(1.0)
+    stats = json.loads(run([*jobbroker, "stats", "--json", *common], {}))
+    assert stats["draining"] and stats["queues"]["squares"]["pending"] == 2
+    assert "deliveries resumed" in run([*jobbroker, "drain", "--resume", *common], {})
+    shown = run([*jobbroker, "submit", "squares", "7", "--wait", "--timeout", "20", *common], {})
+    assert shown.split("\t")[1:] == ["7", "49\n"]
+    for job_id in ids:  # held back while draining, delivered before the later job
+        assert re.search(r'^state\s+"done"$', run([*jobbroker, "job", "show", job_id, *common], {}), re.MULTILINE)
+
+
+async def test_sigterm_lets_jobs_in_flight_finish(
+    broker: BrokerProcess, client: Client, start_worker: Callable[..., Process]
+) -> None:
+    start_worker(broker.address, env={"HANDLER_SLEEP": "1"})
+    job_id = await client.submit("squares", 8)
+
+    async def running() -> bool:
+        return (await client.stats())["queues"]["squares"]["in_flight"] == 1
+
+    await wait_until(running, what="the job to start")
+    broker.signal(signal.SIGTERM)
+    assert await client.result(job_id, timeout=10 * TIME_UNIT) == 64  # finished during the grace
+    assert await asyncio.to_thread(broker.wait, 15) == 0
+    assert "shutting down: 1 jobs in flight" in broker.output()

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -201,7 +202,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     submit = client_command("submit", _submit, "submit jobs")
     submit.add_argument("queue")
-    submit.add_argument("payloads", nargs="+", help="payloads, as JSON where they parse, else strings")
+    submit.add_argument("payloads", nargs="*", help="payloads, as JSON where they parse, else strings")
+    submit.add_argument("--file", help="JSON lines: one payload a line ('-': standard input)")
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--delay", type=float, default=0.0)
     submit.add_argument("--max-attempts", type=int, default=None)
@@ -210,6 +212,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     stats = client_command("stats", _stats, "show queues and workers")
     stats.add_argument("--json", action="store_true", help="print JSON")
+
+    top = client_command("top", _top, "a live view of queues and workers, until Ctrl-C")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (1)")
+    top.add_argument("--iterations", type=int, default=None, help="stop after this many refreshes")
 
     dead = client_command("dead", _dead, "list, requeue or purge a queue's dead jobs")
     dead.add_argument("action", choices=["list", "requeue", "purge"])
@@ -396,25 +402,56 @@ def _parse_payload(text: str) -> Any:
         return text
 
 
+_SUBMIT_BATCH = 1000
+
+
 def _submit(args: argparse.Namespace) -> int:
+    payloads = [_parse_payload(p) for p in args.payloads]
+    if args.file:
+        payloads += _read_json_lines(args.file)
+    if not payloads:
+        raise ConfigError("nothing to submit: give payloads or --file")
+    from client.progress import show_progress
+
+    long_submit = len(payloads) > _SUBMIT_BATCH
+
     async def go(client: Any) -> None:
-        payloads = [_parse_payload(p) for p in args.payloads]
-        ids = await client.submit_many(
-            args.queue, payloads, priority=args.priority, delay=args.delay, max_attempts=args.max_attempts
-        )
-        for job_id, payload in zip(ids, payloads, strict=True):
-            if not args.wait:
-                print(job_id)
-                continue
-            try:
-                result = await client.result(job_id, timeout=args.timeout)
-            except JobbrokerError as exc:
-                print(f"{job_id}\t{json.dumps(payload)}\terror: {exc}")
-            else:
-                print(f"{job_id}\t{json.dumps(payload)}\t{json.dumps(result, default=repr)}")
+        ids: list[int] = []
+        for start in range(0, len(payloads), _SUBMIT_BATCH):
+            ids += await client.submit_many(
+                args.queue,
+                payloads[start : start + _SUBMIT_BATCH],
+                priority=args.priority,
+                delay=args.delay,
+                max_attempts=args.max_attempts,
+            )
+            if long_submit:
+                show_progress("submitted", len(ids), len(payloads))
+        if not args.wait:
+            print("\n".join(map(str, ids)))
+            return
+        outcomes = await asyncio.gather(*(client.result(i, timeout=args.timeout) for i in ids), return_exceptions=True)
+        for job_id, payload, outcome in zip(ids, payloads, outcomes, strict=True):
+            shown = f"error: {outcome}" if isinstance(outcome, BaseException) else json.dumps(outcome, default=repr)
+            print(f"{job_id}\t{json.dumps(payload)}\t{shown}")
 
     _with_client(args, go)
     return 0
+
+
+def _read_json_lines(path: str) -> list[Any]:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    payloads = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                payloads.append(json.loads(line))
+            except ValueError as exc:
+                raise ConfigError(f"{path}, line {number}: not JSON ({exc})") from None
+    return payloads
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -454,6 +491,28 @@ def _dead(args: argparse.Namespace) -> int:
         print(f"requeued {_with_client(args, lambda c: c.requeue_dead(args.queue, ids))}")
     else:
         print(f"purged {_with_client(args, lambda c: c.purge_dead(args.queue, ids))}")
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    interactive = sys.stdout.isatty()
+
+    async def go(client: Any) -> None:
+        shown = 0
+        while args.iterations is None or shown < args.iterations:
+            info = await client.stats()
+            screen = format_stats(info)
+            if interactive:
+                print("\x1b[H\x1b[2J", end="")  # home, clear: redraw in place
+            stamp = time.strftime("%H:%M:%S")
+            print(f"jobbroker at {args.connect}, {stamp}{'  (draining)' if info.get('draining') else ''}")
+            print(screen, flush=True)
+            shown += 1
+            if args.iterations is None or shown < args.iterations:
+                await asyncio.sleep(args.interval)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _with_client(args, go)
     return 0
 
 

@@ -33,6 +33,7 @@ from broker.protocol.messages import (
     Watch,
 )
 from client.connection import Connection, Link
+from client.progress import show_progress
 
 __all__ = ["Client"]
 
@@ -259,9 +260,11 @@ class Client:
         max_attempts: int | None = None,
         lease: float | None = None,
         batch_size: int = _MAP_BATCH,
+        progress: bool = False,
     ) -> list[Any]:
         """Submit one job per payload and return their results in order. Submits go in
-        batches of `batch_size`; results are pushed as the jobs complete.
+        batches of `batch_size`; results are pushed as the jobs complete. With progress=True,
+        a progress bar of the results on standard error.
 
         Raises:
             JobDead, JobCancelled: for the first job that did not complete.
@@ -290,9 +293,14 @@ class Client:
                         futures.append(future)
                 # In order: results come in batches, so most of these awaits find their future
                 # done and do not suspend. A timeout cancels this await, never a shared future.
-                for future in futures:
+                total = len(futures)
+                for index, future in enumerate(futures, 1):
                     if not future.done():
+                        if progress:
+                            show_progress("results", index - 1, total)
                         await asyncio.wait((future,))
+                if progress:
+                    show_progress("results", total, total)
         except TimeoutError:
             done = sum(1 for f in futures if f.done())
             raise ResultTimeout(f"{done} of {len(payloads)} results within {timeout}s") from None

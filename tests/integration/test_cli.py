@@ -168,3 +168,30 @@ async def test_sigterm_lets_jobs_in_flight_finish(
     assert await client.result(job_id, timeout=10 * TIME_UNIT) == 64  # finished during the grace
     assert await asyncio.to_thread(broker.wait, 15) == 0
     assert "shutting down: 1 jobs in flight" in broker.output()
+
+
+def test_top_refreshes_until_told(broker: BrokerProcess, secret_file: Path) -> None:
+    common = ["--connect", broker.address, "--secret-file", str(secret_file)]
+    run([sys.executable, "-m", "broker", "submit", "watched", "1", *common], {})
+    screen = run([sys.executable, "-m", "broker", "top", "--iterations", "2", "--interval", "0.1", *common], {})
+    assert screen.count(f"jobbroker at {broker.address}") == 2
+    assert len(re.findall(r"^watched\s+1\s", screen, re.MULTILINE)) == 2
+
+
+def test_submit_from_json_lines_with_progress(
+    broker: BrokerProcess, secret_file: Path, start_worker: Callable[..., Process], tmp_path: Path
+) -> None:
+    start_worker(broker.address)
+    lines = tmp_path / "numbers.jsonl"
+    lines.write_text("".join(f"{n}\n" for n in range(2500)))
+    common = ["--connect", broker.address, "--secret-file", str(secret_file)]
+    argv = [sys.executable, "-m", "broker", "submit", "squares", "--file", str(lines), "--wait", *common]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60 * TIME_UNIT, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [(int(payload), int(square)) for _, payload, square in rows] == [(n, n * n) for n in range(2500)]
+    assert "submitted [" in result.stderr and "2500/2500" in result.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("1\n{oops\n")
+    failed = subprocess.run([*argv[:5], "--file", str(bad), *common], capture_output=True, text=True, cwd=REPO)
+    assert failed.returncode == 2 and "line 2: not JSON" in failed.stderr

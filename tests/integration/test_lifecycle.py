@@ -72,7 +72,7 @@ async def test_kill_9_of_a_worker_holding_jobs(
     doomed.signal(signal.SIGKILL)
     results = await asyncio.gather(*(client.result(i, timeout=20 * TIME_UNIT) for i in ids))
     assert results == [1, 4, 9, 16]
-    assert time.monotonic() - killed_at < 3 * 0.5 * TIME_UNIT + 2.0
+    assert time.monotonic() - killed_at < (3 * 0.5 + 3.0) * TIME_UNIT  # 3 heartbeats, and slack for a busy machine
     assert [(await client.job(i))["attempts"] for i in ids] == [2, 2, 2, 2]
     broker.wait_for_output(r"worker session \d+ \(worker-1\) lost holding 4 jobs")
 
@@ -93,7 +93,7 @@ async def test_a_silent_worker_is_declared_dead_after_three_heartbeats(
     results = await asyncio.gather(*(client.result(i, timeout=20 * TIME_UNIT) for i in ids))
     elapsed = time.monotonic() - stopped_at
     assert results == [25, 36]
-    assert 2 * 0.5 <= elapsed < (3 * 0.5 + 2.0) * TIME_UNIT
+    assert 2 * 0.5 <= elapsed < (3 * 0.5 + 3.0) * TIME_UNIT
     broker.wait_for_output(r"missed its heartbeats")
 
 
@@ -258,12 +258,15 @@ async def test_waiting_on_more_results_than_one_request_may_carry(broker: Broker
     assert results == [2 * n for n in range(12_000)]
 
 
-def test_sync_client_for_plain_scripts(broker: BrokerProcess, start_worker: Callable[..., Process]) -> None:
+def test_sync_client_for_plain_scripts(
+    broker: BrokerProcess, start_worker: Callable[..., Process], capsys: pytest.CaptureFixture[str]
+) -> None:
     start_worker(broker.address)
     with SyncClient(broker.address, secret=SECRET) as client:
         job_ids = client.submit_many("squares", range(5))
         assert [client.result(job_id, timeout=20 * TIME_UNIT) for job_id in job_ids] == [0, 1, 4, 9, 16]
-        assert client.map("squares", [6, 7], timeout=20 * TIME_UNIT) == [36, 49]
+        assert client.map("squares", [6, 7], timeout=20 * TIME_UNIT, progress=True) == [36, 49]
+        assert "results [" in capsys.readouterr().err
         assert client.stats()["queues"]["squares"]["done"] == 7
         with pytest.raises(JobNotFound):
             client.job(10**9)

@@ -284,7 +284,7 @@ async def test_slow_and_idle_connections_do_not_starve_others(start_broker: Call
                 trickle.send(bytes([byte]))
                 assert await client.submit("busy", 1) > 0
                 await asyncio.sleep(0.3)
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 8 * TIME_UNIT
             await asyncio.sleep(1.5)
             trickle.settimeout(2)
             assert trickle.recv(100) == b""  # cut at the handshake timeout

@@ -27,6 +27,7 @@ from broker.protocol.messages import (
     Drain,
     Fail,
     JobInfo,
+    Progress,
     Release,
     Reserve,
     Stats,
@@ -45,7 +46,7 @@ class Role(enum.StrEnum):
 
 
 _PRODUCER_OPS = frozenset({Submit.op, Watch.op, Cancel.op, JobInfo.op})
-_WORKER_OPS = frozenset({Reserve.op, Complete.op, Fail.op, Touch.op, Release.op})
+_WORKER_OPS = frozenset({Reserve.op, Complete.op, Fail.op, Touch.op, Release.op, Progress.op})
 _ADMIN_OPS = _PRODUCER_OPS | _WORKER_OPS | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op, Drain.op}
 
 # The requests each role may make; anything else is answered `forbidden`.

@@ -29,6 +29,7 @@ from broker.core.scheduler import (
     Effect,
     JobBuried,
     LeaseExpired,
+    ProgressReady,
     ResultsReady,
     Scheduler,
     SessionExpired,
@@ -59,6 +60,8 @@ from broker.protocol.messages import (
     Heartbeat,
     JobInfo,
     Message,
+    Progress,
+    Progressed,
     Release,
     Reply,
     Request,
@@ -200,7 +203,9 @@ class _BrokerProtocol(asyncio.Protocol):
             self.connection.send(message)
             self.broker._mark_dirty(self)
 
-    def send_batch(self, message_type: type[Deliver] | type[Results], items: list[list[Any]]) -> None:
+    def send_batch(
+        self, message_type: type[Deliver] | type[Results] | type[Progressed], items: list[list[Any]]
+    ) -> None:
         """Push a batch, in as many frames as the frame limit needs (large payloads)."""
         try:
             self.send(message_type(items))
@@ -313,6 +318,7 @@ class Broker:
             Fail: self._on_fail,
             Touch: self._on_touch,
             Release: self._on_release,
+            Progress: self._on_progress,
             Watch: self._on_watch,
             Cancel: self._on_cancel,
             Stats: self._on_stats,
@@ -554,6 +560,9 @@ class Broker:
     def _on_release(self, client: _BrokerProtocol, request: Release, now: float) -> dict[str, Any]:
         return _refusals(self.scheduler.release(client.session, request.items, now))
 
+    def _on_progress(self, client: _BrokerProtocol, request: Progress, now: float) -> dict[str, Any]:
+        return _refusals(self.scheduler.progress(client.session, request.items, now))
+
     def _on_watch(self, client: _BrokerProtocol, request: Watch, now: float) -> dict[str, Any]:
         self.scheduler.watch(client.session, request.job_ids, owner=client.owner)
         return {}
@@ -693,6 +702,11 @@ class Broker:
                 if protocol is not None:
                     for chunk in _chunks(effect.items):
                         protocol.send_batch(Results, chunk)
+            elif isinstance(effect, ProgressReady):
+                protocol = connections.get(effect.session)
+                if protocol is not None:
+                    for chunk in _chunks(effect.items):
+                        protocol.send_batch(Progressed, chunk)
             elif isinstance(effect, SessionExpired):
                 protocol = connections.get(effect.session)
                 log.warning("session %d missed its heartbeats: dead", effect.session)

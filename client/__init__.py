@@ -23,7 +23,7 @@ from broker.errors import (
     StorageUnavailable,
     UsageError,
 )
-from client.client import Client
+from client.client import Client, ProgressReport
 from client.sync import SyncClient
 from client.worker import Job, Worker, current_job
 
@@ -44,6 +44,7 @@ __all__ = [
     "JobbrokerError",
     "LeaseLost",
     "LimitExceeded",
+    "ProgressReport",
     "QueueFull",
     "ResultTimeout",
     "StorageUnavailable",

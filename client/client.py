@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from broker.errors import (
     ConnectionClosed,
@@ -27,6 +27,7 @@ from broker.protocol.messages import (
     Deliver,
     Drain,
     JobInfo,
+    Progressed,
     Results,
     Stats,
     Submit,
@@ -35,7 +36,7 @@ from broker.protocol.messages import (
 from client.connection import Connection, Link
 from client.progress import show_progress
 
-__all__ = ["Client"]
+__all__ = ["Client", "ProgressReport"]
 
 
 _MAP_BATCH = 1000
@@ -91,6 +92,7 @@ class Client:
         self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
         self._to_watch: list[int] = []  # result() calls of this loop turn, watched together
         self._submit_groups: dict[tuple[Any, ...], _SubmitGroup] = {}  # submit() calls of this turn
+        self._followers: dict[int, list[asyncio.Queue[ProgressReport]]] = {}  # progress() iterators
 
     async def connect(self) -> Client:
         """Connect now rather than on first use."""
@@ -233,22 +235,58 @@ class Client:
             JobNotFound: no such job, or its result has expired.
             ResultTimeout: no result within `timeout` seconds (the job goes on).
         """
-        outcome = self._unclaimed.pop(job_id, None)
-        if outcome is None:
-            future = self._waiters.get(job_id)
-            if future is None:
-                future = self._waiters[job_id] = asyncio.get_running_loop().create_future()
-                if self._link.current is None:
-                    await self._link.get()  # on_connect watches every waiter
-                else:
-                    self._watch_soon(job_id)
+        future = await self._outcome(job_id)
+        if not future.done():
+            # wait() neither cancels the shared future on timeout nor needs a shield.
+            await asyncio.wait((future,), timeout=timeout)
             if not future.done():
-                # wait() neither cancels the shared future on timeout nor needs a shield.
-                await asyncio.wait((future,), timeout=timeout)
-                if not future.done():
-                    raise ResultTimeout(f"no result for job {job_id} within {timeout}s")
-            outcome = future.result()
+                raise ResultTimeout(f"no result for job {job_id} within {timeout}s")
+        outcome = future.result()
         return _unwrap(outcome)
+
+    async def _outcome(self, job_id: int) -> asyncio.Future[list[Any]]:
+        """The future of a job's outcome, watching the job if nobody does yet."""
+        future = self._waiters.get(job_id)
+        if future is not None:
+            return future
+        future = asyncio.get_running_loop().create_future()
+        outcome = self._unclaimed.pop(job_id, None)
+        if outcome is not None:
+            future.set_result(outcome)
+            return future
+        self._waiters[job_id] = future
+        if self._link.current is None:
+            await self._link.get()  # on_connect watches every waiter
+        else:
+            self._watch_soon(job_id)
+        return future
+
+    async def progress(self, job_id: int) -> AsyncIterator[ProgressReport]:
+        """Follow a job's progress reports (`Job.report_progress` in its handler) until it
+        ends. Ends without error whatever the outcome: `result()` says how it ended.
+
+            async for report in client.progress(job_id):
+                print(f"{report.fraction:.0%} {report.message}")
+        """
+        reports: asyncio.Queue[ProgressReport] = asyncio.Queue()
+        self._followers.setdefault(job_id, []).append(reports)
+        try:
+            finished = await self._outcome(job_id)
+            while not finished.done():
+                next_report = asyncio.ensure_future(reports.get())
+                await asyncio.wait((next_report, finished), return_when=asyncio.FIRST_COMPLETED)
+                if next_report.done():
+                    yield next_report.result()
+                else:
+                    next_report.cancel()
+            while not reports.empty():
+                yield reports.get_nowait()
+        finally:
+            followers = self._followers.get(job_id, [])
+            if reports in followers:
+                followers.remove(reports)
+            if not followers:
+                self._followers.pop(job_id, None)
 
     async def map(
         self,
@@ -339,7 +377,12 @@ class Client:
                 if not future.done():
                     future.set_exception(failure)
 
-    def _on_push(self, message: Deliver | Results) -> None:
+    def _on_push(self, message: Deliver | Results | Progressed) -> None:
+        if isinstance(message, Progressed):
+            for job_id, fraction, text in message.items:
+                for reports in self._followers.get(job_id, ()):
+                    reports.put_nowait(ProgressReport(fraction, text))
+            return
         if not isinstance(message, Results):
             return
         waiters = self._waiters
@@ -410,6 +453,13 @@ def _watch_all(connection: Connection, job_ids: list[int]) -> None:
     # In requests under the broker's batch limit (10,000 ids by default).
     for start in range(0, len(job_ids), _WATCH_BATCH):
         connection.request_nowait(Watch, job_ids=job_ids[start : start + _WATCH_BATCH])
+
+
+class ProgressReport(NamedTuple):
+    """How far a running job has got, as its handler said."""
+
+    fraction: float  # 0.0 to 1.0
+    message: str
 
 
 class _SubmitGroup:

@@ -28,7 +28,17 @@ from broker.errors import (
 from broker.protocol.auth import DEFAULT_CREDENTIAL, resolve_secret
 from broker.protocol.connection import ClientConnection, State
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
-from broker.protocol.messages import Deliver, ErrorReply, Heartbeat, Message, Reply, Request, Results, Welcome
+from broker.protocol.messages import (
+    Deliver,
+    ErrorReply,
+    Heartbeat,
+    Message,
+    Progressed,
+    Reply,
+    Request,
+    Results,
+    Welcome,
+)
 
 log = logging.getLogger("jobbroker.client")
 
@@ -48,7 +58,7 @@ def client_tls(tls: ssl.SSLContext | str | os.PathLike[str] | None) -> ssl.SSLCo
         raise ConfigError(f"cannot load CA file {tls}: {exc}") from exc
 
 
-PushHandler = Callable[[Deliver | Results], None]
+PushHandler = Callable[[Deliver | Results | Progressed], None]
 
 _HEARTBEAT = Heartbeat()
 # Connection-level error codes after which the broker closes the connection (docs/protocol.md).
@@ -226,7 +236,7 @@ class Connection:
                     future.set_result(event.data)
             elif isinstance(event, ErrorReply):
                 self._error_reply(event)
-            elif isinstance(event, Deliver | Results):
+            elif isinstance(event, Deliver | Results | Progressed):
                 if self._on_push is not None:
                     self._on_push(event)
             elif isinstance(event, Welcome) and not self._welcome.done():

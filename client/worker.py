@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from broker.errors import ConnectionClosed, FrameTooLarge, UsageError, broker_error
-from broker.protocol.messages import Complete, Deliver, Fail, Release, Reserve, Results, Touch
+from broker.protocol.messages import Complete, Deliver, Fail, Progress, Progressed, Release, Reserve, Results, Touch
 from client.connection import Connection, Link
 
 __all__ = ["Handler", "Job", "Worker", "current_job"]
@@ -40,6 +40,12 @@ class Job:
     def __init__(self, item: list[Any], worker: Worker) -> None:
         self.id, self.token, self.queue, self.payload, self.attempt, self.lease = item
         self._worker = worker
+
+    def report_progress(self, fraction: float, message: str = "") -> None:
+        """Tell the producers following this job how far it has got: `fraction` from 0.0 to
+        1.0 and a short message. From any handler, coroutine or thread; returns at once (the
+        reports of one loop turn travel together)."""
+        self._worker._report(self, float(fraction), str(message)[:200])
 
     async def touch(self, seconds: float = 0.0) -> None:
         """Extend this job's lease to `seconds` from now (0: the job's own lease length), for
@@ -139,6 +145,8 @@ class Worker:
         self._idle: deque[asyncio.Future[None]] = deque()  # runners waiting for a job
         self._completions: list[list[Any]] = []
         self._failures: list[list[Any]] = []
+        self._reports: list[list[Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._answers: set[asyncio.Future[dict[str, Any]]] = set()
         self._flush_scheduled = False
         self._stopping = False
@@ -151,7 +159,7 @@ class Worker:
     async def run(self) -> None:
         """Take and run jobs until stop() (or a signal, with handle_signals); then stop taking
         jobs, finish or hand back those held, and return."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self._executor = self._make_executor()
         installed = self._install_signals(loop) if self.handle_signals else []
@@ -240,7 +248,7 @@ class Worker:
         if not self._stopping:
             connection.request_nowait(Reserve, queues=self.queues, prefetch=self.prefetch)
 
-    def _on_push(self, message: Deliver | Results) -> None:
+    def _on_push(self, message: Deliver | Results | Progressed) -> None:
         if not isinstance(message, Deliver):
             return
         waiting = self._waiting
@@ -308,6 +316,24 @@ class Worker:
         for _, code in reply["refused"]:
             raise broker_error(code, f"cannot extend the lease of job {job_id}: {code}")
 
+    def _report(self, job: Job, fraction: float, message: str) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        item = [job.id, job.token, fraction, message]
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._queue_report(item)
+        else:  # a handler in a pool thread
+            loop.call_soon_threadsafe(self._queue_report, item)
+
+    def _queue_report(self, item: list[Any]) -> None:
+        self._reports.append(item)
+        self._schedule_flush()
+
     # --- answers, one frame per turn --------------------------------------------------
 
     def _schedule_flush(self) -> None:
@@ -325,7 +351,7 @@ class Worker:
                     "dropping %d answers: their leases ended with the connection",
                     len(self._completions) + len(self._failures),
                 )
-            self._completions, self._failures = [], []
+            self._completions, self._failures, self._reports = [], [], []
             return
         if self._completions:
             completions, self._completions = self._completions, []
@@ -336,6 +362,9 @@ class Worker:
         if self._failures:
             failures, self._failures = self._failures, []
             self._send(connection, Fail, failures)
+        if self._reports:
+            reports, self._reports = self._reports, []
+            connection.request_nowait(Progress, items=reports)
 
     def _send_one_by_one(self, connection: Connection, completions: list[list[Any]]) -> None:
         """A result in the batch cannot be encoded: fail that job, complete the rest."""

@@ -63,6 +63,7 @@ class Job:
         "owner",
         "payload",
         "priority",
+        "progress",
         "queue",
         "result",
         "state",
@@ -99,6 +100,7 @@ class Job:
         self.result: Any = None
         self.error: dict[str, str] | None = None  # the last failure: {"type", "message"}
         self.watchers: list[int] | None = None  # sessions awaiting the outcome
+        self.progress: tuple[float, str] | None = None  # the last report of a running job
         self.owner: str | None = None  # the credential that submitted it
         self.not_before = 0.0  # when a delayed job becomes pending (scheduler's clock)
         self.expires_at = 0.0  # when a finished job is forgotten (scheduler's clock)

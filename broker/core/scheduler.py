@@ -29,6 +29,7 @@ __all__ = [
     "Effect",
     "JobBuried",
     "LeaseExpired",
+    "ProgressReady",
     "ResultsReady",
     "Scheduler",
     "SchedulerConfig",
@@ -95,6 +96,14 @@ class ResultsReady:
 
 
 @dataclass(frozen=True, slots=True)
+class ProgressReady:
+    """Send these progress reports to the watching session: [job_id, fraction, message]."""
+
+    session: int
+    items: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionExpired:
     """The session missed its heartbeats: close its connection. Its jobs are already requeued."""
 
@@ -128,7 +137,7 @@ class JobBuried:
     error: dict[str, str]
 
 
-Effect = Deliver | ResultsReady | SessionExpired | WorkerLost | LeaseExpired | JobBuried
+Effect = Deliver | ResultsReady | ProgressReady | SessionExpired | WorkerLost | LeaseExpired | JobBuried
 
 
 # --- changes, for a durable store ---------------------------------------------------------
@@ -240,6 +249,7 @@ class _Session:
 class _Outbox:
     deliveries: dict[int, list[list[Any]]] = field(default_factory=dict)
     results: dict[int, list[list[Any]]] = field(default_factory=dict)
+    progress: dict[int, list[list[Any]]] = field(default_factory=dict)
     notices: list[Effect] = field(default_factory=list)
 
 
@@ -525,6 +535,19 @@ class Scheduler:
             self._lease_deadlines.add(job.id, now + extension)
         return codes
 
+    def progress(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
+        """Running jobs report how far they have got: items of (job_id, token, fraction 0..1,
+        message). Kept on the job (not stored on disk) and sent to its watchers."""
+        codes: list[str | None] = []
+        progress = self._outbox.progress
+        for job, (_, _, fraction, message) in self._fenced(session_id, items, codes):
+            fraction = min(1.0, max(0.0, fraction)) if fraction == fraction else 0.0  # NaN: 0
+            job.progress = (fraction, message[:200])
+            for watcher in job.watchers or ():
+                if watcher in self._sessions:
+                    progress.setdefault(watcher, []).append([job.id, fraction, job.progress[1]])
+        return codes
+
     def release(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
         """Hand leased jobs back unrun (a worker shutting down): requeued at the front, the
         attempt not counted."""
@@ -717,11 +740,12 @@ class Scheduler:
         if now - self._last_rate_sample >= _RATE_SAMPLE_EVERY:
             self._sample_rates(now)
         outbox = self._outbox
-        if not (outbox.deliveries or outbox.results or outbox.notices):
+        if not (outbox.deliveries or outbox.results or outbox.progress or outbox.notices):
             return []
         self._outbox = _Outbox()
         effects: list[Effect] = list(outbox.notices)
         effects.extend(Deliver(s, jobs) for s, jobs in outbox.deliveries.items())
+        effects.extend(ProgressReady(s, items) for s, items in outbox.progress.items())
         effects.extend(ResultsReady(s, items) for s, items in outbox.results.items())
         return effects
 
@@ -939,6 +963,7 @@ def _describe(job: Job) -> dict[str, Any]:
         "payload": job.payload,
         "result": job.result,
         "error": job.error,
+        "progress": None if job.progress is None else {"fraction": job.progress[0], "message": job.progress[1]},
         "worker": job.worker,
         "key": job.key,
     }

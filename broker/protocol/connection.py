@@ -35,6 +35,7 @@ from broker.protocol.messages import (
     Heartbeat,
     Hello,
     Message,
+    Progressed,
     Reply,
     Request,
     Results,
@@ -72,7 +73,7 @@ _HANDSHAKE: dict[tuple[Role, State, str], State] = {
 def _accepts_when_open(role: Role, message: Message) -> bool:
     if role is Role.SERVER:
         return isinstance(message, Request | Heartbeat)
-    return isinstance(message, Reply | ErrorReply | Deliver | Results | Heartbeat)
+    return isinstance(message, Reply | ErrorReply | Deliver | Results | Progressed | Heartbeat)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,8 @@ __all__ = [
     "Hello",
     "JobInfo",
     "Message",
+    "Progress",
+    "Progressed",
     "Release",
     "Reply",
     "Request",
@@ -57,6 +59,8 @@ TouchItem = tuple[int, int, float]  # job_id, lease token, new lease in seconds 
 ReleaseItem = tuple[int, int]  # job_id, lease token
 DeliveryItem = tuple[int, int, str, Any, int, float]  # job_id, token, queue, payload, attempt, lease
 ResultItem = tuple[int, str, Any]  # job_id, final state, result or error
+ProgressItem = tuple[int, int, float, str]  # job_id, lease token, fraction done (0..1), message
+ProgressedItem = tuple[int, float, str]  # job_id, fraction done, message
 
 
 class Message:
@@ -164,6 +168,13 @@ class Touch(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Progress(Request):
+    op: ClassVar[str] = "progress"
+    id: int
+    items: list[ProgressItem]
+
+
+@dataclass(frozen=True, slots=True)
 class Release(Request):
     op: ClassVar[str] = "release"
     id: int
@@ -262,6 +273,14 @@ class Results(Message):
     items: list[ResultItem]
 
 
+@dataclass(frozen=True, slots=True)
+class Progressed(Message):
+    """Progress reports of watched jobs."""
+
+    op: ClassVar[str] = "progressed"
+    items: list[ProgressedItem]
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.op: cls
     for cls in (
@@ -288,6 +307,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ErrorReply,
         Deliver,
         Results,
+        Progress,
+        Progressed,
     )
 }
 

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -272,3 +273,46 @@ def test_sync_client_for_plain_scripts(
             client.job(10**9)
     with pytest.raises(RuntimeError, match="closed"):
         client.stats()
+
+
+async def test_progress_reports_reach_the_producer(broker: BrokerProcess, client: Client) -> None:
+    async def steps(n: int) -> int:
+        job = current_job()
+        for step in range(1, 4):
+            await asyncio.sleep(0.1)
+            job.report_progress(step / 3, f"step {step}")
+        await asyncio.sleep(0.1)
+        return n
+
+    def threaded(n: int) -> int:
+        current_job().report_progress(0.5, "half way, from a thread")
+        time.sleep(0.2)
+        return n
+
+    job_id = await client.submit("steps", 7)
+    other_id = await client.submit("threaded", 8)
+    followed = [asyncio.create_task(_collect(client, job_id)), asyncio.create_task(_collect(client, other_id))]
+    await asyncio.sleep(0.2)  # the producers follow before the work starts
+    workers = [
+        Worker(broker.address, secret=SECRET, queues=["steps"], handler=steps),
+        Worker(broker.address, secret=SECRET, queues=["threaded"], handler=threaded),
+    ]
+    running = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        reports, other_reports = await asyncio.wait_for(asyncio.gather(*followed), 20 * TIME_UNIT)
+        assert [(round(r.fraction, 2), r.message) for r in reports] == [
+            (0.33, "step 1"),
+            (0.67, "step 2"),
+            (1.0, "step 3"),
+        ]
+        assert [r.message for r in other_reports] == ["half way, from a thread"]
+        assert await client.result(job_id, timeout=5) == 7
+        assert (await client.job(job_id))["progress"] == {"fraction": 1.0, "message": "step 3"}
+    finally:
+        for worker in workers:
+            worker.stop()
+        await asyncio.gather(*running)
+
+
+async def _collect(client: Client, job_id: int) -> list[Any]:
+    return [report async for report in client.progress(job_id)]

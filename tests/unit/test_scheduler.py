@@ -11,6 +11,7 @@ from broker.core.scheduler import (
     Deliver,
     JobBuried,
     LeaseExpired,
+    ProgressReady,
     ResultsReady,
     Scheduler,
     SchedulerConfig,
@@ -354,3 +355,16 @@ def test_idempotency_keys_belong_to_their_owner() -> None:
     (other,) = h.scheduler.submit(PRODUCER, "q", ["b"], h.now, keys=["k"], owner="bob")
     assert other != first
     assert h.scheduler.submit(PRODUCER, "q", ["a2"], h.now, keys=["k"], owner="alice") == [first]
+
+
+def test_progress_is_fenced_kept_and_sent_to_watchers() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"], watch=True)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    assert h.scheduler.progress(WORKER_A, [[job_id, token, 1.5, "over"], [job_id, 999, 0.1, "stale"]], h.now) == [
+        None,
+        "lease_lost",
+    ]
+    assert ProgressReady(PRODUCER, [[job_id, 1.0, "over"]]) in h.flush()  # clamped to 0..1
+    assert h.scheduler.job_info(job_id)["progress"] == {"fraction": 1.0, "message": "over"}

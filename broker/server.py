@@ -692,21 +692,13 @@ class Broker:
     def _apply(self, effects: list[Effect]) -> None:
         connections = self._connections
         for effect in effects:
-            if isinstance(effect, DeliverEffect):
+            if isinstance(effect, DeliverEffect | ResultsReady | ProgressReady):
                 protocol = connections.get(effect.session)
                 if protocol is not None:
-                    for chunk in _chunks(effect.jobs):
-                        protocol.send_batch(Deliver, chunk)
-            elif isinstance(effect, ResultsReady):
-                protocol = connections.get(effect.session)
-                if protocol is not None:
-                    for chunk in _chunks(effect.items):
-                        protocol.send_batch(Results, chunk)
-            elif isinstance(effect, ProgressReady):
-                protocol = connections.get(effect.session)
-                if protocol is not None:
-                    for chunk in _chunks(effect.items):
-                        protocol.send_batch(Progressed, chunk)
+                    message_type = _PUSHES[type(effect)]
+                    items = effect.jobs if isinstance(effect, DeliverEffect) else effect.items
+                    for chunk in _chunks(items):
+                        protocol.send_batch(message_type, chunk)
             elif isinstance(effect, SessionExpired):
                 protocol = connections.get(effect.session)
                 log.warning("session %d missed its heartbeats: dead", effect.session)
@@ -751,6 +743,14 @@ class Broker:
         for protocol in self._connections.values():
             protocol.send(_HEARTBEAT)
         self._heartbeat_handle = self.loop.call_later(self.config.heartbeat, self._send_heartbeats)
+
+
+# The push message that carries each kind of effect to its session.
+_PUSHES: dict[type[Effect], type[Deliver] | type[Results] | type[Progressed]] = {
+    DeliverEffect: Deliver,
+    ResultsReady: Results,
+    ProgressReady: Progressed,
+}
 
 
 def _send(outgoing: list[tuple[_BrokerProtocol, bytes]]) -> None:

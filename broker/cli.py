@@ -179,6 +179,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--max-result-size", type=int, default=1024 * 1024, help="bytes per result (1 MiB)")
     serve.add_argument("--max-queues", type=int, default=10_000, help="queues at most (10000)")
     serve.add_argument("--max-write-buffer", type=int, default=64 * 1024 * 1024, help="bytes queued to a peer (64 MiB)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    serve.add_argument("--metrics-host", default=DEFAULT_HOST, help=f"address for /metrics (default {DEFAULT_HOST})")
     serve.add_argument("--grace", type=float, default=10.0, help="on SIGTERM: seconds for jobs in flight (10)")
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
 
@@ -272,6 +274,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_payload_size=args.max_payload_size,
         max_result_size=args.max_result_size,
         max_write_buffer=args.max_write_buffer,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         handshake_timeout=args.handshake_timeout,

@@ -39,6 +39,7 @@ class BrokerConfig:
         max_payload_size: bytes of one job's encoded payload.
         max_result_size: bytes of one job's encoded result; a larger one fails the job.
         tls_cert, tls_key: PEM files; with them the broker speaks TLS only.
+        metrics_port, metrics_host: serve Prometheus metrics at /metrics there (off: None).
     """
 
     host: str = DEFAULT_HOST
@@ -54,6 +55,8 @@ class BrokerConfig:
     max_result_size: int = 1024 * 1024
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    metrics_port: int | None = None
+    metrics_host: str = DEFAULT_HOST
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server's TLS context, or None without a certificate.

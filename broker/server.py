@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import sys
 import time
@@ -45,6 +46,7 @@ from broker.errors import (
     StorageUnavailable,
     UsageError,
 )
+from broker.metrics import MetricsServer, TrafficCounters
 from broker.protocol.auth import Credential
 from broker.protocol.connection import Authenticated, ServerConnection, State
 from broker.protocol.messages import (
@@ -111,6 +113,7 @@ class _BrokerProtocol(asyncio.Protocol):
         self.owner: str | None = None  # the credential, for producers and workers; None for admins
         self.close_when_sent = False  # after a fatal protocol error: send the error frame, then close
         self._throttled: list[bytes] | None = None  # input held back while the throttle delays us
+        self._frames_counted = 0  # frames of this connection already in the traffic counters
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -150,8 +153,12 @@ class _BrokerProtocol(asyncio.Protocol):
                 self._throttled.append(data)
             return
         connection = self.connection
-        events = connection.receive_data(data)
         broker = self.broker
+        traffic = broker.traffic
+        traffic.bytes_in += len(data)
+        frames_before = connection.frames_received
+        events = connection.receive_data(data)
+        traffic.frames_in += connection.frames_received - frames_before
         if self.authenticated:
             broker.scheduler.seen(self.session, broker.loop.time())
         for event in events:
@@ -180,6 +187,7 @@ class _BrokerProtocol(asyncio.Protocol):
 
     def _auth_failed(self, reason: object) -> None:
         log.warning("authentication failed from %s: %s", self.peer, reason)
+        self.broker.traffic.auth_failures += 1
         self.broker.auth_throttle.failed(self.address, self.broker.loop.time())
 
     def write(self, data: bytes) -> None:
@@ -188,6 +196,10 @@ class _BrokerProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if data:
+            traffic = self.broker.traffic
+            traffic.bytes_out += len(data)
+            traffic.frames_out += self.connection.frames_sent - self._frames_counted
+            self._frames_counted = self.connection.frames_sent
             transport.write(data)
             if transport.get_write_buffer_size() > self.broker.config.max_write_buffer:
                 log.warning("session %d (%s) does not read its replies; disconnecting", self.session, self.peer)
@@ -255,6 +267,7 @@ class _BrokerProtocol(asyncio.Protocol):
                 self.peer,
                 self.broker.config.handshake_timeout,
             )
+            self.broker.traffic.auth_failures += 1
             self.connection.close()
             self.transport.abort()
 
@@ -288,6 +301,8 @@ class Broker:
         self.config = config
         self.credentials = credentials
         self.auth_throttle = AuthThrottle()
+        self.traffic = TrafficCounters()
+        self._metrics: MetricsServer | None = None
         self._given_store = store
         self.store: Store = store or MemoryStore()  # opened in start() when config.data_dir is set
         durable = store.durable if store is not None else config.data_dir is not None
@@ -391,6 +406,9 @@ class Broker:
             self._close_store()
             raise
         self._heartbeat_handle = loop.call_later(self.config.heartbeat, self._send_heartbeats)
+        if self.config.metrics_port is not None:
+            self._metrics = MetricsServer(loop, self.metrics, self.config.metrics_host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self._metrics.port)
         self._schedule_flush()  # deliver recovered jobs, arm the ticker
         log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if self.config.tls_cert else "")
 
@@ -426,6 +444,14 @@ class Broker:
                 protocol.transport.close()
         self._closed.set_result(None)
 
+    def metrics(self) -> dict[str, Any]:
+        """The figures /metrics shows: the scheduler's counts and the traffic counters."""
+        return {**self.scheduler.metrics(), "traffic": dataclasses.asdict(self.traffic)}
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics is None else self._metrics.port
+
     async def shutdown(self, grace: float) -> None:
         """Stop accepting connections and delivering jobs, give jobs in flight up to `grace`
         seconds to finish, then close (saving everything). Jobs still leased then are
@@ -446,6 +472,9 @@ class Broker:
         await asyncio.shield(self._closed)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._metrics is not None:
+            metrics, self._metrics = self._metrics, None
+            await self.loop.run_in_executor(None, metrics.close)
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await self.loop.run_in_executor(writer, self.store.close)  # after every queued write
@@ -705,6 +734,7 @@ class Broker:
                 if protocol is not None and protocol.transport is not None:
                     protocol.transport.abort()
             elif isinstance(effect, WorkerLost):
+                self.traffic.dead_workers += 1
                 log.warning(
                     "worker session %d (%s) lost holding %d jobs: requeued %s, dead %s",
                     effect.session,

@@ -53,6 +53,7 @@ class Job:
     __slots__ = (
         "attempts",
         "backoff",
+        "delivered_at",
         "error",
         "expires_at",
         "id",
@@ -103,6 +104,7 @@ class Job:
         self.progress: tuple[float, str] | None = None  # the last report of a running job
         self.owner: str | None = None  # the credential that submitted it
         self.not_before = 0.0  # when a delayed job becomes pending (scheduler's clock)
+        self.delivered_at = 0.0  # when the current attempt was delivered (scheduler's clock)
         self.expires_at = 0.0  # when a finished job is forgotten (scheduler's clock)
 
     def __repr__(self) -> str:

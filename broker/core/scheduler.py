@@ -165,8 +165,24 @@ class Changes:
 # --- state ------------------------------------------------------------------------------
 
 
+class RunTimes:
+    """A histogram of job run times (delivery to completion), in fixed buckets, for metrics."""
+
+    BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0)
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last: above every bound
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.total += seconds
+
+
 class _Queue:
     __slots__ = (
+        "buried",
         "completed",
         "dead",
         "delayed_count",
@@ -177,6 +193,8 @@ class _Queue:
         "pending_count",
         "priorities",
         "rate_samples",
+        "requeued",
+        "run_times",
         "submitted",
         "waiters",
     )
@@ -193,6 +211,9 @@ class _Queue:
         self.submitted = 0
         self.completed = 0
         self.failed = 0
+        self.buried = 0  # jobs that went to the dead-letter list, ever
+        self.requeued = 0  # jobs that lost their lease and went back, ever
+        self.run_times = RunTimes()
         self.rate_samples: deque[tuple[float, int, int]] = deque()  # (now, submitted, completed)
 
     def push(self, job: Job, *, front: bool = False) -> None:
@@ -509,7 +530,9 @@ class Scheduler:
             self._end_lease(job)
             self._move(job, JobEvent.COMPLETE)
             job.result = result
-            self._queues[job.queue].completed += 1
+            queue = self._queues[job.queue]
+            queue.completed += 1
+            queue.run_times.observe(now - job.delivered_at)
             self._finish(job, now)
         return codes
 
@@ -633,6 +656,29 @@ class Scheduler:
             del queue.dead[job_id]
             self._forget(self._jobs[job_id])
         return len(chosen)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counts for metrics: per queue gauges (pending, delayed, in_flight, dead), totals
+        since start (submitted, completed, failed, buried, requeued) and run times; workers and
+        sessions connected."""
+        queues = {
+            name: {
+                "pending": q.pending_count,
+                "delayed": q.delayed_count,
+                "in_flight": q.leased_count,
+                "dead": len(q.dead),
+                "submitted": q.submitted,
+                "completed": q.completed,
+                "failed": q.failed,
+                "buried": q.buried,
+                "requeued": q.requeued,
+                "run_time_counts": list(q.run_times.counts),
+                "run_time_sum": q.run_times.total,
+            }
+            for name, q in self._queues.items()
+        }
+        workers = sum(1 for session in self._sessions.values() if session.queues)
+        return {"queues": queues, "workers": workers, "sessions": len(self._sessions)}
 
     def stats(self, now: float) -> dict[str, Any]:
         """Counts and rates per queue; workers with their leases and last heartbeat."""
@@ -843,6 +889,7 @@ class Scheduler:
                     break
                 self._move(job, JobEvent.DELIVER)
                 job.attempts += 1
+                job.delivered_at = now
                 job.token = self._next_token
                 self._next_token += 1
                 job.worker = session.id
@@ -891,6 +938,7 @@ class Scheduler:
             return True
         self._move(job, JobEvent.REQUEUE)
         self._queues[job.queue].push(job, front=True)
+        self._queues[job.queue].requeued += 1
         self._ready[job.queue] = None
         return False
 
@@ -904,6 +952,7 @@ class Scheduler:
     def _bury(self, job: Job, now: float) -> None:
         self._move(job, JobEvent.BURY)
         self._queues[job.queue].dead[job.id] = job
+        self._queues[job.queue].buried += 1
         error = job.error or {"type": "Unknown", "message": ""}
         self._outbox.notices.append(JobBuried(job.id, job.queue, error))
         self._notify_watchers(job)

@@ -107,6 +107,7 @@ class _Connection:
         self.state: State
         self.error: ProtocolError | None = None
         self.frames_received = 0
+        self.frames_sent = 0
 
     # --- output ---------------------------------------------------------------------------
 
@@ -129,6 +130,7 @@ class _Connection:
         self._queue_body(encode(message))
 
     def _queue_body(self, body: bytes) -> None:
+        self.frames_sent += 1
         if self._signer is not None:
             body = self._signer.sign(body)
         self._outgoing.append(encode_frame(body))

@@ -1,0 +1,126 @@
+"""Prometheus metrics (`jobbroker serve --metrics-port P`), through prometheus_client.
+
+Nothing here runs on the hot paths: the server keeps plain integer counters and the scheduler
+its own counts; at each scrape, the HTTP thread asks the event loop for one consistent
+snapshot and turns it into metric families.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from broker.core.scheduler import RunTimes
+
+__all__ = ["MetricsServer", "TrafficCounters"]
+
+
+@dataclass(slots=True)
+class TrafficCounters:
+    """What the server counts as it goes: plain integers, bumped on the event loop."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    auth_failures: int = 0
+    dead_workers: int = 0
+
+
+_QUEUE_GAUGES = {
+    "pending": "Jobs waiting for a worker",
+    "delayed": "Jobs waiting for their not-before time or a retry",
+    "in_flight": "Jobs leased to workers",
+    "dead": "Jobs in the dead-letter list",
+}
+_QUEUE_COUNTERS = {
+    "submitted": "Jobs submitted",
+    "completed": "Jobs completed",
+    "failed": "Failed attempts",
+    "buried": "Jobs moved to the dead-letter list",
+    "requeued": "Jobs requeued after a lost lease (expired, or their worker died)",
+}
+_TRAFFIC = {
+    "frames_in": "Frames received",
+    "frames_out": "Frames sent",
+    "bytes_in": "Bytes received",
+    "bytes_out": "Bytes sent",
+    "auth_failures": "Failed authentications",
+    "dead_workers": "Workers declared dead (connection lost or heartbeats missed) while holding jobs",
+}
+
+
+class _Collector:
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        data = self._snapshot()
+        queues: dict[str, dict[str, Any]] = data["queues"]
+        for name, help_text in _QUEUE_GAUGES.items():
+            family = GaugeMetricFamily(f"jobbroker_jobs_{name}", help_text, labels=["queue"])
+            for queue, counts in queues.items():
+                family.add_metric([queue], counts[name])
+            yield family
+        for name, help_text in _QUEUE_COUNTERS.items():
+            family = CounterMetricFamily(f"jobbroker_jobs_{name}", help_text, labels=["queue"])
+            for queue, counts in queues.items():
+                family.add_metric([queue], counts[name])
+            yield family
+        run_time = HistogramMetricFamily(
+            "jobbroker_job_run_seconds", "Time from delivery to completion", labels=["queue"]
+        )
+        for queue, counts in queues.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, RunTimes.BOUNDS), "+Inf"], counts["run_time_counts"], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            run_time.add_metric([queue], buckets, counts["run_time_sum"])
+        yield run_time
+        yield GaugeMetricFamily("jobbroker_workers_connected", "Connected workers", value=data["workers"])
+        yield GaugeMetricFamily("jobbroker_clients_connected", "Authenticated connections", value=data["sessions"])
+        for name, help_text in _TRAFFIC.items():
+            yield CounterMetricFamily(f"jobbroker_{name}", help_text, value=data["traffic"][name])
+
+
+class MetricsServer:
+    """Serves /metrics over HTTP from a thread; snapshots come from the event loop.
+
+    Args:
+        loop: the broker's event loop.
+        snapshot: called on that loop; returns the scheduler's metrics() plus "traffic".
+        host, port: where to listen (loopback unless you mean otherwise).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], dict[str, Any]], host: str, port: int):
+        self._loop = loop
+        self._snapshot = snapshot
+        registry = CollectorRegistry()
+        registry.register(_Collector(self._snapshot_from_thread))  # type: ignore[arg-type]
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def _snapshot_from_thread(self) -> dict[str, Any]:
+        answer: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                answer.set_result(self._snapshot())
+            except Exception as exc:
+                answer.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(take)
+        return answer.result(timeout=10)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -16,7 +16,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -369,16 +369,6 @@ class SqliteStore:
             self._db.close()
         finally:
             self._lock.release()
-
-    def disk_usage(self) -> int:
-        """Bytes used by the database and its WAL."""
-        return sum(p.stat().st_size for p in self._files())
-
-    def _files(self) -> Iterator[Path]:
-        for suffix in ("", "-wal", "-shm"):
-            path = Path(f"{self.database}{suffix}")
-            if path.exists():
-                yield path
 
 
 def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> Job:

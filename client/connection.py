@@ -336,7 +336,6 @@ class Link:
         self._connection: Connection | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
-        self.connections_made = 0
 
     @classmethod
     def from_settings(
@@ -409,7 +408,6 @@ class Link:
                     raise
                 await asyncio.sleep(min(next(delays), max(0.0, give_up_at - loop.time())))
                 continue
-            self.connections_made += 1
             connection.closed.add_done_callback(self._connection_closed)
             if self._on_connect is not None:
                 self._on_connect(connection)

@@ -544,7 +544,9 @@ def _job(args: argparse.Namespace) -> int:
 
 
 def format_stats(info: dict[str, Any]) -> str:
-    """Stats as readable tables: queues, then workers."""
+    """Stats as readable tables: queues, workers, then running jobs that report progress."""
+    from client.progress import progress_bar
+
     columns = ["queue", "pending", "delayed", "in_flight", "dead", "done", "failed", "done/s", "workers"]
     rows = [
         [
@@ -577,6 +579,22 @@ def format_stats(info: dict[str, Any]) -> str:
         lines += _table(["session", "worker", "peer", "queues", "in_flight", "last_seen"], worker_rows)
     else:
         lines.append("(no workers)")
+    progress_rows = [
+        [
+            job["id"],
+            job["queue"],
+            w["session"],
+            f"{progress_bar(job['progress']['fraction'], 20)} {job['progress']['fraction']:4.0%}",
+            job["progress"]["message"],
+            f"{job['running_seconds']:.1f}s",
+        ]
+        for w in info["workers"]
+        for job in w.get("running", ())
+        if job["progress"] is not None
+    ]
+    if progress_rows:
+        lines.append("")
+        lines += _table(["job", "queue", "session", "progress", "message", "running"], progress_rows)
     return "\n".join(lines)
 
 

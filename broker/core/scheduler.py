@@ -13,6 +13,7 @@ once, fenced by lease tokens.
 from __future__ import annotations
 
 import bisect
+import heapq
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +44,7 @@ MAX_QUEUE_NAME = 200
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*\Z")
 MAX_KEY_LENGTH = 200
 HEARTBEATS_MISSED_BEFORE_DEAD = 3
+WORKER_JOBS_SHOWN = 20  # running jobs listed per worker in stats (a worker may hold thousands)
 _RATE_SAMPLE_EVERY = 1.0
 _RATE_WINDOW = 10.0
 
@@ -711,6 +713,7 @@ class Scheduler:
                 "queues": list(session.queues),
                 "prefetch": session.prefetch,
                 "in_flight": list(session.leased),
+                "running": [_running(job, now) for job in _shown_leases(session)],
                 "last_heartbeat_age": round(now - session.last_seen, 3),
             }
             for session in self._sessions.values()
@@ -1000,6 +1003,28 @@ def _outcome(job: Job) -> list[Any]:
     return [job.id, str(job.state), None]
 
 
+def _shown_leases(session: _Session) -> list[Job]:
+    """The leases worth showing of a worker that may hold thousands: those reporting progress,
+    then the longest running."""
+    return heapq.nsmallest(
+        WORKER_JOBS_SHOWN, session.leased.values(), key=lambda j: (j.progress is None, j.delivered_at)
+    )
+
+
+def _running(job: Job, now: float) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "attempts": job.attempts,
+        "running_seconds": round(now - job.delivered_at, 3),
+        "progress": _progress(job),
+    }
+
+
+def _progress(job: Job) -> dict[str, Any] | None:
+    return None if job.progress is None else {"fraction": job.progress[0], "message": job.progress[1]}
+
+
 def _describe(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
@@ -1012,7 +1037,7 @@ def _describe(job: Job) -> dict[str, Any]:
         "payload": job.payload,
         "result": job.result,
         "error": job.error,
-        "progress": None if job.progress is None else {"fraction": job.progress[0], "message": job.progress[1]},
+        "progress": _progress(job),
         "worker": job.worker,
         "key": job.key,
     }

@@ -25,3 +25,15 @@ def fail_always(payload: Any) -> None:
 
 def whoami(payload: Any) -> list[Any]:
     return [os.getpid(), payload]
+
+
+def halfway(payload: Any) -> Any:
+    """Reports half its progress, then runs until the file named by $HANDLER_RELEASE exists."""
+    from client import current_job
+
+    current_job().report_progress(0.5, f"half of {payload}")
+    release = os.environ.get("HANDLER_RELEASE", "")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return payload

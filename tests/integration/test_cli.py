@@ -170,12 +170,26 @@ async def test_sigterm_lets_jobs_in_flight_finish(
     assert "shutting down: 1 jobs in flight" in broker.output()
 
 
-def test_top_refreshes_until_told(broker: BrokerProcess, secret_file: Path) -> None:
+async def test_top_refreshes_until_told_and_shows_progress(
+    broker: BrokerProcess, secret_file: Path, start_worker: Callable[..., Process], client: Client, tmp_path: Path
+) -> None:
     common = ["--connect", broker.address, "--secret-file", str(secret_file)]
-    run([sys.executable, "-m", "broker", "submit", "watched", "1", *common], {})
-    screen = run([sys.executable, "-m", "broker", "top", "--iterations", "2", "--interval", "0.1", *common], {})
+    release = tmp_path / "release"
+    start_worker(broker.address, "halves", "handlers:halfway", env={"HANDLER_RELEASE": str(release)})
+    job_id = await client.submit("halves", "the work")
+    await client.submit("watched", 1)
+
+    async def reported() -> bool:
+        return (await client.job(job_id))["progress"] is not None
+
+    await wait_until(reported, what="the progress report")
+    argv = [sys.executable, "-m", "broker", "top", "--iterations", "2", "--interval", "0.1", *common]
+    screen = await asyncio.to_thread(run, argv, {})
+    release.touch()
     assert screen.count(f"jobbroker at {broker.address}") == 2
     assert len(re.findall(r"^watched\s+1\s", screen, re.MULTILINE)) == 2
+    assert len(re.findall(rf"^{job_id}\s+halves\s+\d+\s+\[#+\.+\]\s+50%\s+half of the work", screen, re.MULTILINE)) == 2
+    assert await client.result(job_id, timeout=10 * TIME_UNIT) == "the work"
 
 
 def test_submit_from_json_lines_with_progress(

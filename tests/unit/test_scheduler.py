@@ -8,6 +8,7 @@ import pytest
 
 from broker.core.clock import FakeClock
 from broker.core.scheduler import (
+    WORKER_JOBS_SHOWN,
     Deliver,
     JobBuried,
     LeaseExpired,
@@ -315,6 +316,23 @@ def test_stats_count_states_and_workers() -> None:
     }
     (worker,) = stats["workers"]
     assert worker["session"] == WORKER_A and len(worker["in_flight"]) == 1
+
+
+def test_stats_show_a_workers_running_jobs_progress_first_and_capped() -> None:
+    h = Harness()
+    h.submit(list(range(WORKER_JOBS_SHOWN + 5)))
+    h.scheduler.reserve(WORKER_A, ["q"], WORKER_JOBS_SHOWN + 5, h.now)
+    leased = h.deliveries()[WORKER_A]
+    h.clock.jump(4.0)
+    last_id, last_token = leased[-1][0], leased[-1][1]
+    h.scheduler.progress(WORKER_A, [[last_id, last_token, 0.25, "a quarter"]], h.now)
+    (worker,) = h.scheduler.stats(h.now)["workers"]
+    assert len(worker["in_flight"]) == WORKER_JOBS_SHOWN + 5
+    assert len(worker["running"]) == WORKER_JOBS_SHOWN
+    first = worker["running"][0]
+    assert first["id"] == last_id and first["progress"] == {"fraction": 0.25, "message": "a quarter"}
+    assert first["running_seconds"] == 4.0 and first["queue"] == "q" and first["attempts"] == 1
+    assert all(job["progress"] is None for job in worker["running"][1:])
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import importlib.metadata
 import logging
 import sys
 import time
@@ -46,7 +47,7 @@ from broker.errors import (
     StorageUnavailable,
     UsageError,
 )
-from broker.metrics import MetricsServer, TrafficCounters
+from broker.metrics import TrafficCounters
 from broker.protocol.auth import Credential
 from broker.protocol.connection import Authenticated, ServerConnection, State
 from broker.protocol.messages import (
@@ -75,6 +76,7 @@ from broker.protocol.messages import (
     Watch,
 )
 from broker.store import FsyncMode, MemoryStore, SqliteStore, Store, WriteBatch, serialize
+from broker.web import WebServer
 
 __all__ = ["Broker", "serve"]
 
@@ -90,6 +92,11 @@ _HEARTBEAT = Heartbeat()
 # that disk use follows the live jobs rather than the traffic.
 COMPACT_EVERY = 10.0
 _WRITER_SWITCH_INTERVAL = 0.0005
+try:
+    _VERSION = importlib.metadata.version("jobbroker")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree
+    _VERSION = "unknown"
+_DASHBOARD_DEAD_LETTERS = 100  # the latest dead letters the dashboard lists
 _LISTEN_BACKLOG = 4096  # bursts of connecting workers wait in the kernel, not in SYN retries
 
 
@@ -302,7 +309,7 @@ class Broker:
         self.credentials = credentials
         self.auth_throttle = AuthThrottle()
         self.traffic = TrafficCounters()
-        self._metrics: MetricsServer | None = None
+        self._web: WebServer | None = None
         self._given_store = store
         self.store: Store = store or MemoryStore()  # opened in start() when config.data_dir is set
         durable = store.durable if store is not None else config.data_dir is not None
@@ -326,6 +333,7 @@ class Broker:
         self._heartbeat_handle: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started_at = 0.0
         self._handlers: dict[type[Request], Callable[[_BrokerProtocol, Any, float], dict[str, Any]]] = {
             Submit: self._on_submit,
             Reserve: self._on_reserve,
@@ -402,13 +410,26 @@ class Broker:
                 ssl=tls,
                 backlog=min(self.config.max_connections, _LISTEN_BACKLOG),
             )
+            if self.config.metrics_port is not None:
+                self._web = WebServer(
+                    loop,
+                    self.metrics,
+                    self.overview,
+                    self.config.metrics_host,
+                    self.config.metrics_port,
+                    token=self.config.metrics_token,
+                    tls=tls,
+                )
         except BaseException:
+            if self._server is not None:
+                self._server.close()
             self._close_store()
             raise
+        self._started_at = loop.time()
         self._heartbeat_handle = loop.call_later(self.config.heartbeat, self._send_heartbeats)
-        if self.config.metrics_port is not None:
-            self._metrics = MetricsServer(loop, self.metrics, self.config.metrics_host, self.config.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self._metrics.port)
+        if self._web is not None:
+            where = f"{'https' if tls else 'http'}://{self.config.metrics_host}:{self._web.port}"
+            log.info("metrics on %s/metrics, dashboard on %s/", where, where)
         self._schedule_flush()  # deliver recovered jobs, arm the ticker
         log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if self.config.tls_cert else "")
 
@@ -448,9 +469,33 @@ class Broker:
         """The figures /metrics shows: the scheduler's counts and the traffic counters."""
         return {**self.scheduler.metrics(), "traffic": dataclasses.asdict(self.traffic)}
 
+    def overview(self) -> dict[str, Any]:
+        """What the dashboard shows: the broker, its queues with rates, its workers with their
+        running jobs, the latest dead letters with their errors (not their payloads)."""
+        now = self.loop.time()
+        stats = self.scheduler.stats(now)
+        for worker in stats["workers"]:
+            worker["in_flight"] = len(worker["in_flight"])
+        dead = [
+            {"queue": name, **{k: job[k] for k in ("id", "attempts", "max_attempts", "error")}}
+            for name, counts in sorted(stats["queues"].items())
+            if counts["dead"]
+            for job in self.scheduler.dead_list(name, _DASHBOARD_DEAD_LETTERS)
+        ]
+        broker = {
+            "address": f"{self.config.host}:{self.port}",
+            "version": _VERSION,
+            "durable": self.store.durable,
+            "uptime_seconds": round(now - self._started_at, 1),
+            "draining": stats.pop("draining"),
+            "sessions": stats.pop("sessions"),
+            "jobs": stats.pop("jobs"),
+        }
+        return {**stats, "broker": broker, "dead": dead[:_DASHBOARD_DEAD_LETTERS], "traffic": self.metrics()["traffic"]}
+
     @property
     def metrics_port(self) -> int | None:
-        return None if self._metrics is None else self._metrics.port
+        return None if self._web is None else self._web.port
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting connections and delivering jobs, give jobs in flight up to `grace`
@@ -472,9 +517,9 @@ class Broker:
         await asyncio.shield(self._closed)
         if self._server is not None:
             await self._server.wait_closed()
-        if self._metrics is not None:
-            metrics, self._metrics = self._metrics, None
-            await self.loop.run_in_executor(None, metrics.close)
+        if self._web is not None:
+            web, self._web = self._web, None
+            await self.loop.run_in_executor(None, web.close)
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await self.loop.run_in_executor(writer, self.store.close)  # after every queued write
@@ -609,7 +654,12 @@ class Broker:
         return {"jobs": self.scheduler.dead_list(request.queue, request.limit)}
 
     def _on_dead_requeue(self, client: _BrokerProtocol, request: DeadRequeue, now: float) -> dict[str, Any]:
-        return {"requeued": self.scheduler.dead_requeue(request.queue, request.job_ids, now)}
+        requeued = self.scheduler.dead_requeue(request.queue, request.job_ids, now)
+        if requeued:
+            log.warning(
+                "dead jobs of queue %s requeued by session %d: %s", request.queue, client.session, _ids(requeued)
+            )
+        return {"requeued": len(requeued)}
 
     def _on_drain(self, client: _BrokerProtocol, request: Drain, now: float) -> dict[str, Any]:
         in_flight = self.scheduler.drain(request.on)
@@ -624,7 +674,10 @@ class Broker:
         return {"in_flight": in_flight}
 
     def _on_dead_purge(self, client: _BrokerProtocol, request: DeadPurge, now: float) -> dict[str, Any]:
-        return {"purged": self.scheduler.dead_purge(request.queue, request.job_ids)}
+        purged = self.scheduler.dead_purge(request.queue, request.job_ids)
+        if purged:
+            log.warning("dead jobs of queue %s purged by session %d: %s", request.queue, client.session, _ids(purged))
+        return {"purged": len(purged)}
 
     # --- the per-turn flush and timers ------------------------------------------------
 

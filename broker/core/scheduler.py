@@ -632,12 +632,12 @@ class Scheduler:
                 break
         return listed
 
-    def dead_requeue(self, queue_name: str, job_ids: Sequence[int] | None, now: float) -> int:
+    def dead_requeue(self, queue_name: str, job_ids: Sequence[int] | None, now: float) -> list[int]:
         """Move dead jobs (all of the queue's, or those named) back to pending with fresh
-        attempts. Returns how many moved."""
+        attempts. Returns the ids moved."""
         queue = self._queues.get(queue_name)
         if queue is None:
-            return 0
+            return []
         chosen = list(queue.dead) if job_ids is None else [i for i in job_ids if i in queue.dead]
         for job_id in chosen:
             job = queue.dead.pop(job_id)
@@ -646,18 +646,18 @@ class Scheduler:
             queue.push(job)
         if chosen:
             self._ready[queue_name] = None
-        return len(chosen)
+        return chosen
 
-    def dead_purge(self, queue_name: str, job_ids: Sequence[int] | None) -> int:
-        """Forget dead jobs (all of the queue's, or those named). Returns how many."""
+    def dead_purge(self, queue_name: str, job_ids: Sequence[int] | None) -> list[int]:
+        """Forget dead jobs (all of the queue's, or those named). Returns the ids forgotten."""
         queue = self._queues.get(queue_name)
         if queue is None:
-            return 0
+            return []
         chosen = list(queue.dead) if job_ids is None else [i for i in job_ids if i in queue.dead]
         for job_id in chosen:
             del queue.dead[job_id]
             self._forget(self._jobs[job_id])
-        return len(chosen)
+        return chosen
 
     def metrics(self) -> dict[str, Any]:
         """Counts for metrics: per queue gauges (pending, delayed, in_flight, dead), totals

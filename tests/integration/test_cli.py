@@ -124,6 +124,10 @@ def test_dead_letters_and_jobs_from_the_shell(
     assert re.search(r'^state\s+"dead"$', shown, re.MULTILINE) and '"n": 1' in shown, shown
     assert run([*jobbroker, "dead", "purge", "fragile", str(job_id), *common], {}).strip() == "purged 1"
     assert run([*jobbroker, "dead", "requeue", "fragile", *common], {}).strip() == "requeued 1"  # the other one
+    # The broker logs one line for each: the job that died, and who purged or requeued which.
+    broker.wait_for_output(rf"job {job_id} \(queue fragile\) is dead: .*cannot handle")
+    broker.wait_for_output(rf"dead jobs of queue fragile purged by session \d+: \[{job_id}\]")
+    broker.wait_for_output(r"dead jobs of queue fragile requeued by session \d+: \[\d+\]")
     purged = run([*jobbroker, "dead", "list", "fragile", "--json", *common], {})
     assert job_id not in [job["id"] for job in json.loads(purged)]
 

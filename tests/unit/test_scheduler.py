@@ -168,7 +168,7 @@ def test_dead_outcome_reaches_watchers_and_dead_jobs_can_be_requeued() -> None:
     h.scheduler.fail(WORKER_A, [[job_id, token, "E", "m"]], h.now)
     (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
     assert results.items == [[job_id, "dead", {"type": "E", "message": "m"}]]
-    assert h.scheduler.dead_requeue("q", None, h.now) == 1
+    assert h.scheduler.dead_requeue("q", None, h.now) == [job_id]
     ((again_id, _, _, _, attempt, _),) = h.deliveries()[WORKER_A]
     assert again_id == job_id and attempt == 1 and h.stats()["dead"] == 0
 

@@ -19,10 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from broker.access import default_credentials, load_credentials
-from broker.config import DEFAULT_HOST, DEFAULT_PORT, BrokerConfig, default_store_dir, ensure_secret_file
+from broker.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    BrokerConfig,
+    default_store_dir,
+    ensure_secret_file,
+    is_loopback,
+)
 from broker.core.scheduler import SchedulerConfig
 from broker.errors import ConfigError, JobbrokerError, StorageError
-from broker.protocol.auth import Credential, resolve_secret
+from broker.protocol.auth import Credential, default_data_dir, resolve_secret
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from broker.store import FsyncMode
 
@@ -179,8 +186,18 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--max-result-size", type=int, default=1024 * 1024, help="bytes per result (1 MiB)")
     serve.add_argument("--max-queues", type=int, default=10_000, help="queues at most (10000)")
     serve.add_argument("--max-write-buffer", type=int, default=64 * 1024 * 1024, help="bytes queued to a peer (64 MiB)")
-    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
-    serve.add_argument("--metrics-host", default=DEFAULT_HOST, help=f"address for /metrics (default {DEFAULT_HOST})")
+    serve.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics and the dashboard on this port"
+    )
+    serve.add_argument(
+        "--metrics-host", default=DEFAULT_HOST, help=f"address for /metrics and the dashboard (default {DEFAULT_HOST})"
+    )
+    serve.add_argument(
+        "--metrics-token-file",
+        default=None,
+        help="token for the metrics port (dashboard login, Bearer for /metrics); off loopback one is generated "
+        "beside the secret unless given",
+    )
     serve.add_argument("--grace", type=float, default=10.0, help="on SIGTERM: seconds for jobs in flight (10)")
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
 
@@ -276,6 +293,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_write_buffer=args.max_write_buffer,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        metrics_token=_metrics_token(args.metrics_token_file, args.metrics_port, args.metrics_host),
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         handshake_timeout=args.handshake_timeout,
@@ -289,7 +307,7 @@ def _serve(args: argparse.Namespace) -> int:
         ),
     )
     config.tls_context()  # a bad certificate stops us here, before anything listens
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
+    if not is_loopback(args.host) and not args.tls_cert:
         log.warning(
             "listening on %s without TLS: traffic is authenticated but readable; see docs/security.md", args.host
         )
@@ -326,6 +344,16 @@ def _broker_secret(secret_file: str | None) -> bytes:
     else:
         log.info("secret: %s", path)
     return secret
+
+
+def _metrics_token(token_file: str | None, port: int | None, host: str) -> bytes | None:
+    """The metrics port's token: from --metrics-token-file (created if missing); off loopback
+    without one, from metrics-token beside the default secret, generated on first use."""
+    if token_file is None and (port is None or is_loopback(host)):
+        return None
+    token, path, created = ensure_secret_file(token_file or default_data_dir() / "metrics-token")
+    log.info("metrics port token: %s%s", path, " (generated)" if created else "")
+    return token
 
 
 async def _serve_until_signal(config: BrokerConfig, credentials: Mapping[str, Credential], grace: float) -> None:

@@ -3,6 +3,7 @@ an embedding program, and the secret file it generates on first start."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import ssl
@@ -39,7 +40,8 @@ class BrokerConfig:
         max_payload_size: bytes of one job's encoded payload.
         max_result_size: bytes of one job's encoded result; a larger one fails the job.
         tls_cert, tls_key: PEM files; with them the broker speaks TLS only.
-        metrics_port, metrics_host: serve Prometheus metrics at /metrics there (off: None).
+        metrics_port, metrics_host: serve Prometheus /metrics and the dashboard there (off: None).
+        metrics_token: required of every request to that port when set; needed off loopback.
     """
 
     host: str = DEFAULT_HOST
@@ -57,6 +59,7 @@ class BrokerConfig:
     tls_key: Path | None = None
     metrics_port: int | None = None
     metrics_host: str = DEFAULT_HOST
+    metrics_token: bytes | None = field(default=None, repr=False)
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server's TLS context, or None without a certificate.
@@ -77,6 +80,16 @@ class BrokerConfig:
     @property
     def heartbeat(self) -> float:
         return self.scheduler.heartbeat
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def ensure_secret_file(path: str | os.PathLike[str] | None = None) -> tuple[bytes, Path, bool]:

@@ -1,4 +1,5 @@
-"""Prometheus metrics (`jobbroker serve --metrics-port P`), through prometheus_client.
+"""Prometheus metrics (`jobbroker serve --metrics-port P`, served by broker/web.py), through
+prometheus_client.
 
 Nothing here runs on the hot paths: the server keeps plain integer counters and the scheduler
 its own counts; at each scrape, the HTTP thread asks the event loop for one consistent
@@ -7,18 +8,15 @@ snapshot and turns it into metric families.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from broker.core.scheduler import RunTimes
 
-__all__ = ["MetricsServer", "TrafficCounters"]
+__all__ = ["MetricsCollector", "TrafficCounters"]
 
 
 @dataclass(slots=True)
@@ -56,7 +54,9 @@ _TRAFFIC = {
 }
 
 
-class _Collector:
+class MetricsCollector:
+    """Turns one snapshot (the scheduler's metrics() plus "traffic") into metric families."""
+
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self._snapshot = snapshot
 
@@ -87,40 +87,3 @@ class _Collector:
         yield GaugeMetricFamily("jobbroker_clients_connected", "Authenticated connections", value=data["sessions"])
         for name, help_text in _TRAFFIC.items():
             yield CounterMetricFamily(f"jobbroker_{name}", help_text, value=data["traffic"][name])
-
-
-class MetricsServer:
-    """Serves /metrics over HTTP from a thread; snapshots come from the event loop.
-
-    Args:
-        loop: the broker's event loop.
-        snapshot: called on that loop; returns the scheduler's metrics() plus "traffic".
-        host, port: where to listen (loopback unless you mean otherwise).
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], dict[str, Any]], host: str, port: int):
-        self._loop = loop
-        self._snapshot = snapshot
-        registry = CollectorRegistry()
-        registry.register(_Collector(self._snapshot_from_thread))  # type: ignore[arg-type]
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def _snapshot_from_thread(self) -> dict[str, Any]:
-        answer: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-
-        def take() -> None:
-            try:
-                answer.set_result(self._snapshot())
-            except Exception as exc:
-                answer.set_exception(exc)
-
-        self._loop.call_soon_threadsafe(take)
-        return answer.result(timeout=10)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

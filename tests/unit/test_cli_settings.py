@@ -53,3 +53,16 @@ def test_bad_settings_are_clear_errors(tmp_path: Path, environ: dict[str, str], 
 def test_other_commands_are_untouched_by_serve_settings() -> None:
     args = parse_args(["stats", "--json"], {"JOBBROKER_PORT": "not-a-port"})
     assert args.json and args.command == "stats"
+
+
+def test_every_serve_setting_is_in_the_readme_table() -> None:
+    """README's one table of settings: a row per flag, with its variable and config key."""
+    from broker.cli import _parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    _, serve = _parser()
+    for action in serve._actions:
+        if not action.option_strings or action.dest in ("help", "config", "secret_file", "log_level", "log_format"):
+            continue
+        row = f"| `{action.option_strings[0]}` | `JOBBROKER_{action.dest.upper()}` | `{action.dest}` |"
+        assert row in readme, f"README's settings table lacks {action.option_strings[0]}"

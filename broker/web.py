@@ -236,7 +236,7 @@ class _QuietHandler(WSGIRequestHandler):
     def get_environ(self) -> dict[str, Any]:
         environ = super().get_environ()
         if isinstance(self.connection, ssl.SSLSocket):
-            environ["wsgi.url_scheme"] = "https"
+            environ["HTTPS"] = "on"  # wsgiref derives wsgi.url_scheme from it
         return environ
 
 

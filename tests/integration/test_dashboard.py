@@ -7,11 +7,13 @@ import http.client
 import json
 import os
 import shutil
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from broker.cli import _metrics_token
 from broker.config import BrokerConfig
@@ -27,10 +29,19 @@ TOKEN = "dashboard-token-for-tests-0123456789abcdef"
 
 
 def fetch(
-    port: int, path: str, method: str = "GET", body: str | None = None, headers: dict[str, str] | None = None
+    port: int,
+    path: str,
+    method: str = "GET",
+    body: str | None = None,
+    headers: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One request, redirects not followed: (status, headers with lower-case names, body)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection = (
+        http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        if tls is None
+        else http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=tls)
+    )
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -124,6 +135,31 @@ async def test_a_token_guards_metrics_and_dashboard(
     assert status == 200 and json.loads(body)["broker"]["sessions"] == 0
     status, _, _ = await asyncio.to_thread(fetch, port, "/api/overview", headers={"Cookie": f"{SESSION_COOKIE}=x"})
     assert status == 401
+
+
+async def test_with_tls_the_metrics_port_speaks_https(
+    start_broker: Callable[..., BrokerProcess], token_file: Path, tmp_path: Path
+) -> None:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    certificate.private_key_pem.write_to_path(str(key_file))
+    port = free_port()
+    args = ["--tls-cert", str(cert_file), "--tls-key", str(key_file), "--metrics-token-file", str(token_file)]
+    broker = start_broker("--metrics-port", str(port), *args)
+    broker.wait_for_output(rf"dashboard on https://127\.0\.0\.1:{port}/")
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, headers, _ = await asyncio.to_thread(fetch, port, "/login", "POST", f"token={TOKEN}", form, context)
+    assert status == 303 and "; Secure" in headers["set-cookie"]
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    status, _, scraped = await asyncio.to_thread(fetch, port, "/metrics", headers=bearer, tls=context)
+    assert status == 200 and b"jobbroker_workers_connected" in scraped
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        await asyncio.to_thread(fetch, port, "/metrics", headers=bearer)  # plain HTTP gets no answer
 
 
 async def test_off_loopback_the_metrics_port_needs_a_token() -> None:

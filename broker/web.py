@@ -50,6 +50,7 @@ _STATIC = {  # path -> (file in broker/dashboard, content type)
     "/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
 }
+_PUBLIC = frozenset({"/login", "/static/dashboard.js", "/static/dashboard.css"})
 _SECURITY_HEADERS = [
     # No inline script or style, nothing from elsewhere, never framed: the page shows only
     # what our own script puts in it, as text.
@@ -91,13 +92,12 @@ class WebApp:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
         if self._token is None and not _loopback_host(environ.get("HTTP_HOST", "")):
             return _reply(start_response, "403 Forbidden", "this address serves loopback names only\n")
-        if path == "/login" and self._token is not None:
-            if method == "POST":
-                return self._login(environ, start_response)
-            if method in ("GET", "HEAD"):
-                return self._file(path, start_response)
+        if path == "/login" and self._token is not None and method == "POST":
+            return self._login(environ, start_response)
         if method not in ("GET", "HEAD"):
             return _reply(start_response, "405 Method Not Allowed", "read-only\n", [("Allow", "GET, HEAD")])
+        if path in _PUBLIC and (path != "/login" or self._token is not None):
+            return self._file(path, start_response)  # the login page and its script and style: no data
         if not self._authorized(environ):
             if path == "/":
                 return _reply(start_response, "303 See Other", "", [("Location", "login")])
@@ -108,7 +108,7 @@ class WebApp:
         if path == "/api/overview":
             body = json.dumps(self._overview(), default=str).encode()
             return _reply(start_response, "200 OK", body, [("Content-Type", "application/json")])
-        if path in self._files and path != "/login":
+        if path == "/":
             return self._file(path, start_response)
         return _reply(start_response, "404 Not Found", "not found\n")
 

@@ -121,6 +121,10 @@ class _BrokerProtocol(asyncio.Protocol):
         self.close_when_sent = False  # after a fatal protocol error: send the error frame, then close
         self._throttled: list[bytes] | None = None  # input held back while the throttle delays us
         self._frames_counted = 0  # frames of this connection already in the traffic counters
+        # Output that must wait for a commit: made this turn (needs_commit), or behind output
+        # already waiting (held, counted, so that frames leave in order).
+        self.needs_commit = False
+        self.held = 0
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -500,7 +504,7 @@ class Broker:
     async def shutdown(self, grace: float) -> None:
         """Stop accepting connections and delivering jobs, give jobs in flight up to `grace`
         seconds to finish, then close (saving everything). Jobs still leased then are
-        requeued by the next start, their attempt counted."""
+        pending again at the next start (leases are not written)."""
         if self._server is None or self._closed is None or self._closed.done():
             return
         self._server.close()
@@ -586,6 +590,8 @@ class Broker:
             protocol.send(ErrorReply(id=request.id, code="internal", message="internal broker error"))
         else:
             protocol.send(Reply(id=request.id, data=data))
+        if type(request) in _DURABLE_REPLIES:
+            protocol.needs_commit = True
 
     def _on_submit(self, client: _BrokerProtocol, request: Submit, now: float) -> dict[str, Any]:
         if self._storage_error is not None:
@@ -691,19 +697,32 @@ class Broker:
         self._arm_ticker()
 
     def _flush_now(self) -> None:
-        """Dispatch, collect every connection's output, and send it once the changes behind it
-        are committed. Group commit: while one commit is in flight, the changes and output of
-        the turns that follow gather into the next, so a slow disk makes commits larger rather
-        than more numerous. Output leaves in the order it was made (frames carry sequence
-        numbers)."""
+        """Dispatch, collect every connection's output, and send it, or hold it until the
+        changes behind it are committed. Group commit: while one commit is in flight, the
+        changes and output of the turns that follow gather into the next, so a slow disk makes
+        commits larger rather than more numerous.
+
+        What waits: acknowledgements of submits, cancels and dead-letter changes, and results,
+        so that a producer or an operator never sees what a crash could undo. What does not:
+        deliveries and acknowledgements to workers, since after a crash the job is simply
+        delivered again (at least once); so a job often runs and completes within one commit
+        window, and is written once, in its final state. Output leaves each connection in the
+        order it was made (frames carry sequence numbers)."""
         now = self.loop.time()
         self._apply(self.scheduler.flush(now))
         dirty, self._dirty = self._dirty, {}
-        outgoing = [(protocol, protocol.connection.data_to_send()) for protocol in dirty]
         if self._writer is None:
-            _send(outgoing)
+            for protocol in dirty:
+                protocol.write(protocol.connection.data_to_send())
             return
-        self._held += outgoing
+        for protocol in dirty:
+            data = protocol.connection.data_to_send()
+            if protocol.needs_commit or protocol.held:
+                protocol.needs_commit = False
+                protocol.held += 1
+                self._held.append((protocol, data))
+            else:
+                protocol.write(data)
         if self._writing is None:
             self._start_commit(now)
 
@@ -715,7 +734,7 @@ class Broker:
         # Rows of a failed write go again with the next changes, or alone when the retry timer
         # says so; output with nothing new behind it is not held hostage to them.
         if not changes and (self._unsaved is None or not self._retry_due):
-            _send(held)
+            _release(held)
             return
         self._retry_due = False
         rows = serialize(changes, now, time.time())
@@ -736,7 +755,7 @@ class Broker:
             if self._storage_error is not None:
                 log.warning("storage works again; accepting submits")
                 self._storage_error = None
-            _send(batch.outgoing)
+            _release(batch.outgoing)
         if self._closed is not None and not self._closed.done():
             self._start_commit(self.loop.time())  # what gathered meanwhile
 
@@ -777,6 +796,8 @@ class Broker:
             if isinstance(effect, DeliverEffect | ResultsReady | ProgressReady):
                 protocol = connections.get(effect.session)
                 if protocol is not None:
+                    if isinstance(effect, ResultsReady):
+                        protocol.needs_commit = True
                     message_type = _PUSHES[type(effect)]
                     items = effect.jobs if isinstance(effect, DeliverEffect) else effect.items
                     for chunk in _chunks(items):
@@ -828,6 +849,9 @@ class Broker:
         self._heartbeat_handle = self.loop.call_later(self.config.heartbeat, self._send_heartbeats)
 
 
+# Replies that wait for the commit of what the request changed (see Broker._flush_now).
+_DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge})
+
 # The push message that carries each kind of effect to its session.
 _PUSHES: dict[type[Effect], type[Deliver] | type[Results] | type[Progressed]] = {
     DeliverEffect: Deliver,
@@ -836,8 +860,10 @@ _PUSHES: dict[type[Effect], type[Deliver] | type[Results] | type[Progressed]] = 
 }
 
 
-def _send(outgoing: list[tuple[_BrokerProtocol, bytes]]) -> None:
-    for protocol, data in outgoing:
+def _release(held: list[tuple[_BrokerProtocol, bytes]]) -> None:
+    """Send output that waited for a commit."""
+    for protocol, data in held:
+        protocol.held -= 1
         protocol.write(data)
 
 

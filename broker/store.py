@@ -152,27 +152,36 @@ def serialize(changes: Changes, now: float, wall: float) -> WriteBatch:
     must not read jobs that the loop is changing). Times become wall-clock times. A change
     writes only the columns that can change, not the payload again."""
     offset = wall - now
-    inserts = [
-        (
-            job.id,
-            job.queue,
-            job.state.value,
-            job.priority,
-            None if job.payload is None else _pack(job.payload),
-            job.attempts,
-            job.max_attempts,
-            job.lease_seconds,
-            job.backoff,
-            job.key,
-            *_mutable_columns(job, offset),
-            job.owner,
-        )
-        for job in changes.created.values()
-    ]
-    updates = [
-        (job.state.value, job.attempts, *_mutable_columns(job, offset), job.id) for job in changes.updated.values()
-    ]
+    inserts = [_insert_row(job, offset) for job in changes.created.values()]
+    updates = [(*_state_and_attempts(job), *_mutable_columns(job, offset), job.id) for job in changes.updated.values()]
     return WriteBatch(inserts, updates, changes.forgotten)
+
+
+def _insert_row(job: Job, offset: float) -> Row:
+    state, attempts = _state_and_attempts(job)
+    return (
+        job.id,
+        job.queue,
+        state,
+        job.priority,
+        None if job.payload is None else _pack(job.payload),
+        attempts,
+        job.max_attempts,
+        job.lease_seconds,
+        job.backoff,
+        job.key,
+        *_mutable_columns(job, offset),
+        job.owner,
+    )
+
+
+def _state_and_attempts(job: Job) -> tuple[str, int]:
+    """Leases are not written (they would cost a write per delivery): a leased job is written
+    as it was before its delivery, pending with the attempts before this one. After a crash it
+    is simply delivered again."""
+    if job.state is JobState.LEASED:
+        return JobState.PENDING.value, job.attempts - 1
+    return job.state.value, job.attempts
 
 
 def _mutable_columns(job: Job, offset: float) -> tuple[bytes | None, bytes | None, float, float]:

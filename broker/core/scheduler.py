@@ -810,9 +810,11 @@ class Scheduler:
         return changes
 
     def restore(self, jobs: Iterable[Job], next_job_id: int, now: float) -> None:
-        """Load jobs recovered from storage into an empty scheduler. A job that was leased
-        when the broker stopped comes back pending, its attempt counted (or dead, if that was
-        its last). Jobs must come in id order so that FIFO order survives."""
+        """Load jobs recovered from storage into an empty scheduler. Leases are not stored, so
+        a job leased when the broker stopped comes back as its last write left it, pending; a
+        job stored as leased (a store that records leases) comes back pending with its attempt
+        counted, or dead if that was its last. Jobs must come in id order so that FIFO order
+        survives."""
         if self._jobs:
             raise InvalidRequest("restore() needs an empty scheduler")
         finished: list[Job] = []
@@ -890,7 +892,9 @@ class Scheduler:
                 if job is None:  # only cancelled jobs were left
                     waiters.appendleft(session)
                     break
-                self._move(job, JobEvent.DELIVER)
+                # Not a change for the store: a lease lives in memory only. After a crash the
+                # job is pending again on disk and goes out anew, this attempt uncounted.
+                transition(job, JobEvent.DELIVER)
                 job.attempts += 1
                 job.delivered_at = now
                 job.token = self._next_token

@@ -55,19 +55,19 @@ def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
         1: "pending",
         2: "pending",
         3: "delayed",
-        4: "leased",
+        4: "pending",  # leases are not written: as it was before its delivery
         5: "done",
         6: "dead",
         7: "cancelled",
     }
     assert by_id[1].key == "k1" and by_id[1].payload == "pending-1" and by_id[1].priority == 1
     assert by_id[3].not_before == pytest.approx(later.now() + 20.0)
-    assert by_id[4].attempts == 1
+    assert by_id[4].attempts == 0
     assert by_id[5].result == {"answer": 42} and by_id[5].expires_at == pytest.approx(later.now() + 90.0)
     assert by_id[6].error == {"type": "ValueError", "message": "boom"}
 
 
-def test_restore_brings_leased_jobs_back_and_keeps_order_keys_and_results(tmp_path: Path) -> None:
+def test_restore_brings_jobs_held_as_leased_back_and_keeps_order_keys_and_results(tmp_path: Path) -> None:
     clock = FakeClock()
     original = scheduler_with_history(clock)
     jobs: list[Job] = sorted(original.take_changes().created.values(), key=lambda j: j.id)
@@ -172,15 +172,18 @@ def test_a_job_created_and_forgotten_between_writes_is_never_written() -> None:
     assert not scheduler.take_changes()
 
 
-def test_jobs_that_changed_alike_are_updated_together(tmp_path: Path) -> None:
+def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_together(tmp_path: Path) -> None:
     clock = FakeClock()
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, clock.now())
+    scheduler.open_session(2, clock.now())
     ids = scheduler.submit(1, "q", list(range(50)), clock.now())
     store = SqliteStore(tmp_path / "data")
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
-    scheduler.reserve(1, ["q"], 40, clock.now())
+    scheduler.reserve(2, ["q"], 40, clock.now())
     scheduler.flush(clock.now())
+    assert not scheduler.take_changes()  # leases live in memory: a crash delivers the jobs again
+    scheduler.close_session(2, clock.now())  # the worker is lost: 40 jobs requeued, attempt counted
     batch = serialize(scheduler.take_changes(), clock.now(), WALL)
     assert len(batch.updates) == 40 and len({update[:-1] for update in batch.updates}) == 1
     store.write(batch, scheduler.next_job_id)
@@ -188,4 +191,15 @@ def test_jobs_that_changed_alike_are_updated_together(tmp_path: Path) -> None:
     reopened = SqliteStore(tmp_path / "data")
     states = {job.id: (str(job.state), job.attempts) for job in reopened.load(0.0, WALL).jobs}
     reopened.close()
-    assert [states[i] for i in ids] == [("leased", 1)] * 40 + [("pending", 0)] * 10
+    assert [states[i] for i in ids] == [("pending", 1)] * 40 + [("pending", 0)] * 10
+
+
+def test_a_job_delivered_and_completed_between_writes_is_written_once_in_its_final_state() -> None:
+    scheduler = Scheduler(track_changes=True)
+    scheduler.open_session(1, 0.0)
+    (job_id,) = scheduler.submit(1, "q", ["x"], 0.0)
+    scheduler.reserve(1, ["q"], 1, 0.0)
+    (deliver,) = [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
+    scheduler.complete(1, [[job_id, deliver.jobs[0][1], "done"]], 0.0)
+    batch = serialize(scheduler.take_changes(), 0.0, WALL)
+    assert batch.updates == [] and [(row[0], row[2], row[5]) for row in batch.inserts] == [(job_id, "done", 1)]

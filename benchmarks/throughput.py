@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from subprocess import Popen
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,32 +60,38 @@ async def measure(address: str, secret: bytes, workers: int, jobs: int, submits:
         return {name: await SUBMIT_MODES[name](client, "bench", jobs) for name in submits}
 
 
+@contextlib.contextmanager
+def broker_and_workers(tmp_path: Path, mode: str, workers: int) -> Iterator[tuple[str, bytes, list[Popen[bytes]]]]:
+    """A broker (durable or in memory) and W worker processes running n -> n*n on queue
+    "bench"; yields (address, secret, [broker, *workers]) and kills them all after."""
+    secret, secret_file = write_secret(tmp_path)
+    log = tmp_path / f"broker-{mode}-{workers}.log"
+    argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
+    argv += ["--memory"] if mode == "memory" else ["--data-dir", str(tmp_path / f"data-{mode}-{workers}")]
+    children = [start([*argv, "--log-level", "warning"], log)]
+    try:
+        address = f"127.0.0.1:{wait_for_port(log)}"
+        for index in range(workers):
+            argv = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "bench"]
+            argv += ["--connect", address, "--secret-file", str(secret_file), "--concurrency", "256"]
+            argv += ["--log-level", "warning"]
+            children.append(start(argv, tmp_path / f"worker-{mode}-{workers}-{index}.log"))
+        yield address, secret, children
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+
+
 def run(
     jobs: int, worker_counts: list[int], modes: list[str], submits: list[str] | None = None
 ) -> list[tuple[str, str, int, float]]:
     rows: list[tuple[str, str, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        secret, secret_file = write_secret(tmp_path)
         for mode, workers in [(m, w) for w in worker_counts for m in modes]:
-            log = tmp_path / f"broker-{mode}-{workers}.log"
-            argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
-            argv += ["--memory"] if mode == "memory" else ["--data-dir", str(tmp_path / f"data-{workers}")]
-            broker = start([*argv, "--log-level", "warning"], log)
-            children = [broker]
-            try:
-                address = f"127.0.0.1:{wait_for_port(log)}"
-                for index in range(workers):
-                    argv = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "bench"]
-                    argv += ["--connect", address, "--secret-file", str(secret_file), "--concurrency", "256"]
-                    argv += ["--log-level", "warning"]
-                    children.append(start(argv, tmp_path / f"worker-{mode}-{workers}-{index}.log"))
+            with broker_and_workers(Path(tmp), mode, workers) as (address, secret, _):
                 figures = run_async(measure(address, secret, workers, jobs, submits or list(SUBMIT_MODES)))
-                rows += [(mode, submit_mode, workers, rate) for submit_mode, rate in figures.items()]
-            finally:
-                for child in children:
-                    child.send_signal(signal.SIGKILL)
-                    child.wait(10)
+            rows += [(mode, submit_mode, workers, rate) for submit_mode, rate in figures.items()]
     return rows
 
 

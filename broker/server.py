@@ -96,6 +96,7 @@ try:
     _VERSION = importlib.metadata.version("jobbroker")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree
     _VERSION = "unknown"
+_LAST_COMMIT_WAIT = 5.0  # seconds a shutting-down broker waits for its last commit
 _DASHBOARD_DEAD_LETTERS = 100  # the latest dead letters the dashboard lists
 _LISTEN_BACKLOG = 4096  # bursts of connecting workers wait in the kernel, not in SYN retries
 
@@ -513,6 +514,10 @@ class Broker:
         deadline = self.loop.time() + grace
         while self.scheduler.in_flight and self.loop.time() < deadline and not self._closed.done():
             await asyncio.sleep(0.05)
+        # The results of the jobs that just finished wait for their commit: let it land.
+        deadline = self.loop.time() + _LAST_COMMIT_WAIT
+        while self._writing is not None and self.loop.time() < deadline and not self._closed.done():
+            await asyncio.sleep(0.01)
         self.close()
 
     async def wait_closed(self) -> None:

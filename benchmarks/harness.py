@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,27 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     """A child process whose output goes to `log`, able to import the project and benchmarks/."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
     return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def start_broker(
+    directory: Path, secret_file: Path, name: str, *options: str, timeout: float = 15.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`jobbroker serve` on a free loopback port with `options` (--memory, or --data-dir D, and
+    so on), logging to directory/name.log. Returns the process and the address it listens on."""
+    log = directory / f"{name}.log"
+    argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
+    process = start([*argv, "--log-level", "warning", *options], log)
+    try:
+        return process, f"127.0.0.1:{wait_for_port(log, timeout)}"
+    except BaseException:
+        kill(process)
+        raise
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL, and reap it."""
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
 
 
 def wait_for_port(log: Path, timeout: float = 15.0) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import run_async, start, wait_for_port, wait_for_workers, write_secret  # noqa: E402
+from harness import kill, run_async, start, start_broker, wait_for_workers, write_secret  # noqa: E402
 
 from client import Client  # noqa: E402
 
@@ -57,12 +56,10 @@ def run(samples: int, storage: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         secret, secret_file = write_secret(tmp)
-        argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
-        argv += ["--memory"] if storage == "memory" else ["--data-dir", str(tmp / "data")]
-        broker = start([*argv, "--log-level", "warning"], tmp / "broker.log")
+        options = ["--memory"] if storage == "memory" else ["--data-dir", str(tmp / "data")]
+        broker, address = start_broker(tmp, secret_file, "broker", *options)
         children = [broker]
         try:
-            address = f"127.0.0.1:{wait_for_port(tmp / 'broker.log')}"
             worker = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "latency"]
             worker += ["--queue", "background", "--connect", address, "--secret-file", str(secret_file)]
             children.append(start([*worker, "--log-level", "warning"], tmp / "worker.log"))
@@ -71,8 +68,7 @@ def run(samples: int, storage: str) -> dict[str, float]:
             times = sorted(run_async(measure(address, secret, samples)))
         finally:
             for child in children:
-                child.send_signal(signal.SIGKILL)
-                child.wait(10)
+                kill(child)
     return {
         "p50": percentile(times, 0.50),
         "p99": percentile(times, 0.99),

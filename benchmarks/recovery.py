@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import rss_mib, start, wait_for_port, wait_for_workers, write_secret  # noqa: E402
+from harness import kill, rss_mib, start, start_broker, wait_for_workers, write_secret  # noqa: E402
 
 from broker.server import COMPACT_EVERY  # noqa: E402
 from client import Client  # noqa: E402
@@ -37,16 +36,12 @@ def disk_mib(path: Path) -> float:
 
 class Broker:
     def __init__(self, tmp: Path, secret_file: Path, data_dir: Path, name: str) -> None:
-        log = tmp / f"{name}.log"
-        argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
-        argv += ["--data-dir", str(data_dir), "--result-ttl", "1", "--log-level", "warning"]
         self.started_at = time.perf_counter()
-        self.process = start(argv, log)
-        self.address = f"127.0.0.1:{wait_for_port(log, timeout=120)}"
+        options = ["--data-dir", str(data_dir), "--result-ttl", "1"]
+        self.process, self.address = start_broker(tmp, secret_file, name, *options, timeout=120)
 
     def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
+        kill(self.process)
 
 
 async def submit_all(address: str, secret: bytes, jobs: int) -> float:
@@ -106,8 +101,7 @@ def main() -> None:
             drained = asyncio.run(drain(broker.address, secret, args.jobs)) - started
             disk_after = disk_mib(data_dir)
         finally:
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(30)
+            kill(worker)
             broker.kill()
 
         small_dir = tmp / "small"

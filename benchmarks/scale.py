@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import rss_mib, run_async, start, wait_for_port, write_secret  # noqa: E402
+from harness import kill, rss_mib, run_async, start, start_broker, write_secret  # noqa: E402
 
 from broker.protocol.messages import Deliver, Reserve, Results  # noqa: E402
 from client import Client  # noqa: E402
@@ -49,14 +49,10 @@ def raise_file_limit() -> None:
 
 class Broker:
     def __init__(self, tmp: Path, secret_file: Path, name: str, *extra: str) -> None:
-        log = tmp / f"{name}.log"
-        argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
-        self.process = start([*argv, "--memory", "--log-level", "warning", *extra], log)
-        self.address = f"127.0.0.1:{wait_for_port(log)}"
+        self.process, self.address = start_broker(tmp, secret_file, name, "--memory", *extra)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
+        kill(self.process)
 
 
 async def pending(address: str, secret: bytes, jobs: int) -> float:
@@ -162,8 +158,7 @@ def main() -> None:
             try:
                 took = run_async(takeover(broker.address, secret, args.leased, doomed, how))
             finally:
-                doomed.send_signal(signal.SIGKILL)
-                doomed.wait(10)
+                kill(doomed)
                 broker.stop()
             rows.append((f"{args.leased:,} leased jobs of a dead worker redelivered ({name})", f"{took:.2f} s"))
 

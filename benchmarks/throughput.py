@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from subprocess import Popen
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness import run_async, start, wait_for_port, wait_for_workers, write_secret  # noqa: E402
+from harness import kill, run_async, start, start_broker, wait_for_workers, write_secret  # noqa: E402
 
 from client import Client  # noqa: E402
 
@@ -65,12 +64,10 @@ def broker_and_workers(tmp_path: Path, mode: str, workers: int) -> Iterator[tupl
     """A broker (durable or in memory) and W worker processes running n -> n*n on queue
     "bench"; yields (address, secret, [broker, *workers]) and kills them all after."""
     secret, secret_file = write_secret(tmp_path)
-    log = tmp_path / f"broker-{mode}-{workers}.log"
-    argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
-    argv += ["--memory"] if mode == "memory" else ["--data-dir", str(tmp_path / f"data-{mode}-{workers}")]
-    children = [start([*argv, "--log-level", "warning"], log)]
+    storage = ["--memory"] if mode == "memory" else ["--data-dir", str(tmp_path / f"data-{mode}-{workers}")]
+    broker, address = start_broker(tmp_path, secret_file, f"broker-{mode}-{workers}", *storage)
+    children = [broker]
     try:
-        address = f"127.0.0.1:{wait_for_port(log)}"
         for index in range(workers):
             argv = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "bench"]
             argv += ["--connect", address, "--secret-file", str(secret_file), "--concurrency", "256"]
@@ -79,8 +76,7 @@ def broker_and_workers(tmp_path: Path, mode: str, workers: int) -> Iterator[tupl
         yield address, secret, children
     finally:
         for child in children:
-            child.send_signal(signal.SIGKILL)
-            child.wait(10)
+            kill(child)
 
 
 def run(

@@ -496,7 +496,8 @@ class Broker:
             "sessions": stats.pop("sessions"),
             "jobs": stats.pop("jobs"),
         }
-        return {**stats, "broker": broker, "dead": dead[:_DASHBOARD_DEAD_LETTERS], "traffic": self.metrics()["traffic"]}
+        traffic = dataclasses.asdict(self.traffic)
+        return {**stats, "broker": broker, "dead": dead[:_DASHBOARD_DEAD_LETTERS], "traffic": traffic}
 
     @property
     def metrics_port(self) -> int | None:

@@ -18,11 +18,13 @@ import signal
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from broker.errors import ConnectionClosed, FrameTooLarge, UsageError, broker_error
 from broker.protocol.messages import Complete, Deliver, Fail, Progress, Progressed, Release, Reserve, Results, Touch
 from client.connection import Connection, Link
+
+_T = TypeVar("_T")
 
 __all__ = ["Handler", "Job", "Worker", "current_job"]
 
@@ -168,12 +170,11 @@ class Worker:
         self._runners = [asyncio.ensure_future(self._runner(slot)) for slot in range(self.concurrency)]
         try:
             while not self._stopping:
-                connection = await self._link.get()
-                closed = asyncio.ensure_future(connection.wait_closed())
-                stopped = asyncio.ensure_future(self._stopped.wait())
-                await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                for waiter in (closed, stopped):
-                    waiter.cancel()
+                # stop() ends a wait for the broker too, not only a connected spell.
+                connection = await self._unless_stopped(self._link.get())
+                if connection is None:
+                    break
+                await self._unless_stopped(connection.wait_closed())
                 if not self._stopping:
                     # The broker requeued everything we held; what is still waiting is no longer ours.
                     log.warning("connection to the broker lost; reconnecting")
@@ -185,6 +186,22 @@ class Worker:
             self._link.close()
             if self._executor is not None and self._executor_choice in ("thread", "process"):
                 self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _unless_stopped(self, awaitable: Awaitable[_T]) -> _T | None:
+        """What `awaitable` gives, or None if stop() comes first (it is then cancelled)."""
+        assert self._stopped is not None
+        task = asyncio.ensure_future(awaitable)
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await task
+        return None
 
     def stop(self) -> None:
         """Ask run() to finish: no new jobs; running ones get `grace` seconds. Idempotent."""

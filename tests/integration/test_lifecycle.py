@@ -316,3 +316,17 @@ async def test_progress_reports_reach_the_producer(broker: BrokerProcess, client
 
 async def _collect(client: Client, job_id: int) -> list[Any]:
     return [report async for report in client.progress(job_id)]
+
+
+async def test_a_worker_whose_broker_is_gone_stops_when_asked(broker: BrokerProcess, client: Client) -> None:
+    worker = Worker(broker.address, secret=SECRET, queues=["squares"], handler=lambda n: n * n)
+    running = asyncio.create_task(worker.run())
+
+    async def registered() -> bool:
+        return len((await client.stats())["workers"]) == 1
+
+    await wait_until(registered, what="the worker to connect")
+    broker.signal(signal.SIGKILL)
+    await asyncio.sleep(0.5)  # the worker is now trying to reconnect (for up to an hour)
+    worker.stop()
+    await asyncio.wait_for(running, 5 * TIME_UNIT)

@@ -30,6 +30,7 @@ from broker.protocol.messages import (
     Progress,
     Release,
     Reserve,
+    Started,
     Stats,
     Submit,
     Touch,
@@ -46,7 +47,8 @@ class Role(enum.StrEnum):
 
 
 _PRODUCER_OPS = frozenset({Submit.op, Watch.op, Cancel.op, JobInfo.op})
-_WORKER_OPS = frozenset({Reserve.op, Complete.op, Fail.op, Touch.op, Release.op, Progress.op})
+# `started` is a notice (no reply), allowed like the requests of the same role.
+_WORKER_OPS = frozenset({Reserve.op, Complete.op, Fail.op, Touch.op, Release.op, Progress.op, Started.op})
 _ADMIN_OPS = _PRODUCER_OPS | _WORKER_OPS | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op, Drain.op}
 
 # The requests each role may make; anything else is answered `forbidden`.

@@ -218,6 +218,15 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     worker.add_argument("--executor", default="thread", choices=["thread", "process", "inline"])
     worker.add_argument("--name", default=None, help="name shown in stats (default host:pid)")
     worker.add_argument("--grace", type=float, default=30.0, help="seconds to finish running jobs on stop (30)")
+    worker.add_argument(
+        "--timeout", type=float, default=None, help="seconds an attempt may run, for jobs without a limit (none)"
+    )
+    worker.add_argument(
+        "--hand-back-after",
+        type=float,
+        default=10.0,
+        help="hand buffered jobs back when every slot has been busy this many seconds (10)",
+    )
 
     submit = client_command("submit", _submit, "submit jobs")
     submit.add_argument("queue")
@@ -226,6 +235,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--delay", type=float, default=0.0)
     submit.add_argument("--max-attempts", type=int, default=None)
+    submit.add_argument("--job-timeout", type=float, default=None, help="seconds each attempt may run (no limit)")
     submit.add_argument("--wait", action="store_true", help="wait for the results and print them")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: seconds to wait")
 
@@ -420,6 +430,8 @@ def _worker(args: argparse.Namespace) -> int:
         name=args.name or f"{socket.gethostname()}:{os.getpid()}",
         grace=args.grace,
         handle_signals=True,
+        timeout=args.timeout,
+        hand_back_after=args.hand_back_after,
     )
     log.info("worker on %s taking from %s", args.connect, ", ".join(args.queue))
     _run(worker.run())
@@ -456,6 +468,7 @@ def _submit(args: argparse.Namespace) -> int:
                 priority=args.priority,
                 delay=args.delay,
                 max_attempts=args.max_attempts,
+                timeout=args.job_timeout,
             )
             if long_submit:
                 show_progress("submitted", len(ids), len(payloads))
@@ -567,7 +580,12 @@ def _job(args: argparse.Namespace) -> int:
     info = _with_client(args, lambda c: c.job(args.job_id))
     width = max(map(len, info))
     for name, value in info.items():
-        print(f"{name:{width}}  {json.dumps(value, default=repr)}")
+        if name == "error" and isinstance(value, dict):
+            print(f"{name:{width}}  {value.get('type')}: {value.get('message')}")
+            for line in str(value.get("traceback") or "").rstrip().splitlines():
+                print(f"{'':{width}}    {line}")
+        else:
+            print(f"{name:{width}}  {json.dumps(value, default=repr)}")
     return 0
 
 

@@ -23,6 +23,7 @@
     │   ├── JobDead              it failed max_attempts times; `error` holds the last failure
     │   └── JobCancelled
     ├── ResultTimeout            waiting for a result took longer than asked (also a TimeoutError)
+    ├── TimeLimitExceeded        a job's attempt ran over its `timeout` (also a TimeoutError)
     └── InvalidTransition        the job core was asked for a transition its table forbids
 
 Peer faults (ProtocolError) are separated from caller faults (UsageError), and "closed by
@@ -57,6 +58,7 @@ __all__ = [
     "ResultTimeout",
     "StorageError",
     "StorageUnavailable",
+    "TimeLimitExceeded",
     "UsageError",
     "broker_error",
 ]
@@ -186,7 +188,9 @@ class JobDead(JobError):
     """The job failed max_attempts times and went to its queue's dead-letter list."""
 
     def __init__(self, job_id: int, error: Any) -> None:
-        super().__init__(job_id, f"job {job_id} is dead: {error}")
+        # `error`: {"type", "message"} and, from workers that send it, "traceback"
+        summary = f"{error.get('type')}: {error.get('message')}" if isinstance(error, dict) else error
+        super().__init__(job_id, f"job {job_id} is dead: {summary}")
         self.error = error
 
 
@@ -197,6 +201,11 @@ class JobCancelled(JobError):
 
 class ResultTimeout(JobbrokerError, TimeoutError):
     """No result arrived within the timeout; the job itself goes on."""
+
+
+class TimeLimitExceeded(JobbrokerError, TimeoutError):
+    """A job's attempt ran over its time limit (`timeout`); the attempt fails with this type
+    and is retried by the job's policy."""
 
 
 class InvalidTransition(JobbrokerError):

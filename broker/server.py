@@ -30,11 +30,12 @@ from broker.core.scheduler import (
 from broker.core.scheduler import (
     Effect,
     JobBuried,
-    LeaseExpired,
     ProgressReady,
     ResultsReady,
+    Revoke,
     Scheduler,
     SessionExpired,
+    TimeLimitHit,
     WorkerLost,
 )
 from broker.errors import (
@@ -70,6 +71,8 @@ from broker.protocol.messages import (
     Request,
     Reserve,
     Results,
+    Revoked,
+    Started,
     Stats,
     Submit,
     Touch,
@@ -176,6 +179,8 @@ class _BrokerProtocol(asyncio.Protocol):
         for event in events:
             if isinstance(event, Request):
                 broker._handle_request(self, event)
+            elif isinstance(event, Started):
+                broker._on_started(self, event)
             elif isinstance(event, Authenticated):
                 self._authenticated(event)
             # Heartbeat: its arrival was the point (seen() above)
@@ -228,7 +233,7 @@ class _BrokerProtocol(asyncio.Protocol):
             self.broker._mark_dirty(self)
 
     def send_batch(
-        self, message_type: type[Deliver] | type[Results] | type[Progressed], items: list[list[Any]]
+        self, message_type: type[Deliver] | type[Results] | type[Progressed] | type[Revoked], items: list[list[Any]]
     ) -> None:
         """Push a batch, in as many frames as the frame limit needs (large payloads)."""
         try:
@@ -618,6 +623,7 @@ class Broker:
             keys=request.keys,
             watch=request.watch,
             owner=client.owner,
+            timeout=request.timeout,
         )
         return {"job_ids": ids}
 
@@ -639,6 +645,14 @@ class Broker:
 
     def _on_fail(self, client: _BrokerProtocol, request: Fail, now: float) -> dict[str, Any]:
         return _refusals(self.scheduler.fail(client.session, request.items, now))
+
+    def _on_started(self, client: _BrokerProtocol, notice: Started) -> None:
+        """A notice (no reply): the worker began these jobs. Items it no longer holds are
+        ignored: the broker has told it already (revoked) or its session is gone."""
+        if Started.op in client.allowed:
+            self.scheduler.started(client.session, notice.items, self.loop.time())
+        else:
+            client.send(ErrorReply(id=None, code=Forbidden.code, message="op 'started' is not allowed"))
 
     def _on_touch(self, client: _BrokerProtocol, request: Touch, now: float) -> dict[str, Any]:
         return _refusals(self.scheduler.touch(client.session, request.items, now))
@@ -799,7 +813,7 @@ class Broker:
     def _apply(self, effects: list[Effect]) -> None:
         connections = self._connections
         for effect in effects:
-            if isinstance(effect, DeliverEffect | ResultsReady | ProgressReady):
+            if isinstance(effect, DeliverEffect | ResultsReady | ProgressReady | Revoke):
                 protocol = connections.get(effect.session)
                 if protocol is not None:
                     if isinstance(effect, ResultsReady):
@@ -823,13 +837,13 @@ class Broker:
                     _ids(effect.requeued),
                     _ids(effect.buried),
                 )
-            elif isinstance(effect, LeaseExpired):
+            elif isinstance(effect, TimeLimitHit):
                 log.warning(
-                    "lease of job %d (queue %s, session %s) expired: %s",
+                    "job %d (queue %s, session %s) ran past its time limit and was taken back: %s",
                     effect.job_id,
                     effect.queue,
                     effect.session,
-                    "dead" if effect.buried else "requeued",
+                    "dead" if effect.buried else "retried",
                 )
             elif isinstance(effect, JobBuried):
                 log.warning("job %d (queue %s) is dead: %s", effect.job_id, effect.queue, effect.error)
@@ -859,10 +873,11 @@ class Broker:
 _DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge})
 
 # The push message that carries each kind of effect to its session.
-_PUSHES: dict[type[Effect], type[Deliver] | type[Results] | type[Progressed]] = {
+_PUSHES: dict[type[Effect], type[Deliver] | type[Results] | type[Progressed] | type[Revoked]] = {
     DeliverEffect: Deliver,
     ResultsReady: Results,
     ProgressReady: Progressed,
+    Revoke: Revoked,
 }
 
 

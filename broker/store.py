@@ -39,10 +39,10 @@ __all__ = [
     "serialize",
 ]
 
-SCHEMA_VERSION = 2  # 2: jobs.owner
+SCHEMA_VERSION = 3  # 2: jobs.owner; 3: jobs.timeout
 
 # A job as created: id, queue, state, priority, payload, attempts, max_attempts, lease,
-# backoff, key, result, error, not_before (wall clock), expires_at (wall clock), owner.
+# backoff, key, result, error, not_before (wall clock), expires_at (wall clock), owner, timeout.
 Row = tuple[
     int,
     str,
@@ -59,6 +59,7 @@ Row = tuple[
     float,
     float,
     str | None,
+    float | None,
 ]
 # A change of a stored job: state, attempts, result, error, not_before, expires_at, id.
 Update = tuple[str, int, bytes | None, bytes | None, float, float, int]
@@ -172,15 +173,16 @@ def _insert_row(job: Job, offset: float) -> Row:
         job.key,
         *_mutable_columns(job, offset),
         job.owner,
+        job.timeout,
     )
 
 
 def _state_and_attempts(job: Job) -> tuple[str, int]:
     """Leases are not written (they would cost a write per delivery): a leased job is written
-    as it was before its delivery, pending with the attempts before this one. After a crash it
-    is simply delivered again."""
+    as it was before its delivery, pending with the attempts before this one (the attempt
+    counts once the worker starts it). After a crash it is simply delivered again."""
     if job.state is JobState.LEASED:
-        return JobState.PENDING.value, job.attempts - 1
+        return JobState.PENDING.value, job.attempts - (job.started_at is not None)
     return job.state.value, job.attempts
 
 
@@ -284,7 +286,7 @@ class SqliteStore:
                 id INTEGER PRIMARY KEY, queue TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL,
                 payload BLOB, attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL, lease REAL NOT NULL,
                 backoff REAL NOT NULL, key TEXT, result BLOB, error BLOB, not_before REAL NOT NULL,
-                expires_at REAL NOT NULL, owner TEXT)"""
+                expires_at REAL NOT NULL, owner TEXT, timeout REAL)"""
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         version = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
@@ -292,6 +294,10 @@ class SqliteStore:
             db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
             db.execute("UPDATE meta SET value = 2 WHERE name = 'schema'")
             version = (2,)
+        if version is not None and version[0] == 2:  # before time limits: none
+            db.execute("ALTER TABLE jobs ADD COLUMN timeout REAL")
+            db.execute("UPDATE meta SET value = 3 WHERE name = 'schema'")
+            version = (3,)
         if version is None:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
@@ -321,7 +327,9 @@ class SqliteStore:
             try:
                 if batch.inserts:
                     # OR REPLACE: a batch written again after a failure reported late is harmless.
-                    db.executemany("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts)
+                    db.executemany(
+                        "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts
+                    )
                 if batch.updates:
                     self._update(batch.updates)
                 if batch.deletes:
@@ -400,6 +408,7 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
         not_before,
         expires_at,
         owner,
+        timeout,
     ) = row
     job = Job(
         job_id,
@@ -411,6 +420,7 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
         backoff=shared.setdefault(("backoff", backoff), backoff),
         key=key,
         state=JobState(state),
+        timeout=timeout,
     )
     job.attempts = attempts
     job.owner = owner

@@ -29,6 +29,7 @@ from broker.protocol.messages import (
     JobInfo,
     Progressed,
     Results,
+    Revoked,
     Stats,
     Submit,
     Watch,
@@ -128,6 +129,7 @@ class Client:
         lease: float | None = None,
         backoff: float | None = None,
         key: str | None = None,
+        timeout: float | None = None,
     ) -> int:
         """Submit one job.
 
@@ -136,12 +138,15 @@ class Client:
             payload: any msgpack value; the handler's argument.
             priority: higher runs first.
             delay: seconds before the job may run.
-            max_attempts: deliveries before a failing job goes dead (broker default 3).
-            lease: seconds a worker may hold the job before it is given to another
-                (broker default 30); workers can extend it.
+            max_attempts: attempts before a failing job goes dead (broker default 3). An
+                attempt counts when a worker starts the job.
+            lease: kept for compatibility; a live worker keeps its jobs however long they
+                run (docs/protocol.md, "Leases"). Use `timeout` to bound run time.
             backoff: first retry delay in seconds, doubled each attempt (broker default 1).
             key: idempotency key: a repeated submit with the same key returns the first id,
                 and a submit lost with its connection is retried safely.
+            timeout: seconds one attempt may run (None: the worker's default, else no
+                limit); an attempt over it fails with TimeLimitExceeded and is retried.
 
         Returns:
             The job id.
@@ -150,7 +155,7 @@ class Client:
             QueueFull: the queue is at its pending limit.
             InvalidRequest: a bad argument.
         """
-        options = (queue, priority, float(delay), max_attempts, lease, backoff)
+        options = _SubmitOptions(queue, priority, float(delay), max_attempts, lease, backoff, timeout)
         group = self._submit_groups.get(options)
         if group is None:
             if not self._submit_groups:
@@ -165,10 +170,8 @@ class Client:
         one frame (as the writes of a turn do), each call still getting its own id. The
         broker takes a frame all or none, so a refusal (queue full) reaches the whole group."""
         groups, self._submit_groups = self._submit_groups, {}
-        for (queue, priority, delay, max_attempts, lease, backoff), group in groups.items():
-            task = asyncio.ensure_future(
-                self._submit(queue, group.payloads, priority, delay, max_attempts, lease, backoff, group.keys(), False)
-            )
+        for options, group in groups.items():
+            task = asyncio.ensure_future(self._submit(options, group.payloads, group.keys()))
             task.add_done_callback(group.settle)
 
     async def submit_many(
@@ -182,37 +185,36 @@ class Client:
         lease: float | None = None,
         backoff: float | None = None,
         keys: Sequence[str | None] | None = None,
+        timeout: float | None = None,
     ) -> list[int]:
         """Submit many jobs in one frame, all or none. Options as submit(); `keys` gives each
         job an idempotency key (or None). Returns the job ids in order."""
-        return await self._submit(queue, list(payloads), priority, delay, max_attempts, lease, backoff, keys, False)
+        options = _SubmitOptions(queue, priority, float(delay), max_attempts, lease, backoff, timeout)
+        return await self._submit(options, list(payloads), keys)
 
     async def _submit(
         self,
-        queue: str,
+        options: _SubmitOptions,
         payloads: list[Any],
-        priority: int,
-        delay: float,
-        max_attempts: int | None,
-        lease: float | None,
-        backoff: float | None,
         keys: Sequence[str | None] | None,
-        watch: bool,
+        *,
+        watch: bool = False,
     ) -> list[int]:
         try:
             reply = await self._link.call(
                 Submit,
                 # Resending is safe only when every job carries an idempotency key.
                 retry=keys is not None and all(k is not None for k in keys),
-                queue=queue,
+                queue=options.queue,
                 payloads=payloads,
-                priority=priority,
-                delay=float(delay),
-                max_attempts=max_attempts,
-                lease=None if lease is None else float(lease),
-                backoff=None if backoff is None else float(backoff),
+                priority=options.priority,
+                delay=options.delay,
+                max_attempts=options.max_attempts,
+                lease=None if options.lease is None else float(options.lease),
+                backoff=None if options.backoff is None else float(options.backoff),
                 keys=None if keys is None else list(keys),
                 watch=watch,
+                timeout=None if options.timeout is None else float(options.timeout),
             )
         except FrameTooLarge as exc:
             raise LimitExceeded(
@@ -298,10 +300,12 @@ class Client:
         lease: float | None = None,
         batch_size: int = _MAP_BATCH,
         progress: bool = False,
+        job_timeout: float | None = None,
     ) -> list[Any]:
         """Submit one job per payload and return their results in order. Submits go in
         batches of `batch_size`; results are pushed as the jobs complete. With progress=True,
-        a progress bar of the results on standard error.
+        a progress bar of the results on standard error. `timeout` bounds the whole call;
+        `job_timeout` is each job's time limit (submit's `timeout`).
 
         Raises:
             JobDead, JobCancelled: for the first job that did not complete.
@@ -310,12 +314,11 @@ class Client:
         payloads = list(payloads)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[list[Any]]] = []
+        options = _SubmitOptions(queue, priority, 0.0, max_attempts, lease, None, job_timeout)
         try:
             async with asyncio.timeout(timeout):
                 submits = [
-                    self._submit(
-                        queue, payloads[i : i + batch_size], priority, 0.0, max_attempts, lease, None, None, True
-                    )
+                    self._submit(options, payloads[i : i + batch_size], None, watch=True)
                     for i in range(0, len(payloads), batch_size)
                 ]
                 for ids in await asyncio.gather(*submits):
@@ -376,7 +379,7 @@ class Client:
                 if not future.done():
                     future.set_exception(failure)
 
-    def _on_push(self, message: Deliver | Results | Progressed) -> None:
+    def _on_push(self, message: Deliver | Results | Progressed | Revoked) -> None:
         if isinstance(message, Progressed):
             for job_id, fraction, text in message.items:
                 for reports in self._followers.get(job_id, ()):
@@ -395,11 +398,13 @@ class Client:
     # --- managing jobs ----------------------------------------------------------------
 
     async def cancel(self, job_id: int) -> None:
-        """Cancel a pending or delayed job.
+        """Cancel a job that has not finished. A running job's worker is told at once: a
+        coroutine handler is cancelled, a process handler killed, a thread handler sees
+        `current_job().lease_lost`; its answer is discarded.
 
         Raises:
             JobNotFound: no such job.
-            InvalidState: the job is running or finished.
+            InvalidState: the job has finished already.
         """
         await self.cancel_many([job_id], raise_on_refusal=True)
 
@@ -459,6 +464,19 @@ class ProgressReport(NamedTuple):
 
     fraction: float  # 0.0 to 1.0
     message: str
+
+
+class _SubmitOptions(NamedTuple):
+    """A submit's queue and job options: submits of one loop turn that share them travel in
+    one frame."""
+
+    queue: str
+    priority: int
+    delay: float
+    max_attempts: int | None
+    lease: float | None
+    backoff: float | None
+    timeout: float | None
 
 
 class _SubmitGroup:

@@ -37,6 +37,7 @@ from broker.protocol.messages import (
     Reply,
     Request,
     Results,
+    Revoked,
     Welcome,
 )
 
@@ -58,7 +59,7 @@ def client_tls(tls: ssl.SSLContext | str | os.PathLike[str] | None) -> ssl.SSLCo
         raise ConfigError(f"cannot load CA file {tls}: {exc}") from exc
 
 
-PushHandler = Callable[[Deliver | Results | Progressed], None]
+PushHandler = Callable[[Deliver | Results | Progressed | Revoked], None]
 
 _HEARTBEAT = Heartbeat()
 # Connection-level error codes after which the broker closes the connection (docs/protocol.md).
@@ -236,7 +237,7 @@ class Connection:
                     future.set_result(event.data)
             elif isinstance(event, ErrorReply):
                 self._error_reply(event)
-            elif isinstance(event, Deliver | Results | Progressed):
+            elif isinstance(event, Deliver | Results | Progressed | Revoked):
                 if self._on_push is not None:
                     self._on_push(event)
             elif isinstance(event, Welcome) and not self._welcome.done():

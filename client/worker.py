@@ -14,15 +14,31 @@ import contextvars
 import functools
 import inspect
 import logging
+import os
 import signal
 import ssl
+import sys
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
-from broker.errors import ConnectionClosed, FrameTooLarge, UsageError, broker_error
-from broker.protocol.messages import Complete, Deliver, Fail, Progress, Progressed, Release, Reserve, Results, Touch
+from broker.errors import ConnectionClosed, FrameTooLarge, TimeLimitExceeded, UsageError, broker_error
+from broker.protocol.messages import (
+    Complete,
+    Deliver,
+    Fail,
+    Progress,
+    Progressed,
+    Release,
+    Reserve,
+    Results,
+    Revoked,
+    Started,
+    Touch,
+)
 from client.connection import Connection, Link
+from client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadSlot
 
 _T = TypeVar("_T")
 
@@ -31,30 +47,61 @@ __all__ = ["Handler", "Job", "Worker", "current_job"]
 log = logging.getLogger("jobbroker.worker")
 
 Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
+MAX_TRACEBACK = 8192  # characters of a failure's traceback sent to the broker
 ExecutorChoice = Literal["thread", "process", "inline"] | concurrent.futures.Executor
 
 
 class Job:
-    """The job a handler is running: `current_job()` inside a handler returns it."""
+    """The job a handler is running: `current_job()` inside a handler returns it.
 
-    __slots__ = ("_worker", "attempt", "id", "lease", "payload", "queue", "token")
+    Attributes:
+        id: the job id, the same on every attempt (use it to make handlers idempotent).
+        queue, payload: as submitted.
+        attempt: this attempt's number, from 1.
+        timeout: seconds this attempt may run (None: no limit).
+        lease_lost: True once this worker no longer holds the job (cancelled, over its time
+            limit, or the connection to the broker was lost): whatever the handler returns is
+            discarded. A long plain-function handler may check it and stop early.
+    """
 
-    def __init__(self, item: list[Any], worker: Worker) -> None:
-        self.id, self.token, self.queue, self.payload, self.attempt, self.lease = item
+    __slots__ = (
+        "_worker",
+        "attempt",
+        "id",
+        "lease",
+        "lost_reason",
+        "payload",
+        "queue",
+        "received_at",
+        "timeout",
+        "token",
+    )
+
+    def __init__(self, item: list[Any], worker: Worker, received_at: float = 0.0) -> None:
+        self.id, self.token, self.queue, self.payload, self.attempt, self.lease = item[:6]
+        self.timeout: float | None = item[6] if len(item) > 6 else None
+        self.lost_reason: str | None = None  # why this worker no longer holds the job
+        self.received_at = received_at  # loop time of the delivery, for hand_back_after
         self._worker = worker
+
+    @property
+    def lease_lost(self) -> bool:
+        return self.lost_reason is not None
 
     def report_progress(self, fraction: float, message: str = "") -> None:
         """Tell the producers following this job how far it has got: `fraction` from 0.0 to
         1.0 and a short message. From any handler, coroutine or thread; returns at once (the
-        reports of one loop turn travel together)."""
-        self._worker._report(self, float(fraction), str(message)[:200])
+        reports of one loop turn travel together). Dropped once the lease is lost."""
+        if self.lost_reason is None:
+            self._worker._report(self, float(fraction), str(message)[:200])
 
     async def touch(self, seconds: float = 0.0) -> None:
-        """Extend this job's lease to `seconds` from now (0: the job's own lease length), for
-        a handler that runs longer than its lease. From a coroutine handler.
+        """Check that this worker still holds the job. Leases follow the worker's session
+        (docs/protocol.md, "Leases"), so a live worker never needs to extend one; this stays
+        for handlers written against older versions. From a coroutine handler.
 
         Raises:
-            LeaseLost: the lease was already lost (the job went to another worker).
+            LeaseLost: the job is no longer this worker's.
         """
         await self._worker.touch(self.id, self.token, seconds)
 
@@ -77,12 +124,16 @@ def current_job() -> Job:
 class Worker:
     """Runs `handler` on jobs from `queues`.
 
+    A job this worker holds stays its own for as long as the worker's connection lives,
+    however long the handler runs (docs/protocol.md, "Leases"); it goes back to its queue when
+    the connection is lost or the worker stops heartbeating.
+
     Args:
         address: "HOST:PORT" of the broker; default $JOBBROKER_CONNECT, else 127.0.0.1:7878.
         queues: queue names to take jobs from, in order of preference.
         handler: `f(payload) -> result`, a coroutine function or a plain one. Its return
             value (any msgpack value) completes the job; an exception fails it with the
-            exception's type and text.
+            exception's type, text and traceback.
         secret, secret_file, credential, tls: as for Client.
         concurrency: jobs run at once.
         prefetch: jobs held at once (running plus waiting); default 2 x concurrency.
@@ -93,6 +144,14 @@ class Worker:
         grace: seconds stop() waits for running jobs before handing them back.
         handle_signals: make SIGTERM and SIGINT call stop() while run() runs.
         reconnect_timeout: how long to keep trying to reach a broker that went away.
+        timeout: seconds one attempt may run, for jobs submitted without a `timeout` of their
+            own (None: no limit). A coroutine handler is cancelled, a process handler's
+            process is killed and replaced, a thread handler is abandoned (it runs on, its
+            result ignored); the attempt fails with TimeLimitExceeded. "inline" handlers
+            cannot be interrupted.
+        hand_back_after: when jobs have waited this many seconds in the prefetch buffer because
+            every handler slot is busy, hand them back for other workers and take no more than
+            can start at once until a slot frees.
     """
 
     def __init__(
@@ -112,6 +171,8 @@ class Worker:
         grace: float = 30.0,
         handle_signals: bool = False,
         reconnect_timeout: float = 3600.0,
+        timeout: float | None = None,
+        hand_back_after: float = 10.0,
     ) -> None:
         if isinstance(queues, str):
             raise UsageError("queues is a list of names, not one string")
@@ -119,6 +180,10 @@ class Worker:
             raise UsageError("a worker needs at least one queue")
         if concurrency < 1:
             raise UsageError("concurrency must be at least 1")
+        if timeout is not None and not timeout > 0:
+            raise UsageError("timeout must be more than 0 seconds (or None: no limit)")
+        if not hand_back_after > 0:
+            raise UsageError("hand_back_after must be more than 0 seconds")
         self.queues = list(queues)
         self.handler = handler
         self.concurrency = concurrency
@@ -127,9 +192,13 @@ class Worker:
             raise UsageError("prefetch must be at least concurrency")
         self.grace = grace
         self.handle_signals = handle_signals
+        self.timeout = timeout
+        self.hand_back_after = hand_back_after
         self._is_coroutine = inspect.iscoroutinefunction(handler)
         self._executor_choice = executor
-        self._executor: concurrent.futures.Executor | None = None
+        choices = ("thread", "process", "inline")
+        if executor not in choices and not isinstance(executor, concurrent.futures.Executor):
+            raise UsageError(f"executor must be 'thread', 'process', 'inline' or an Executor, not {executor!r}")
         self._link = Link.from_settings(
             address,
             secret=secret,
@@ -143,8 +212,10 @@ class Worker:
         )
         self._waiting: deque[Job] = deque()  # delivered, not started
         self._running: dict[int, Job] = {}  # runner slot -> the job it runs
+        self._slots: list[Slot] = []  # runner slot -> where its plain-function handlers run
         self._runners: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()  # runners waiting for a job
+        self._starts: dict[int, list[Any]] = {}  # job id -> [job_id, token]: started, not yet told
         self._completions: list[list[Any]] = []
         self._failures: list[list[Any]] = []
         self._reports: list[list[Any]] = []
@@ -153,6 +224,7 @@ class Worker:
         self._flush_scheduled = False
         self._stopping = False
         self._stopped: asyncio.Event | None = None
+        self._handing_back = False  # every slot stuck: prefetch lowered to concurrency
         self.completed = 0
         self.failed = 0
 
@@ -163,29 +235,36 @@ class Worker:
         jobs, finish or hand back those held, and return."""
         loop = self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._executor = self._make_executor()
+        self._slots = [self._make_slot() for _ in range(self.concurrency)]
         installed = self._install_signals(loop) if self.handle_signals else []
         # A fixed set of runners takes jobs from _waiting: no task is made per job, and a
         # handler that finishes without suspending runs start to end in one step.
         self._runners = [asyncio.ensure_future(self._runner(slot)) for slot in range(self.concurrency)]
+        watchdog = asyncio.ensure_future(self._watch_buffer())
+        address = f"{self._link.host}:{self._link.port}"
         try:
             while not self._stopping:
                 # stop() ends a wait for the broker too, not only a connected spell.
                 connection = await self._unless_stopped(self._link.get())
                 if connection is None:
                     break
+                log.info("connected to the broker at %s (session %d)", address, connection.session)
                 await self._unless_stopped(connection.wait_closed())
                 if not self._stopping:
-                    # The broker requeued everything we held; what is still waiting is no longer ours.
-                    log.warning("connection to the broker lost; reconnecting")
-                    self._waiting.clear()
+                    reason = connection.closed.result()
+                    log.warning("lost the broker at %s (%s); reconnecting", address, _reason(reason))
+                    # The broker requeued everything we held: stop what still runs of it.
+                    self._lose_all("the connection to the broker was lost")
+        finally:
+            watchdog.cancel()
+        try:
             await self._drain()
         finally:
             for signum in installed:
                 loop.remove_signal_handler(signum)
             self._link.close()
-            if self._executor is not None and self._executor_choice in ("thread", "process"):
-                self._executor.shutdown(wait=False, cancel_futures=True)
+            for slot in self._slots:
+                slot.close()
 
     async def _unless_stopped(self, awaitable: Awaitable[_T]) -> _T | None:
         """What `awaitable` gives, or None if stop() comes first (it is then cancelled)."""
@@ -222,9 +301,11 @@ class Worker:
         self._wake_runners(len(self._idle))  # idle runners see _stopping and return
         if self._runners:
             _done, still_running = await asyncio.wait(self._runners, timeout=self.grace)
-            held = list(self._running.values())
+            held = [job for job in self._running.values() if not job.lease_lost]
             if still_running:
                 log.warning("handing back %d jobs still running after %.0fs", len(held), self.grace)
+                for job in held:
+                    job.lost_reason = "handed back at shutdown"
                 for task in still_running:
                     task.cancel()
                 await asyncio.wait(still_running)
@@ -236,17 +317,16 @@ class Worker:
         if self._answers:
             await asyncio.wait(set(self._answers), timeout=10.0)
 
-    def _make_executor(self) -> concurrent.futures.Executor | None:
+    def _make_slot(self) -> Slot:
         choice = self._executor_choice
         if self._is_coroutine or choice == "inline":
-            return None
+            return InlineSlot()
         if choice == "thread":
-            return concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="jobbroker-worker")
+            return ThreadSlot()
         if choice == "process":
-            return concurrent.futures.ProcessPoolExecutor(self.concurrency)
-        if isinstance(choice, concurrent.futures.Executor):
-            return choice
-        raise UsageError(f"executor must be 'thread', 'process', 'inline' or an Executor, not {choice!r}")
+            return ProcessSlot()
+        assert isinstance(choice, concurrent.futures.Executor)
+        return SharedSlot(choice)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
         installed = []
@@ -262,16 +342,52 @@ class Worker:
     # --- jobs -------------------------------------------------------------------------
 
     def _on_connect(self, connection: Connection) -> None:
+        self._handing_back = False
         if not self._stopping:
             connection.request_nowait(Reserve, queues=self.queues, prefetch=self.prefetch)
 
-    def _on_push(self, message: Deliver | Results | Progressed) -> None:
+    def _on_push(self, message: Deliver | Results | Progressed | Revoked) -> None:
+        if isinstance(message, Revoked):
+            for job_id, token, reason in message.items:
+                self._lose(job_id, token, reason)
+            return
         if not isinstance(message, Deliver):
             return
         waiting = self._waiting
+        now = asyncio.get_running_loop().time()
         for item in message.jobs:
-            waiting.append(Job(item, self))
+            waiting.append(Job(item, self, now))
         self._wake_runners(len(message.jobs))
+
+    def _lose(self, job_id: int, token: int, reason: str) -> None:
+        """The broker took a job back: forget it if it waits, stop its handler if it runs."""
+        for job in self._waiting:
+            if job.id == job_id and job.token == token:
+                job.lost_reason = reason  # its runner skips it
+                log.info("job %d (queue %s) taken back before it started: %s", job_id, job.queue, reason)
+                return
+        for slot, job in self._running.items():
+            if job.id == job_id and job.token == token and job.lost_reason is None:
+                log.warning("job %d (queue %s) taken back while running: %s", job_id, job.queue, reason)
+                self._stop_handler(slot, job, reason)
+                return
+
+    def _lose_all(self, reason: str) -> None:
+        for job in self._waiting:
+            job.lost_reason = reason
+        self._waiting.clear()
+        for slot, job in list(self._running.items()):
+            if job.lost_reason is None:
+                self._stop_handler(slot, job, reason)
+        self._starts.clear()
+
+    def _stop_handler(self, slot: int, job: Job, reason: str) -> None:
+        """Mark the job lost and stop its handler where that can be done: a coroutine is
+        cancelled, a process killed; a thread runs on (it may check `lease_lost`)."""
+        job.lost_reason = reason
+        self._starts.pop(job.id, None)
+        if self._is_coroutine or self._executor_choice == "process":
+            self._runners[slot].cancel()
 
     def _wake_runners(self, count: int) -> None:
         idle = self._idle
@@ -293,45 +409,114 @@ class Worker:
                 await wake
                 continue
             job = waiting.popleft()
+            if job.lost_reason is not None:
+                continue
             running[slot] = job
             try:
-                await self._run_one(job)
+                await self._run_one(slot, job)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if job.lost_reason is None or self._stopping or task is None:
+                    raise
+                task.uncancel()  # the job was taken back; this runner goes on with the next
             finally:
                 del running[slot]
+            if self._handing_back:
+                self._take_again()
 
-    async def _run_one(self, job: Job) -> None:
+    async def _run_one(self, slot: int, job: Job) -> None:
         _current_job.set(job)  # each runner is a task with its own context
+        self._starts[job.id] = [job.id, job.token]
+        self._schedule_flush()
+        limit = job.timeout if job.timeout is not None else self.timeout
         try:
-            if self._is_coroutine:
-                result = await self.handler(job.payload)  # type: ignore[misc]
-            elif self._executor is None:
-                result = self.handler(job.payload)
-            else:
-                loop = asyncio.get_running_loop()
-                call = functools.partial(self.handler, job.payload)
-                if isinstance(self._executor, concurrent.futures.ThreadPoolExecutor):
-                    call = functools.partial(contextvars.copy_context().run, call)  # current_job() in threads
-                result = await loop.run_in_executor(self._executor, call)
+            async with asyncio.timeout(limit) as deadline:
+                if self._is_coroutine:
+                    result = await self.handler(job.payload)  # type: ignore[misc]
+                else:
+                    result = await self._call(slot, job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.failed += 1
-            self._failures.append([job.id, job.token, type(exc).__name__, str(exc)])
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                exc = TimeLimitExceeded(f"attempt {job.attempt} ran over its time limit of {limit:g} s")
+            self._fail(job, exc)
         else:
-            self.completed += 1
-            self._completions.append([job.id, job.token, result])
+            self._complete(job, result)
         self._schedule_flush()
 
+    async def _call(self, slot: int, job: Job) -> Any:
+        runner = self._slots[slot]
+        try:
+            return await runner.run(self.handler, job.payload)
+        except asyncio.CancelledError:
+            runner.abandon()  # time limit, lease lost or shutdown: do not wait for it
+            raise
+
+    def _complete(self, job: Job, result: Any) -> None:
+        self._starts.pop(job.id, None)  # the answer says it started
+        if job.lost_reason is not None:
+            log.debug("result of job %d discarded: %s", job.id, job.lost_reason)
+            return
+        self.completed += 1
+        self._completions.append([job.id, job.token, result])
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        self._starts.pop(job.id, None)
+        if job.lost_reason is not None:
+            log.debug("failure of job %d discarded: %s", job.id, job.lost_reason)
+            return
+        self.failed += 1
+        log.warning(
+            "job %d (queue %s) attempt %d failed: %s: %s", job.id, job.queue, job.attempt, type(exc).__name__, exc
+        )
+        log.debug("job %d traceback", job.id, exc_info=exc)
+        self._failures.append([job.id, job.token, type(exc).__name__, str(exc)[:2000], handler_traceback(exc)])
+
+    async def _watch_buffer(self) -> None:
+        """Hand buffered jobs back when every slot has been busy for hand_back_after seconds
+        (stuck or long handlers), so that other workers run them, and take no more than can
+        start at once until a slot frees (_take_again)."""
+        loop = asyncio.get_running_loop()
+        period = min(1.0, self.hand_back_after / 4)
+        while True:
+            await asyncio.sleep(period)
+            waiting = self._waiting
+            if not waiting or self._handing_back or self._stopping:
+                continue
+            if loop.time() - waiting[0].received_at < self.hand_back_after:
+                continue
+            connection = self._link.current
+            if connection is None:
+                continue
+            held = [job for job in waiting if job.lost_reason is None]
+            waiting.clear()
+            self._handing_back = True
+            log.warning(
+                "every handler slot busy for %.0fs: handing %d waiting jobs back", self.hand_back_after, len(held)
+            )
+            connection.request_nowait(Reserve, queues=self.queues, prefetch=self.concurrency)
+            if held:
+                connection.request_nowait(Release, items=[[job.id, job.token] for job in held])
+
+    def _take_again(self) -> None:
+        """A slot freed after a hand-back: prefetch as usual again."""
+        self._handing_back = False
+        connection = self._link.current
+        if connection is not None and not self._stopping:
+            connection.request_nowait(Reserve, queues=self.queues, prefetch=self.prefetch)
+
     async def touch(self, job_id: int, token: int, seconds: float = 0.0) -> None:
-        """Extend a running job's lease to `seconds` from now (0: the job's own lease).
+        """Check that this worker still holds a job (leases follow the session: nothing needs
+        extending).
 
         Raises:
-            LeaseLost: the lease was already lost.
+            LeaseLost: the job is no longer this worker's.
         """
         connection = await self._link.get()
         reply = await connection.request(Touch, items=[[job_id, token, float(seconds)]])
         for _, code in reply["refused"]:
-            raise broker_error(code, f"cannot extend the lease of job {job_id}: {code}")
+            raise broker_error(code, f"job {job_id} is no longer held: {code}")
 
     def _report(self, job: Job, fraction: float, message: str) -> None:
         loop = self._loop
@@ -364,12 +549,17 @@ class Worker:
         if connection is None:
             # Our leases died with the connection; the broker has requeued these jobs.
             if self._completions or self._failures:
-                log.warning(
+                log.info(
                     "dropping %d answers: their leases ended with the connection",
                     len(self._completions) + len(self._failures),
                 )
             self._completions, self._failures, self._reports = [], [], []
+            self._starts.clear()
             return
+        if self._starts:
+            # Jobs started this turn and still running (a job answered in the same turn needs none).
+            starts, self._starts = list(self._starts.values()), {}
+            connection.send(Started(items=starts))
         if self._completions:
             completions, self._completions = self._completions, []
             try:
@@ -416,3 +606,25 @@ class Worker:
             return
         for index, code in future.result()["refused"]:
             log.warning("broker refused the answer for job %d: %s", items[index][0], code)
+
+
+# Frames of the machinery between the runner and the handler, left out of stored tracebacks.
+_MACHINERY = tuple(
+    os.path.dirname(module.__file__ or "") + os.sep for module in (asyncio, concurrent.futures, sys.modules[__name__])
+)
+
+
+def handler_traceback(exc: BaseException) -> str:
+    """The formatted traceback of a handler's exception, without the worker's own frames,
+    bounded to MAX_TRACEBACK characters (the end kept: the frames nearest the raise)."""
+    formatted = traceback.TracebackException.from_exception(exc)
+    kept = [frame for frame in formatted.stack if not frame.filename.startswith(_MACHINERY)]
+    formatted.stack = traceback.StackSummary.from_list(kept)
+    trace = "".join(formatted.format())
+    if len(trace) > MAX_TRACEBACK:
+        trace = f"[... {len(trace) - MAX_TRACEBACK} characters cut ...]\n" + trace[-MAX_TRACEBACK:]
+    return trace
+
+
+def _reason(closed: ConnectionClosed) -> str:
+    return f"{closed}: {closed.cause}" if closed.cause is not None else str(closed)

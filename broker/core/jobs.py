@@ -27,7 +27,7 @@ class JobEvent(enum.StrEnum):
     COMPLETE = "complete"
     RETRY = "retry"  # failed with attempts left: back off
     BURY = "bury"  # failed, or lost its lease, with no attempts left
-    REQUEUE = "requeue"  # lease lost (expired, worker died) or handed back
+    REQUEUE = "requeue"  # lease lost (worker died or disconnected) or handed back
     CANCEL = "cancel"
     REVIVE = "revive"  # requeued from the dead-letter list
 
@@ -41,6 +41,7 @@ TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (JobState.LEASED, JobEvent.REQUEUE): JobState.PENDING,
     (JobState.PENDING, JobEvent.CANCEL): JobState.CANCELLED,
     (JobState.DELAYED, JobEvent.CANCEL): JobState.CANCELLED,
+    (JobState.LEASED, JobEvent.CANCEL): JobState.CANCELLED,  # the worker is told (revoked)
     (JobState.DEAD, JobEvent.REVIVE): JobState.PENDING,
 }
 
@@ -67,8 +68,11 @@ class Job:
         "progress",
         "queue",
         "result",
+        "started_at",
         "state",
+        "timeout",
         "token",
+        "unstarted_losses",
         "watchers",
         "worker",
     )
@@ -85,6 +89,7 @@ class Job:
         backoff: float,
         key: str | None,
         state: JobState,
+        timeout: float | None = None,
     ) -> None:
         self.id = job_id
         self.queue = queue
@@ -92,6 +97,7 @@ class Job:
         self.priority = priority
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
+        self.timeout = timeout  # seconds of run time one attempt may take; None: no limit
         self.backoff = backoff
         self.key = key
         self.state = state
@@ -104,7 +110,11 @@ class Job:
         self.progress: tuple[float, str] | None = None  # the last report of a running job
         self.owner: str | None = None  # the credential that submitted it
         self.not_before = 0.0  # when a delayed job becomes pending (scheduler's clock)
-        self.delivered_at = 0.0  # when the current attempt was delivered (scheduler's clock)
+        self.delivered_at = 0.0  # when the current lease began (scheduler's clock)
+        # When the worker began running the current delivery (scheduler's clock); None while it
+        # waits in the worker's prefetch buffer. The attempt counts from the start.
+        self.started_at: float | None = None
+        self.unstarted_losses = 0  # leases lost with their worker before the job started
         self.expires_at = 0.0  # when a finished job is forgotten (scheduler's clock)
 
     def __repr__(self) -> str:

@@ -8,6 +8,13 @@ Batching per turn is what lets one frame carry many deliveries.
 Semantics (docs/protocol.md, "Jobs"): highest priority first, FIFO within a priority, round
 robin across the workers that wait on a queue; delivery at least once, completion at most
 once, fenced by lease tokens.
+
+Leases follow the worker's session (docs/protocol.md, "Leases"): a job held by a live session
+is never taken back for lack of time. It goes back when the session ends (disconnected, or
+silent for 3 heartbeat intervals), when it is cancelled, or when it overruns its own time
+limit (`timeout`) by the grace the worker had to end it itself. An attempt counts from the
+moment the worker starts the job, not from its delivery: a job that waits in a worker's
+prefetch buffer uses no attempt.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ __all__ = [
     "Deliver",
     "Effect",
     "JobBuried",
-    "LeaseExpired",
     "ProgressReady",
     "ResultsReady",
+    "Revoke",
     "Scheduler",
     "SchedulerConfig",
     "SessionExpired",
+    "TimeLimitHit",
     "WorkerLost",
 ]
 
@@ -106,6 +114,14 @@ class ProgressReady:
 
 
 @dataclass(frozen=True, slots=True)
+class Revoke:
+    """Tell the worker session that it no longer holds these jobs: [job_id, token, reason]."""
+
+    session: int
+    items: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionExpired:
     """The session missed its heartbeats: close its connection. Its jobs are already requeued."""
 
@@ -123,7 +139,10 @@ class WorkerLost:
 
 
 @dataclass(frozen=True, slots=True)
-class LeaseExpired:
+class TimeLimitHit:
+    """A started job ran past its time limit plus the worker's grace: the broker took it back
+    from the session (which is told) and failed the attempt."""
+
     job_id: int
     queue: str
     session: int | None
@@ -139,7 +158,7 @@ class JobBuried:
     error: dict[str, str]
 
 
-Effect = Deliver | ResultsReady | ProgressReady | SessionExpired | WorkerLost | LeaseExpired | JobBuried
+Effect = Deliver | ResultsReady | ProgressReady | Revoke | SessionExpired | WorkerLost | TimeLimitHit | JobBuried
 
 
 # --- changes, for a durable store ---------------------------------------------------------
@@ -273,6 +292,7 @@ class _Outbox:
     deliveries: dict[int, list[list[Any]]] = field(default_factory=dict)
     results: dict[int, list[list[Any]]] = field(default_factory=dict)
     progress: dict[int, list[list[Any]]] = field(default_factory=dict)
+    revoked: dict[int, list[list[Any]]] = field(default_factory=dict)
     notices: list[Effect] = field(default_factory=list)
 
 
@@ -295,7 +315,9 @@ class Scheduler:
         self._keys: dict[tuple[str | None, str, str], int] = {}
         self._next_job_id = 1
         self._next_token = 1
-        self._lease_deadlines: Deadlines[int] = Deadlines()  # job id
+        # job id of a started job with a time limit: when the broker takes it back if the
+        # worker has not ended it (its own limit plus the grace the worker has to report it)
+        self._run_deadlines: Deadlines[int] = Deadlines()
         self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
         # job id of a finished job; TTLs are all alike, so these come in time order
         self._expiry_deadlines: OrderedDeadlines[int] = OrderedDeadlines()
@@ -311,6 +333,11 @@ class Scheduler:
     def session_timeout(self) -> float:
         return self.config.heartbeat * HEARTBEATS_MISSED_BEFORE_DEAD
 
+    @property
+    def time_limit_grace(self) -> float:
+        """How long past a job's time limit the broker waits for the worker to end it itself."""
+        return self.session_timeout + 1.0
+
     def open_session(self, session_id: int, now: float, *, name: str = "", peer: str = "") -> None:
         if session_id in self._sessions:
             raise InvalidRequest(f"session {session_id} is already open")
@@ -325,7 +352,8 @@ class Scheduler:
             session.last_seen = now
 
     def close_session(self, session_id: int, now: float) -> None:
-        """The session's connection is gone: requeue its leases at once. Idempotent."""
+        """The session's connection is gone: requeue its leases at once (a started job with
+        its attempt counted; one still in the worker's buffer as if never delivered). Idempotent."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
@@ -366,6 +394,7 @@ class Scheduler:
         keys: Sequence[str | None] | None = None,
         watch: bool = False,
         owner: str | None = None,
+        timeout: float | None = None,
     ) -> list[int]:
         """Add jobs to a queue, all or none. Returns their ids, in order; a job whose
         idempotency key this owner already used on this queue gets the first job's id.
@@ -394,6 +423,8 @@ class Scheduler:
         backoff = config.default_backoff if backoff is None else backoff
         if not 0.0 <= backoff <= 86400:
             raise InvalidRequest("backoff must be between 0 and a day")
+        if timeout is not None and not 0.0 < timeout <= 86400 * 7:
+            raise InvalidRequest("timeout must be more than 0 and at most a week (or nil: no limit)")
         if keys is not None:
             if len(keys) != len(payloads):
                 raise InvalidRequest(f"{len(keys)} idempotency keys for {len(payloads)} payloads")
@@ -436,6 +467,7 @@ class Scheduler:
                 backoff=backoff,
                 key=key,
                 state=state,
+                timeout=timeout,
             )
             job.owner = owner
             self._next_job_id += 1
@@ -460,19 +492,23 @@ class Scheduler:
         return ids
 
     def cancel(self, job_ids: Sequence[int], now: float, owner: str | None = None) -> list[str | None]:
-        """Cancel pending or delayed jobs (an owner: only its own). Per job: None, or an error code."""
+        """Cancel pending, delayed or running jobs (an owner: only its own); the worker running
+        one is told (Revoke) and its answer will be refused. Per job: None, or an error code."""
         self._check_batch(len(job_ids))
         codes: list[str | None] = []
         for job_id in job_ids:
             job = self._visible(job_id, owner)
             if job is None:
                 codes.append(JobNotFound.code)
-            elif job.state not in (JobState.PENDING, JobState.DELAYED):
+            elif job.state in FINAL_STATES:
                 codes.append(InvalidState.code)
             else:
                 queue = self._queues[job.queue]
                 if job.state is JobState.PENDING:
                     queue.pending_count -= 1  # the job stays in its FIFO; pop() skips it
+                elif job.state is JobState.LEASED:
+                    self._revoke(job, "cancelled")
+                    self._end_lease(job)
                 else:
                     queue.delayed_count -= 1
                     self._due_deadlines.cancel(job.id)
@@ -529,35 +565,42 @@ class Scheduler:
         """Complete leased jobs with their results: items of (job_id, token, result)."""
         codes: list[str | None] = []
         for job, (_, _, result) in self._fenced(session_id, items, codes):
+            started_at = self._start(job, now)
             self._end_lease(job)
             self._move(job, JobEvent.COMPLETE)
             job.result = result
             queue = self._queues[job.queue]
             queue.completed += 1
-            queue.run_times.observe(now - job.delivered_at)
+            queue.run_times.observe(now - started_at)
             self._finish(job, now)
         return codes
 
     def fail(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
-        """Fail leased jobs: items of (job_id, token, error type, error message). A job with
-        attempts left is retried after an exponential backoff, else buried."""
+        """Fail leased jobs: items of (job_id, token, error type, error message[, traceback]).
+        A job with attempts left is retried after an exponential backoff, else buried."""
         codes: list[str | None] = []
-        for job, (_, _, error_type, message) in self._fenced(session_id, items, codes):
+        for job, item in self._fenced(session_id, items, codes):
+            self._start(job, now)
             self._end_lease(job)
-            job.error = {"type": error_type[:200], "message": message[:2000]}
-            self._queues[job.queue].failed += 1
-            if job.attempts >= job.max_attempts:
-                self._bury(job, now)
-            else:
-                self._retry(job, now)
+            job.error = _error(item[2], item[3], item[4] if len(item) > 4 else None)
+            self._failed(job, now)
+        return codes
+
+    def started(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
+        """The worker began running delivered jobs: items of (job_id, token). Their attempt
+        counts from now, and their time limit runs from now."""
+        codes: list[str | None] = []
+        for job, _ in self._fenced(session_id, items, codes):
+            self._start(job, now)
         return codes
 
     def touch(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
-        """Extend leases: items of (job_id, token, seconds); 0 seconds means the job's own lease."""
+        """Check that leases are still held: items of (job_id, token, seconds). Leases follow
+        the session, so there is nothing to extend (the seconds are ignored); the answer says
+        which jobs this session no longer holds."""
         codes: list[str | None] = []
-        for job, (_, _, seconds) in self._fenced(session_id, items, codes):
-            extension = seconds if 0 < seconds <= 86400 * 7 else job.lease_seconds
-            self._lease_deadlines.add(job.id, now + extension)
+        for _ in self._fenced(session_id, items, codes):
+            pass
         return codes
 
     def progress(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
@@ -566,6 +609,7 @@ class Scheduler:
         codes: list[str | None] = []
         progress = self._outbox.progress
         for job, (_, _, fraction, message) in self._fenced(session_id, items, codes):
+            self._start(job, now)  # a report comes from a running handler
             fraction = min(1.0, max(0.0, fraction)) if fraction == fraction else 0.0  # NaN: 0
             job.progress = (fraction, message[:200])
             for watcher in job.watchers or ():
@@ -574,12 +618,13 @@ class Scheduler:
         return codes
 
     def release(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
-        """Hand leased jobs back unrun (a worker shutting down): requeued at the front, the
-        attempt not counted."""
+        """Hand leased jobs back (a worker shutting down, or one whose handler slots are stuck):
+        requeued at the front, the attempt not counted even if it had started."""
         codes: list[str | None] = []
         for job, _ in self._fenced(session_id, items, codes):
+            if job.started_at is not None:
+                job.attempts -= 1
             self._end_lease(job)
-            job.attempts -= 1
             self._move(job, JobEvent.REQUEUE)
             self._queues[job.queue].push(job, front=True)
             self._ready[job.queue] = None
@@ -744,7 +789,7 @@ class Scheduler:
         candidates = [
             d
             for d in (
-                self._lease_deadlines.next_deadline(),
+                self._run_deadlines.next_deadline(),
                 self._due_deadlines.next_deadline(),
                 self._expiry_deadlines.next_deadline(),
                 self._session_deadlines.next_deadline(),
@@ -762,15 +807,18 @@ class Scheduler:
             queue.delayed_count -= 1
             queue.push(job)
             self._ready[job.queue] = None
-        for job_id in self._lease_deadlines.expire(now):
+        for job_id in self._run_deadlines.expire(now):
             job = self._jobs[job_id]
-            session = self._sessions.get(job.worker) if job.worker is not None else None
-            if session is not None:
-                del session.leased[job_id]
-                self._offer_credit(session)
             holder = job.worker
-            buried = self._lose_lease(job, now, "lease expired")
-            self._outbox.notices.append(LeaseExpired(job_id, job.queue, holder, buried))
+            limit = job.timeout
+            self._revoke(job, "time limit")
+            self._end_lease(job)
+            job.error = _error(
+                "TimeLimitExceeded",
+                f"attempt {job.attempts} ran over its time limit of {limit:g} s and was taken back by the broker",
+            )
+            buried = self._failed(job, now)
+            self._outbox.notices.append(TimeLimitHit(job_id, job.queue, holder, buried))
         for job_id in self._expiry_deadlines.expire(now):
             self._forget(self._jobs[job_id])
         for session_id in self._session_deadlines.expire(now):
@@ -789,10 +837,11 @@ class Scheduler:
         if now - self._last_rate_sample >= _RATE_SAMPLE_EVERY:
             self._sample_rates(now)
         outbox = self._outbox
-        if not (outbox.deliveries or outbox.results or outbox.progress or outbox.notices):
+        if not (outbox.deliveries or outbox.results or outbox.progress or outbox.revoked or outbox.notices):
             return []
         self._outbox = _Outbox()
         effects: list[Effect] = list(outbox.notices)
+        effects.extend(Revoke(s, items) for s, items in outbox.revoked.items())
         effects.extend(Deliver(s, jobs) for s, jobs in outbox.deliveries.items())
         effects.extend(ProgressReady(s, items) for s, items in outbox.progress.items())
         effects.extend(ResultsReady(s, items) for s, items in outbox.results.items())
@@ -827,6 +876,7 @@ class Scheduler:
                 self._keys[(job.owner, job.queue, job.key)] = job.id
             if job.state is JobState.LEASED:
                 job.worker = None
+                job.started_at = now  # stored leased: its attempt was counted
                 queue.leased_count += 1  # _lose_lease takes it off again
                 self._lose_lease(job, now, "broker restarted")
             elif job.state is JobState.PENDING:
@@ -893,20 +943,20 @@ class Scheduler:
                     waiters.appendleft(session)
                     break
                 # Not a change for the store: a lease lives in memory only. After a crash the
-                # job is pending again on disk and goes out anew, this attempt uncounted.
+                # job is pending again on disk and goes out anew, this attempt uncounted. The
+                # attempt counts when the worker starts the job (started()), not here.
                 transition(job, JobEvent.DELIVER)
-                job.attempts += 1
                 job.delivered_at = now
+                job.started_at = None
                 job.token = self._next_token
                 self._next_token += 1
                 job.worker = session.id
                 session.leased[job.id] = job
                 queue.leased_count += 1
-                self._lease_deadlines.add(job.id, now + job.lease_seconds)
                 batch = deliveries.get(session.id)
                 if batch is None:
                     batch = deliveries[session.id] = []
-                batch.append([job.id, job.token, name, job.payload, job.attempts, job.lease_seconds])
+                batch.append([job.id, job.token, name, job.payload, job.attempts + 1, job.lease_seconds, job.timeout])
                 if session.credit > 0:
                     waiters.append(session)
                 else:
@@ -922,9 +972,35 @@ class Scheduler:
                 self._queues[name].waiters.append(session)
             self._ready[name] = None
 
+    def _start(self, job: Job, now: float) -> float:
+        """The worker began the job (said so, or answered for it): count the attempt and start
+        its time limit. Idempotent per delivery. Returns when it started."""
+        started_at = job.started_at
+        if started_at is None:
+            started_at = job.started_at = now
+            job.attempts += 1
+            if job.timeout is not None:
+                self._run_deadlines.add(job.id, now + job.timeout + self.time_limit_grace)
+        return started_at
+
+    def _revoke(self, job: Job, reason: str) -> None:
+        """Tell the session holding `job` that it holds it no more (it may still be running it)."""
+        if job.worker is not None and job.worker in self._sessions:
+            self._outbox.revoked.setdefault(job.worker, []).append([job.id, job.token, reason])
+
+    def _failed(self, job: Job, now: float) -> bool:
+        """An attempt failed (job.error says how): retry after a backoff, or bury the job if it
+        was its last attempt. Returns True if buried."""
+        self._queues[job.queue].failed += 1
+        if job.attempts >= job.max_attempts:
+            self._bury(job, now)
+            return True
+        self._retry(job, now)
+        return False
+
     def _end_lease(self, job: Job) -> None:
-        """The worker is done with the job (completed, failed or handed back)."""
-        self._lease_deadlines.cancel(job.id)
+        """The worker is done with the job (completed, failed, handed back, or taken from it)."""
+        self._run_deadlines.cancel(job.id)
         self._queues[job.queue].leased_count -= 1
         session = self._sessions.get(job.worker) if job.worker is not None else None
         job.worker = None
@@ -933,14 +1009,22 @@ class Scheduler:
             self._offer_credit(session)
 
     def _lose_lease(self, job: Job, now: float, reason: str) -> bool:
-        """The lease ended without an answer. Requeue at the front, or bury when the job has
-        used every attempt (so a job that kills its workers cannot loop forever). Returns
-        True if buried."""
-        self._lease_deadlines.cancel(job.id)
+        """The lease ended without an answer (the worker's session ended). Requeue at the
+        front, or bury when the job has used every attempt (so a job that kills its workers
+        cannot loop forever). A job that had not started uses no attempt, unless jobs like it
+        keep dying with their workers before they can say they started: after max_attempts
+        such losses they count too. Returns True if buried."""
+        self._run_deadlines.cancel(job.id)
         self._queues[job.queue].leased_count -= 1
         job.worker = None
-        if job.attempts >= job.max_attempts:
-            job.error = {"type": "LeaseLost", "message": f"{reason} on attempt {job.attempts} of {job.max_attempts}"}
+        counted = job.started_at is not None
+        if not counted:
+            job.unstarted_losses += 1
+            if job.unstarted_losses > job.max_attempts:
+                job.attempts += 1
+                counted = True
+        if counted and job.attempts >= job.max_attempts:
+            job.error = _error("LeaseLost", f"{reason} on attempt {job.attempts} of {job.max_attempts}")
             self._bury(job, now)
             return True
         self._move(job, JobEvent.REQUEUE)
@@ -999,6 +1083,26 @@ def _check_queue_name(name: str) -> None:
         )
 
 
+MAX_ERROR_MESSAGE = 2000
+MAX_TRACEBACK = 8192  # characters of a failure's traceback kept (the last ones: the raise site)
+
+
+def _error(error_type: str, message: str, traceback: str | None = None) -> dict[str, str]:
+    """A failure as stored and reported: type, message and, when the worker sent one, the
+    formatted traceback, each bounded (a cut says so)."""
+    error = {"type": error_type[:200], "message": _cut(message, MAX_ERROR_MESSAGE, keep_end=False)}
+    if traceback:
+        error["traceback"] = _cut(traceback, MAX_TRACEBACK, keep_end=True)
+    return error
+
+
+def _cut(text: str, limit: int, *, keep_end: bool) -> str:
+    if len(text) <= limit:
+        return text
+    marker = f"[... {len(text) - limit} characters cut ...]"
+    return marker + "\n" + text[-limit:] if keep_end else text[:limit] + " " + marker
+
+
 def _outcome(job: Job) -> list[Any]:
     if job.state is JobState.DONE:
         return [job.id, "done", job.result]
@@ -1011,7 +1115,9 @@ def _shown_leases(session: _Session) -> list[Job]:
     """The leases worth showing of a worker that may hold thousands: those reporting progress,
     then the longest running."""
     return heapq.nsmallest(
-        WORKER_JOBS_SHOWN, session.leased.values(), key=lambda j: (j.progress is None, j.delivered_at)
+        WORKER_JOBS_SHOWN,
+        session.leased.values(),
+        key=lambda j: (j.started_at is None, j.progress is None, j.started_at or j.delivered_at),
     )
 
 
@@ -1020,7 +1126,8 @@ def _running(job: Job, now: float) -> dict[str, Any]:
         "id": job.id,
         "queue": job.queue,
         "attempts": job.attempts,
-        "running_seconds": round(now - job.delivered_at, 3),
+        "started": job.started_at is not None,  # else waiting in the worker's prefetch buffer
+        "running_seconds": 0.0 if job.started_at is None else round(now - job.started_at, 3),
         "progress": _progress(job),
     }
 
@@ -1038,6 +1145,8 @@ def _describe(job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "lease": job.lease_seconds,
+        "timeout": job.timeout,
+        "started": job.started_at is not None,
         "payload": job.payload,
         "result": job.result,
         "error": job.error,

@@ -92,6 +92,16 @@ function deadRow(job) {
   const pre = document.createElement("pre");
   pre.textContent = job.error ? `${job.error.type}: ${job.error.message}` : "";
   error.append(pre);
+  if (job.error && job.error.traceback) {
+    const details = document.createElement("details");
+    const summary = document.createElement("summary");
+    summary.textContent = "traceback";
+    const trace = document.createElement("pre");
+    trace.className = "traceback";
+    trace.textContent = job.error.traceback;
+    details.append(summary, trace);
+    error.append(details);
+  }
   tr.append(cell(job.queue, "queue"), cell(job.id, "id"), cell(`${job.attempts}/${job.max_attempts}`, "attempts"), error);
   return tr;
 }

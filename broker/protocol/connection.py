@@ -39,6 +39,8 @@ from broker.protocol.messages import (
     Reply,
     Request,
     Results,
+    Revoked,
+    Started,
     Welcome,
     decode,
     encode,
@@ -72,8 +74,8 @@ _HANDSHAKE: dict[tuple[Role, State, str], State] = {
 
 def _accepts_when_open(role: Role, message: Message) -> bool:
     if role is Role.SERVER:
-        return isinstance(message, Request | Heartbeat)
-    return isinstance(message, Reply | ErrorReply | Deliver | Results | Progressed | Heartbeat)
+        return isinstance(message, Request | Heartbeat | Started)
+    return isinstance(message, Reply | ErrorReply | Deliver | Results | Progressed | Revoked | Heartbeat)
 
 
 @dataclass(frozen=True, slots=True)

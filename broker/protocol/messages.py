@@ -43,6 +43,8 @@ __all__ = [
     "Request",
     "Reserve",
     "Results",
+    "Revoked",
+    "Started",
     "Stats",
     "Submit",
     "Touch",
@@ -52,12 +54,17 @@ __all__ = [
     "encode",
 ]
 
-# Per-item layouts of the batch messages; msgpack carries them as arrays.
+# Per-item layouts of the batch messages; msgpack carries them as arrays. A trailing column
+# typed `X | None` is optional: a row may stop before it (older peers) or carry nil.
 CompleteItem = tuple[int, int, Any]  # job_id, lease token, result
-FailItem = tuple[int, int, str, str]  # job_id, lease token, error type, error message
+# job_id, lease token, error type, error message, formatted traceback (optional)
+FailItem = tuple[int, int, str, str, str | None]
 TouchItem = tuple[int, int, float]  # job_id, lease token, new lease in seconds (0: the job's own)
 ReleaseItem = tuple[int, int]  # job_id, lease token
-DeliveryItem = tuple[int, int, str, Any, int, float]  # job_id, token, queue, payload, attempt, lease
+StartedItem = tuple[int, int]  # job_id, lease token
+RevokedItem = tuple[int, int, str]  # job_id, lease token, why the worker no longer holds it
+# job_id, token, queue, payload, attempt, lease, run-time limit in seconds (nil: none)
+DeliveryItem = tuple[int, int, str, Any, int, float, float | None]
 ResultItem = tuple[int, str, Any]  # job_id, final state, result or error
 ProgressItem = tuple[int, int, float, str]  # job_id, lease token, fraction done (0..1), message
 ProgressedItem = tuple[int, float, str]  # job_id, fraction done, message
@@ -120,6 +127,19 @@ class Heartbeat(Message):
     op: ClassVar[str] = "heartbeat"
 
 
+# --- notices: worker to broker, no id and no reply ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Started(Message):
+    """The worker began running these delivered jobs (docs/protocol.md, "Attempts"): their
+    attempt counts from here. Batched per loop turn; a job completed or failed in the same
+    turn needs none (the answer implies the start)."""
+
+    op: ClassVar[str] = "started"
+    items: list[StartedItem]
+
+
 # --- requests ---------------------------------------------------------------------------
 
 
@@ -136,6 +156,7 @@ class Submit(Request):
     backoff: float | None = None
     keys: list[str | None] | None = None
     watch: bool = False
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +289,15 @@ class Deliver(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Revoked(Message):
+    """Jobs this worker held that the broker took back (cancelled, over their time limit):
+    stop running them; an answer for them would be refused."""
+
+    op: ClassVar[str] = "revoked"
+    items: list[RevokedItem]
+
+
+@dataclass(frozen=True, slots=True)
 class Results(Message):
     op: ClassVar[str] = "results"
     items: list[ResultItem]
@@ -289,6 +319,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Authenticate,
         Welcome,
         Heartbeat,
+        Started,
         Submit,
         Reserve,
         Complete,
@@ -307,6 +338,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ErrorReply,
         Deliver,
         Results,
+        Revoked,
         Progress,
         Progressed,
     )
@@ -401,25 +433,43 @@ def _plain_list_checker(kind: type) -> Checker:
 
 
 def _rows_checker(columns: tuple[Any, ...]) -> Checker:
-    """list[tuple[...]]: an array of arrays of len(columns), each column int, str, float or Any."""
+    """list[tuple[...]]: an array of arrays, one item per column, each column int, str, float or
+    Any; trailing columns typed `X | None` may be missing or nil."""
+    kinds: list[Any] = []
+    optional: list[bool] = []
+    for column in columns:
+        if typing.get_origin(column) in (types.UnionType, typing.Union):
+            kinds.append(next(a for a in typing.get_args(column) if a is not type(None)))
+            optional.append(True)
+        else:
+            kinds.append(column)
+            optional.append(False)
     size = len(columns)
-    typed = [(index, kind) for index, kind in enumerate(columns) if kind is not Any]
-    if any(kind not in (int, str, float) for _, kind in typed):
+    minimum = size
+    while minimum and optional[minimum - 1]:
+        minimum -= 1
+    if not all(optional[minimum:]) or any(optional[:minimum]):
+        raise TypeError(f"optional columns must come last: {columns!r}")
+    typed = [(index, kind, optional[index]) for index, kind in enumerate(kinds) if kind is not Any]
+    if any(kind not in (int, str, float) for _, kind, _ in typed):
         raise TypeError(f"no row checker for {columns!r}")
-    shape = f"an array of arrays of {size}"
+    shape = f"an array of arrays of {size}" if minimum == size else f"an array of arrays of {minimum} to {size}"
 
     def check_rows(value: Any) -> list[Any]:
         if type(value) is not list:
             raise _Invalid(shape)
         for row in value:
-            if type(row) is not list or len(row) != size:
+            if type(row) is not list or not minimum <= len(row) <= size:
                 raise _Invalid(shape)
-            for index, kind in typed:
+            length = len(row)
+            for index, kind, may_be_nil in typed:
+                if index >= length:
+                    break
                 item = row[index]
                 if type(item) is not kind:
                     if kind is float and type(item) is int:
                         row[index] = float(item)
-                    else:
+                    elif not (may_be_nil and item is None):
                         raise _Invalid(f"{shape} with {kind.__name__} at position {index}")
         return value
 

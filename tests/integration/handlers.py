@@ -37,3 +37,60 @@ def halfway(payload: Any) -> Any:
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.05)
     return payload
+
+
+async def async_sleepy_square(n: int) -> int:
+    """square(), as a coroutine: sleeps $HANDLER_SLEEP seconds first."""
+    import asyncio
+
+    await asyncio.sleep(float(os.environ.get("HANDLER_SLEEP", "0")))
+    return n * n
+
+
+def sleepy_square_told(n: int) -> int:
+    """Works $HANDLER_SLEEP seconds in steps of 0.1 s (of running time: a frozen process does
+    not advance), stopping early once its lease is lost, then appends "job attempt lease_lost"
+    to $HANDLER_LOG."""
+    from client import current_job
+
+    job = current_job()
+    for _ in range(int(float(os.environ.get("HANDLER_SLEEP", "0")) * 10)):
+        if job.lease_lost:
+            break
+        time.sleep(0.1)
+    with open(os.environ["HANDLER_LOG"], "a") as log:
+        log.write(f"{job.id} {job.attempt} lease_lost={job.lease_lost}\n")
+    return n * n
+
+
+def runaway_once(path: str) -> str:
+    """The first attempt writes its pid to `path` and runs away (60 s); later ones return."""
+    if os.path.exists(path):
+        return "second attempt"
+    with open(path, "w") as marker:
+        marker.write(str(os.getpid()))
+    time.sleep(60)
+    return "the runaway finished"
+
+
+async def async_runaway_once(path: str) -> str:
+    import asyncio
+
+    if os.path.exists(path):
+        return "second attempt"
+    with open(path, "w") as marker:
+        marker.write(str(os.getpid()))
+    await asyncio.sleep(60)
+    return "the runaway finished"
+
+
+async def async_forever(payload: Any) -> None:
+    """Runs until cancelled; writes "cancelled" to $HANDLER_LOG when it is."""
+    import asyncio
+
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        with open(os.environ["HANDLER_LOG"], "a") as log:
+            log.write(f"cancelled {payload}\n")
+        raise

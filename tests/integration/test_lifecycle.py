@@ -105,7 +105,11 @@ async def test_retries_then_dead_letter_then_requeue(
     job_id = await client.submit("fragile", {"n": 1}, max_attempts=3, backoff=0.05)
     with pytest.raises(JobDead) as info:
         await client.result(job_id, timeout=20 * TIME_UNIT)
-    assert info.value.error == {"type": "ValueError", "message": "cannot handle {'n': 1}"}
+    assert {k: info.value.error[k] for k in ("type", "message")} == {
+        "type": "ValueError",
+        "message": "cannot handle {'n': 1}",
+    }
+    assert "in fail_always" in info.value.error["traceback"]
     (dead,) = await client.dead_letters("fragile")
     assert dead["id"] == job_id and dead["attempts"] == 3 and dead["payload"] == {"n": 1}
     assert await client.requeue_dead("fragile") == 1
@@ -125,8 +129,8 @@ async def test_priority_order_and_delay(broker: BrokerProcess, client: Client) -
         seen.append(payload)
         return payload
 
+    submitted_at = time.monotonic()  # before: the delay runs from the broker's receipt
     delayed = await client.submit("ordered", "delayed-but-urgent", priority=100, delay=0.5)
-    submitted_at = time.monotonic()
     await client.submit("ordered", "low-1", priority=0)
     await client.submit("ordered", "high", priority=10)
     await client.submit("ordered", "low-2", priority=0)

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from broker.protocol.framing import FrameDecoder, encode_frame
-from broker.protocol.messages import Complete, Deliver, ErrorReply, Reserve, Results, Submit, decode
+from broker.protocol.messages import Complete, Deliver, ErrorReply, Reserve, Results, Revoked, Started, Submit, decode
 from client import AuthenticationFailed, Client
 from client.connection import Connection, parse_address
 from tests.helpers import SECRET, TIME_UNIT
@@ -81,36 +81,48 @@ async def test_malformed_request_after_auth_is_answered_and_the_connection_lives
         connection.close()
 
 
-async def test_stale_completion_after_requeue_is_refused(broker: BrokerProcess, client: Client) -> None:
+async def test_stale_completion_after_the_broker_takes_a_job_back_is_refused(
+    broker: BrokerProcess, client: Client
+) -> None:
+    """A worker that ignores its job's time limit: past the limit and the worker's grace, the
+    broker tells it (revoked), retries the job elsewhere and refuses the stale answer."""
     host, port = parse_address(broker.address)
     first_deliveries: list[list[Any]] = []
     second_deliveries: list[list[Any]] = []
+    revoked: list[list[Any]] = []
     delivered = asyncio.Event()
 
     def collect(into: list[list[Any]]) -> Any:
-        def on_push(message: Deliver | Results) -> None:
+        def on_push(message: Deliver | Results | Revoked) -> None:
             if isinstance(message, Deliver):
                 into.extend(message.jobs)
                 delivered.set()
+            elif isinstance(message, Revoked):
+                revoked.extend(message.items)
 
         return on_push
 
     stale = await Connection.open(host, port, SECRET, on_push=collect(first_deliveries))
     fresh = await Connection.open(host, port, SECRET, on_push=collect(second_deliveries))
     try:
-        job_id = await client.submit("fenced", 21, lease=0.3)
+        job_id = await client.submit("fenced", 21, timeout=0.3, backoff=0.0)
         await stale.request(Reserve, queues=["fenced"], prefetch=1)
         await asyncio.wait_for(delivered.wait(), 5 * TIME_UNIT)
         delivered.clear()
+        ((_, token, _, _, attempt, _, limit),) = first_deliveries
+        assert (attempt, limit) == (1, 0.3)
+        stale.send(Started(items=[[job_id, token]]))
         await stale.request(Reserve, queues=["fenced"], prefetch=0)  # take nothing more
         await fresh.request(Reserve, queues=["fenced"], prefetch=1)
-        await asyncio.wait_for(delivered.wait(), 5 * TIME_UNIT)  # the lease expires; `fresh` gets the job
-        (old,), (new,) = first_deliveries, second_deliveries
-        assert old[0] == new[0] == job_id and new[1] != old[1] and new[4] == 2
-        refused = await stale.request(Complete, items=[[job_id, old[1], "stale"]])
+        await asyncio.wait_for(delivered.wait(), 10 * TIME_UNIT)  # taken back; `fresh` gets the job
+        (new,) = second_deliveries
+        assert new[0] == job_id and new[1] != token and new[4] == 2
+        assert revoked == [[job_id, token, "time limit"]]
+        refused = await stale.request(Complete, items=[[job_id, token, "stale"]])
         assert refused == {"refused": [[0, "lease_lost"]]}
         assert await fresh.request(Complete, items=[[job_id, new[1], 441]]) == {"refused": []}
         assert await client.result(job_id, timeout=5) == 441
+        assert (await client.job(job_id))["error"]["type"] == "TimeLimitExceeded"
     finally:
         stale.close()
         fresh.close()

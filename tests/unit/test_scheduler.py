@@ -11,12 +11,13 @@ from broker.core.scheduler import (
     WORKER_JOBS_SHOWN,
     Deliver,
     JobBuried,
-    LeaseExpired,
     ProgressReady,
     ResultsReady,
+    Revoke,
     Scheduler,
     SchedulerConfig,
     SessionExpired,
+    TimeLimitHit,
     WorkerLost,
 )
 from broker.errors import InvalidRequest, JobNotFound, QueueFull
@@ -90,28 +91,85 @@ def test_round_robin_across_waiting_workers() -> None:
     assert len(delivered[WORKER_A]) == 3 and len(delivered[WORKER_B]) == 3
 
 
-def test_delivery_carries_lease_token_attempt_and_payload() -> None:
+def test_delivery_carries_lease_token_attempt_payload_and_time_limit() -> None:
     h = Harness()
-    (job_id,) = h.submit([{"n": 7}], lease=12.0)
+    (job_id,) = h.submit([{"n": 7}], lease=12.0, timeout=60.0)
     h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
-    ((delivered_id, token, queue, payload, attempt, lease),) = h.deliveries()[WORKER_A]
-    assert (delivered_id, queue, payload, attempt, lease) == (job_id, "q", {"n": 7}, 1, 12.0)
+    ((delivered_id, token, queue, payload, attempt, lease, timeout),) = h.deliveries()[WORKER_A]
+    assert (delivered_id, queue, payload, attempt, lease, timeout) == (job_id, "q", {"n": 7}, 1, 12.0, 60.0)
     assert token > 0
 
 
-def test_expired_lease_requeues_and_fences_the_stale_worker() -> None:
+def test_a_live_worker_keeps_its_jobs_however_long_they_run() -> None:
+    h = Harness(heartbeat=1.0)
+    (job_id,) = h.submit(["x"], lease=1.0)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    h.scheduler.started(WORKER_A, [[job_id, token]], h.now)
+    for _ in range(100):  # 100 s of a 1 s lease, the worker heartbeating
+        assert h.jump(1.0) == []
+    assert h.scheduler.job_info(job_id)["state"] == "leased"
+    assert h.scheduler.complete(WORKER_A, [[job_id, token, "r"]], h.now) == [None]
+    info = h.scheduler.job_info(job_id)
+    assert info["state"] == "done" and info["attempts"] == 1
+
+
+def test_an_attempt_counts_from_its_start_not_its_delivery() -> None:
     h = Harness()
-    (job_id,) = h.submit(["x"], lease=10.0)
+    first, second = h.submit(["a", "b"])
+    h.scheduler.reserve(WORKER_A, ["q"], 2, h.now)
+    delivered = h.deliveries()[WORKER_A]
+    assert [d[4] for d in delivered] == [1, 1]  # the attempt each will be if it starts
+    assert h.scheduler.started(WORKER_A, [[first, delivered[0][1]]], h.now) == [None]
+    assert h.scheduler.job_info(first)["attempts"] == 1
+    assert h.scheduler.job_info(second)["attempts"] == 0  # buffered: nothing used
+    (worker,) = h.scheduler.stats(h.now)["workers"]
+    assert [(r["id"], r["started"]) for r in worker["running"]] == [(first, True), (second, False)]
+    # A worker dying with the buffered job does not spend its attempt; the started one is spent.
+    h.scheduler.close_session(WORKER_A, h.now)
+    assert h.scheduler.job_info(first)["attempts"] == 1
+    assert h.scheduler.job_info(second)["attempts"] == 0
+    h.scheduler.reserve(WORKER_B, ["q"], 2, h.now)
+    assert sorted((d[0], d[4]) for d in h.deliveries()[WORKER_B]) == [(first, 2), (second, 1)]
+
+
+def test_an_answer_implies_the_start() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"])
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    assert h.scheduler.fail(WORKER_A, [[job_id, token, "E", "m"]], h.now) == [None]
+    assert h.scheduler.job_info(job_id)["attempts"] == 1
+
+
+def test_time_limit_is_the_brokers_backstop_after_the_workers_grace() -> None:
+    h = Harness(heartbeat=1.0)
+    (job_id,) = h.submit(["x"], timeout=10.0, max_attempts=2, backoff=0.0)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    h.jump(5.0)  # waiting in the buffer: the limit has not started
+    h.scheduler.started(WORKER_A, [[job_id, token]], h.now)
+    grace = h.scheduler.time_limit_grace
+    assert h.jump(10.0 + grace - 0.1) == []  # the worker has until then to end it itself
+    effects = h.jump(0.1)
+    assert TimeLimitHit(job_id, "q", WORKER_A, False) in effects
+    assert Revoke(WORKER_A, [[job_id, token, "time limit"]]) in effects
+    info = h.scheduler.job_info(job_id)
+    assert info["error"]["type"] == "TimeLimitExceeded" and info["attempts"] == 1
+    assert h.scheduler.complete(WORKER_A, [[job_id, token, "late"]], h.now) == ["lease_lost"]
+
+
+def test_a_stale_worker_is_fenced_after_its_session_dies() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"])
     h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
     stale_token = h.deliveries()[WORKER_A][0][1]
-    h.scheduler.reserve(WORKER_A, ["q"], 0, h.now)  # A takes no more; B waits
+    h.scheduler.started(WORKER_A, [[job_id, stale_token]], h.now)
+    h.scheduler.close_session(WORKER_A, h.now)
+    h.scheduler.open_session(WORKER_A, h.now)  # the same worker, reconnected: a new session
     h.scheduler.reserve(WORKER_B, ["q"], 1, h.now)
-    assert h.flush() == []
-    effects = h.jump(10.0)
-    assert LeaseExpired(job_id, "q", WORKER_A, False) in effects
-    (deliver,) = [e for e in effects if isinstance(e, Deliver)]
-    ((fresh_id, fresh_token, _, _, attempt, _),) = deliver.jobs
-    assert deliver.session == WORKER_B and fresh_id == job_id and attempt == 2 and fresh_token != stale_token
+    ((fresh_id, fresh_token, _, _, attempt, _, _),) = h.deliveries()[WORKER_B]
+    assert fresh_id == job_id and attempt == 2 and fresh_token != stale_token
     assert h.scheduler.complete(WORKER_A, [[job_id, stale_token, "old"]], h.now) == ["lease_lost"]
     assert h.scheduler.fail(WORKER_A, [[job_id, stale_token, "E", "old"]], h.now) == ["lease_lost"]
     assert h.scheduler.complete(WORKER_A, [[job_id, fresh_token, "stolen token"]], h.now) == ["lease_lost"]
@@ -120,16 +178,28 @@ def test_expired_lease_requeues_and_fences_the_stale_worker() -> None:
     assert h.scheduler.complete(WORKER_B, [[job_id, fresh_token, "again"]], h.now) == ["lease_lost"]
 
 
-def test_touch_extends_the_lease() -> None:
+def test_touch_only_checks_the_lease() -> None:
     h = Harness()
     (job_id,) = h.submit(["x"], lease=10.0)
     h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
     token = h.deliveries()[WORKER_A][0][1]
-    h.jump(8.0)
-    assert h.scheduler.touch(WORKER_A, [[job_id, token, 10.0]], h.now) == [None]
-    assert not any(isinstance(e, LeaseExpired) for e in h.jump(8.0))
-    assert h.scheduler.job_info(job_id)["state"] == "leased"
-    assert any(isinstance(e, LeaseExpired) for e in h.jump(2.0))
+    assert h.scheduler.touch(WORKER_A, [[job_id, token, 10.0], [job_id, token + 1, 0.0]], h.now) == [
+        None,
+        "lease_lost",
+    ]
+
+
+def test_failure_keeps_a_bounded_traceback() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"], max_attempts=1)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    trace = "Traceback (most recent call last):\n" + "  frame\n" * 5000 + "ValueError: boom\n"
+    h.scheduler.fail(WORKER_A, [[job_id, token, "ValueError", "boom", trace]], h.now)
+    error = h.scheduler.job_info(job_id)["error"]
+    assert error["type"] == "ValueError" and error["message"] == "boom"
+    assert len(error["traceback"]) < 8300 and error["traceback"].endswith("ValueError: boom\n")
+    assert error["traceback"].startswith("[... ") and "characters cut" in error["traceback"]
 
 
 def test_failures_retry_with_exponential_backoff_then_go_dead() -> None:
@@ -140,7 +210,7 @@ def test_failures_retry_with_exponential_backoff_then_go_dead() -> None:
     waits = []
     delivered = h.deliveries()[WORKER_A]
     for attempt in (1, 2, 3):
-        ((_, token, _, _, delivered_attempt, _),) = delivered
+        ((_, token, _, _, delivered_attempt, _, _),) = delivered
         assert delivered_attempt == attempt
         assert h.scheduler.fail(WORKER_A, [[job_id, token, "ValueError", f"bad {attempt}"]], h.now) == [None]
         effects = h.flush()
@@ -169,7 +239,7 @@ def test_dead_outcome_reaches_watchers_and_dead_jobs_can_be_requeued() -> None:
     (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
     assert results.items == [[job_id, "dead", {"type": "E", "message": "m"}]]
     assert h.scheduler.dead_requeue("q", None, h.now) == [job_id]
-    ((again_id, _, _, _, attempt, _),) = h.deliveries()[WORKER_A]
+    ((again_id, _, _, _, attempt, _, _),) = h.deliveries()[WORKER_A]
     assert again_id == job_id and attempt == 1 and h.stats()["dead"] == 0
 
 
@@ -212,11 +282,25 @@ def test_a_job_that_keeps_losing_its_worker_goes_dead_instead_of_looping() -> No
     (job_id,) = h.submit(["poison"], max_attempts=2)
     for _ in range(2):
         h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
-        assert ids(h.deliveries()[WORKER_A]) == [job_id]
+        ((_, token, *_),) = h.deliveries()[WORKER_A]
+        h.scheduler.started(WORKER_A, [[job_id, token]], h.now)
         h.scheduler.close_session(WORKER_A, h.now)
         h.scheduler.open_session(WORKER_A, h.now)
     info = h.scheduler.job_info(job_id)
     assert info["state"] == "dead" and info["error"]["type"] == "LeaseLost"
+
+
+def test_a_job_whose_workers_die_before_saying_it_started_still_goes_dead() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["kills its worker at once"], max_attempts=2)
+    losses = 0
+    while h.scheduler.job_info(job_id)["state"] != "dead":
+        h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+        assert ids(h.deliveries()[WORKER_A]) == [job_id]
+        h.scheduler.close_session(WORKER_A, h.now)
+        h.scheduler.open_session(WORKER_A, h.now)
+        losses += 1
+    assert losses == 4  # max_attempts losses free, then max_attempts counted
 
 
 def test_release_hands_back_without_counting_the_attempt() -> None:
@@ -227,7 +311,7 @@ def test_release_hands_back_without_counting_the_attempt() -> None:
     h.scheduler.reserve(WORKER_A, ["q"], 0, h.now)
     assert h.scheduler.release(WORKER_A, [[first, token]], h.now) == [None]
     h.scheduler.reserve(WORKER_B, ["q"], 1, h.now)
-    ((job_id, _, _, _, attempt, _),) = h.deliveries()[WORKER_B]
+    ((job_id, _, _, _, attempt, _, _),) = h.deliveries()[WORKER_B]
     assert (job_id, attempt) == (first, 1)  # back at the front, attempt refunded
 
 
@@ -259,17 +343,21 @@ def test_queue_full_refuses_the_whole_batch() -> None:
     h.submit([3])
 
 
-def test_cancel_pending_and_delayed_but_not_leased() -> None:
+def test_cancel_pending_delayed_and_running_jobs() -> None:
     h = Harness()
-    pending, leased = h.submit(["p", "l"])
+    running, pending = h.submit(["r", "p"])
     (delayed,) = h.submit(["d"], delay=5.0)
     h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
-    assert ids(h.deliveries()[WORKER_A]) == [pending]
-    h.scheduler.watch(PRODUCER, [leased])
-    assert h.scheduler.cancel([leased, delayed, 999, pending], h.now) == [None, None, "not_found", "invalid_state"]
-    (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
-    assert results.items == [[leased, "cancelled", None]]
-    assert h.stats()["pending"] == 0 and h.stats()["delayed"] == 0
+    ((_, token, *_),) = h.deliveries()[WORKER_A]
+    h.scheduler.watch(PRODUCER, [pending])
+    assert h.scheduler.cancel([pending, delayed, 999, running], h.now) == [None, None, "not_found", None]
+    effects = h.flush()
+    assert Revoke(WORKER_A, [[running, token, "cancelled"]]) in effects
+    (results,) = [e for e in effects if isinstance(e, ResultsReady)]
+    assert results.items == [[pending, "cancelled", None]]
+    assert h.stats()["pending"] == 0 and h.stats()["delayed"] == 0 and h.stats()["in_flight"] == 0
+    assert h.scheduler.complete(WORKER_A, [[running, token, "late"]], h.now) == ["lease_lost"]
+    assert h.scheduler.cancel([running], h.now) == ["invalid_state"]  # finished already
     h.scheduler.reserve(WORKER_B, ["q"], 5, h.now)
     assert h.deliveries() == {}  # the cancelled job is skipped
     assert h.jump(10.0) == []
@@ -323,6 +411,8 @@ def test_stats_show_a_workers_running_jobs_progress_first_and_capped() -> None:
     h.submit(list(range(WORKER_JOBS_SHOWN + 5)))
     h.scheduler.reserve(WORKER_A, ["q"], WORKER_JOBS_SHOWN + 5, h.now)
     leased = h.deliveries()[WORKER_A]
+    for job_id, token, *_ in leased:
+        h.scheduler.started(WORKER_A, [[job_id, token]], h.now)
     h.clock.jump(4.0)
     last_id, last_token = leased[-1][0], leased[-1][1]
     h.scheduler.progress(WORKER_A, [[last_id, last_token, 0.25, "a quarter"]], h.now)
@@ -344,6 +434,7 @@ def test_stats_show_a_workers_running_jobs_progress_first_and_capped() -> None:
         {"delay": -1.0},
         {"max_attempts": 0},
         {"lease": 0.0},
+        {"timeout": 0.0},
         {"keys": ["only-one"]},
         {"keys": ["", None]},
     ],

@@ -27,8 +27,9 @@ def scheduler_with_history(clock: FakeClock) -> Scheduler:
     scheduler.cancel([7], now)
     scheduler.reserve(1, ["q"], 3, now)
     (deliver,) = [e for e in scheduler.flush(now) if isinstance(e, Deliver)]
-    (leased, _), (finished, finished_token), (killed, killed_token) = [(j[0], j[1]) for j in deliver.jobs]
+    (leased, leased_token), (finished, finished_token), (killed, killed_token) = [(j[0], j[1]) for j in deliver.jobs]
     assert leased == 4
+    scheduler.started(1, [[leased, leased_token]], now)
     scheduler.complete(1, [[finished, finished_token, {"answer": 42}]], now)
     scheduler.fail(1, [[killed, killed_token, "ValueError", "boom"]], now)
     scheduler.reserve(1, ["q"], 0, now)
@@ -181,7 +182,8 @@ def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_toge
     store = SqliteStore(tmp_path / "data")
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
     scheduler.reserve(2, ["q"], 40, clock.now())
-    scheduler.flush(clock.now())
+    (deliver,) = scheduler.flush(clock.now())
+    scheduler.started(2, [job[:2] for job in deliver.jobs], clock.now())  # counted from here
     assert not scheduler.take_changes()  # leases live in memory: a crash delivers the jobs again
     scheduler.close_session(2, clock.now())  # the worker is lost: 40 jobs requeued, attempt counted
     batch = serialize(scheduler.take_changes(), clock.now(), WALL)

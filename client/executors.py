@@ -1,0 +1,122 @@
+"""Where a worker's plain-function handlers run: one executor per runner slot.
+
+A slot of its own per runner is what lets the worker end one runaway attempt without touching
+the others: a process slot kills its process and starts a fresh one, a thread slot abandons
+its thread (Python cannot stop a thread) and takes a fresh one for the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import os
+import signal
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = ["InlineSlot", "ProcessSlot", "SharedSlot", "Slot", "ThreadSlot"]
+
+
+class Slot(Protocol):
+    """Runs one handler call at a time for one runner of the worker. The runner calls
+    abandon() whenever it stops awaiting run() early (time limit, lease lost, shutdown)."""
+
+    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
+        """The handler's return value; its exception propagates."""
+        ...
+
+    def abandon(self) -> None:
+        """Give up the call in progress (its time is up or its lease is gone); the next run()
+        must not wait for it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class InlineSlot:
+    """On the event loop itself: no hand-off cost, but a slow handler stops heartbeats and
+    cannot be interrupted."""
+
+    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
+        return handler(payload)
+
+    def abandon(self) -> None:
+        pass  # the call already returned: the loop was blocked while it ran
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadSlot:
+    """A thread of its own; current_job() works inside (the runner's context is copied)."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-worker")
+
+    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
+        call = functools.partial(contextvars.copy_context().run, handler, payload)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def abandon(self) -> None:
+        # The thread runs on until the handler returns (nothing can stop it); its result is
+        # ignored and the next job gets a fresh thread.
+        self._pool.shutdown(wait=False)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-worker")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ProcessSlot:
+    """A process of its own, killed and replaced when its call is abandoned or when it dies."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ProcessPoolExecutor(1)
+        self._pid: int | None = None
+
+    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            if self._pid is None:  # learnt once per process, so that abandon() can kill it
+                self._pid = await loop.run_in_executor(self._pool, os.getpid)
+            return await loop.run_in_executor(self._pool, handler, payload)
+        except concurrent.futures.process.BrokenProcessPool:
+            self._replace()  # the process died under the handler (crash, killed): a fresh one
+            raise
+
+    def abandon(self) -> None:
+        if self._pid is not None:
+            try:
+                os.kill(self._pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+            except ProcessLookupError:
+                pass
+        self._replace()
+
+    def _replace(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = concurrent.futures.ProcessPoolExecutor(1)
+        self._pid = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SharedSlot:
+    """An executor of the caller's, shared by every slot: an abandoned call runs on in it."""
+
+    def __init__(self, executor: concurrent.futures.Executor) -> None:
+        self._executor = executor
+
+    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
+        call = functools.partial(handler, payload)
+        if isinstance(self._executor, concurrent.futures.ThreadPoolExecutor):
+            call = functools.partial(contextvars.copy_context().run, call)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def abandon(self) -> None:
+        pass  # not ours to kill
+
+    def close(self) -> None:
+        pass  # the caller's to shut down

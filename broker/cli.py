@@ -164,7 +164,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks one)")
     serve.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, seconds (default 5)")
-    serve.add_argument("--lease", type=float, default=30.0, help="default job lease, seconds (default 30)")
+    serve.add_argument(
+        "--lease", type=float, default=30.0, help="kept for compatibility: leases follow the worker session (30)"
+    )
     serve.add_argument("--max-attempts", type=int, default=3, help="default deliveries before a job is dead (3)")
     serve.add_argument("--result-ttl", type=float, default=300.0, help="seconds results are kept (300)")
     serve.add_argument("--max-pending", type=int, default=1_000_000, help="waiting jobs per queue (1000000)")

@@ -1,12 +1,13 @@
 """Scale, on a broker in memory on 127.0.0.1:
 
 1. 1,000,000 pending small jobs: submit rate (batches of 10,000) and broker RSS.
-2. 1,000 connected idle workers for 20 s: the broker's CPU use (the cost of heartbeats).
+2. 1,000 connected idle workers for 20 s, each holding 10 started jobs (a long handler each):
+   the broker's CPU use (the cost of heartbeats and of holding the leases).
 3. A worker holding 10,000 leased jobs dies: (a) kill -9, the connection closes; (b) SIGSTOP,
    silent until it misses 3 heartbeats (interval 1 s here). Time until another worker has
    received all 10,000 again.
 
-    python benchmarks/scale.py [--pending 1000000] [--idle-workers 1000] [--leased 10000]
+    python benchmarks/scale.py [--pending 1000000] [--idle-workers 1000] [--held-per-worker 10] [--leased 10000]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import kill, rss_mib, run_async, start, start_broker, write_secret  # noqa: E402
 
-from broker.protocol.messages import Deliver, Reserve, Results  # noqa: E402
+from broker.protocol.messages import Deliver, Reserve, Results, Started  # noqa: E402
 from client import Client  # noqa: E402
 from client.connection import Connection, parse_address  # noqa: E402
 
@@ -63,11 +64,19 @@ async def pending(address: str, secret: bytes, jobs: int) -> float:
         return jobs / (time.perf_counter() - started)
 
 
-async def idle_workers(address: str, secret: bytes, count: int, broker_pid: int, seconds: float) -> float:
+async def idle_workers(address: str, secret: bytes, count: int, held: int, broker_pid: int, seconds: float) -> float:
+    """Workers that each hold `held` started jobs and send nothing but heartbeats."""
     host, port = parse_address(address)
-    connections = [await Connection.open(host, port, secret, client="idle") for _ in range(count)]
+    counters = [DeliveryCounter(held, keep=True) for _ in range(count)]
+    connections = [await Connection.open(host, port, secret, client="idle", on_push=c) for c in counters]
     try:
-        await asyncio.gather(*(c.request(Reserve, queues=["idle"], prefetch=1) for c in connections))
+        async with Client(address, secret=secret) as client:
+            for first in range(0, count * held, BATCH):
+                await client.submit_many("idle", range(first, min(count * held, first + BATCH)))
+        await asyncio.gather(*(c.request(Reserve, queues=["idle"], prefetch=held) for c in connections))
+        await asyncio.wait_for(asyncio.gather(*(c.all_here.wait() for c in counters)), 60)
+        for connection, counter in zip(connections, counters, strict=True):
+            connection.send(Started(items=[job[:2] for job in counter.jobs]))
         await asyncio.sleep(1)
         before = cpu_seconds(broker_pid)
         await asyncio.sleep(seconds)
@@ -80,14 +89,18 @@ async def idle_workers(address: str, secret: bytes, count: int, broker_pid: int,
 class DeliveryCounter:
     """An on_push callback that sets `all_here` once `count` jobs were delivered."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, keep: bool = False) -> None:
         self.count = count
+        self.keep = keep  # keep the delivered rows (to say they started)
         self.received = 0
+        self.jobs: list[list[Any]] = []
         self.all_here = asyncio.Event()
 
     def __call__(self, message: Deliver | Results) -> None:
         if isinstance(message, Deliver):
             self.received += len(message.jobs)
+            if self.keep:
+                self.jobs.extend(message.jobs)
             if self.received >= self.count:
                 self.all_here.set()
 
@@ -126,6 +139,7 @@ def main() -> None:
     parser.add_argument("--pending", type=int, default=1_000_000)
     parser.add_argument("--idle-workers", type=int, default=1000)
     parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--held-per-worker", type=int, default=10)
     parser.add_argument("--leased", type=int, default=10_000)
     parser.add_argument("--hold", nargs=3, metavar=("ADDRESS", "SECRET_FILE", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,8 +160,13 @@ def main() -> None:
         broker.stop()
 
         broker = Broker(tmp, secret_file, "idle")
-        load = run_async(idle_workers(broker.address, secret, args.idle_workers, broker.process.pid, args.idle_seconds))
-        rows.append((f"broker CPU with {args.idle_workers:,} idle workers (heartbeat 5 s)", f"{load:.1%} of a core"))
+        load = run_async(
+            idle_workers(
+                broker.address, secret, args.idle_workers, args.held_per_worker, broker.process.pid, args.idle_seconds
+            )
+        )
+        held = f"{args.idle_workers:,} idle workers holding {args.held_per_worker} jobs each"
+        rows.append((f"broker CPU with {held} (heartbeat 5 s)", f"{load:.1%} of a core"))
         broker.stop()
 
         for how, name in ((signal.SIGKILL, "kill -9"), (signal.SIGSTOP, "SIGSTOP, 3 missed heartbeats of 1 s")):

@@ -482,7 +482,7 @@ class Worker:
         while True:
             await asyncio.sleep(period)
             waiting = self._waiting
-            if not waiting or self._handing_back or self._stopping:
+            if not waiting or self._stopping:
                 continue
             if loop.time() - waiting[0].received_at < self.hand_back_after:
                 continue
@@ -491,11 +491,12 @@ class Worker:
                 continue
             held = [job for job in waiting if job.lost_reason is None]
             waiting.clear()
-            self._handing_back = True
             log.warning(
                 "every handler slot busy for %.0fs: handing %d waiting jobs back", self.hand_back_after, len(held)
             )
-            connection.request_nowait(Reserve, queues=self.queues, prefetch=self.concurrency)
+            if not self._handing_back:  # (jobs delivered before that took effect come back too)
+                self._handing_back = True
+                connection.request_nowait(Reserve, queues=self.queues, prefetch=self.concurrency)
             if held:
                 connection.request_nowait(Release, items=[[job.id, job.token] for job in held])
 

@@ -28,7 +28,7 @@ from broker.config import (
     is_loopback,
 )
 from broker.core.scheduler import SchedulerConfig
-from broker.errors import ConfigError, JobbrokerError, StorageError
+from broker.errors import ConfigError, JobbrokerError, StorageError, UsageError
 from broker.protocol.auth import Credential, default_data_dir, resolve_secret
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from broker.store import FsyncMode
@@ -213,8 +213,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         return sub
 
     worker = client_command("worker", _worker, "run a worker on a handler")
-    worker.add_argument("handler", help="module:function to run on each job's payload")
-    worker.add_argument("--queue", action="append", required=True, help="queue to take jobs from (repeatable)")
+    worker.add_argument(
+        "handler", help="module:function to run on each job's payload, or a module (or module:task) of @task functions"
+    )
+    worker.add_argument(
+        "--queue", action="append", default=None, help="queue to take jobs from (repeatable; tasks: their queues)"
+    )
     worker.add_argument("--concurrency", type=int, default=16, help="jobs run at once (16)")
     worker.add_argument("--prefetch", type=int, default=None, help="jobs held at once (2 x concurrency)")
     worker.add_argument("--executor", default="thread", choices=["thread", "process", "inline"])
@@ -399,12 +403,20 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"secret_file": args.secret_file, "credential": args.credential, "tls": args.tls_ca}
 
 
-def _load_handler(spec: str) -> Callable[[Any], Any]:
+def _load_handler(spec: str) -> Any:
+    """A handler (module:function), a task (module:task) or every task of a module (module)."""
     module_name, sep, function_name = spec.partition(":")
-    if not sep or not module_name or not function_name:
-        raise ConfigError(f"handler {spec!r} is not module:function")
     if "" not in sys.path:
         sys.path.insert(0, "")  # the current directory, as `python -m` does
+    if not sep and module_name:
+        from client.tasks import tasks_of_module
+
+        try:
+            return tasks_of_module(module_name)
+        except UsageError as exc:
+            raise ConfigError(f"{exc} (give module:function for a plain handler)") from exc
+    if not sep or not module_name or not function_name:
+        raise ConfigError(f"handler {spec!r} is not module:function (or a module of @task functions)")
     try:
         module = importlib.import_module(module_name)
         handler = getattr(module, function_name)
@@ -418,13 +430,18 @@ def _load_handler(spec: str) -> Callable[[Any], Any]:
 def _worker(args: argparse.Namespace) -> int:
     import socket
 
+    from client.tasks import Task
     from client.worker import Worker
 
-    handler = _load_handler(args.handler)
+    loaded = _load_handler(args.handler)
+    tasks = loaded if isinstance(loaded, list) else [loaded] if isinstance(loaded, Task) else None
+    if tasks is None and not args.queue:
+        raise ConfigError("a worker on a plain handler needs --queue (tasks know their queues)")
     worker = Worker(
         args.connect,
         queues=args.queue,
-        handler=handler,
+        handler=None if tasks is not None else loaded,
+        tasks=tasks,
         **_client_options(args),
         concurrency=args.concurrency,
         prefetch=args.prefetch,
@@ -435,7 +452,7 @@ def _worker(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         hand_back_after=args.hand_back_after,
     )
-    log.info("worker on %s taking from %s", args.connect, ", ".join(args.queue))
+    log.info("worker on %s taking from %s", args.connect, ", ".join(worker.queues))
     _run(worker.run())
     log.info("worker stopped: %d completed, %d failed", worker.completed, worker.failed)
     return 0

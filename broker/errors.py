@@ -2,6 +2,7 @@
 
     JobbrokerError
     ├── UsageError               the caller misused the API (bad argument, closed client)
+    │   └── UnencodablePayload   a payload or its arguments cannot be encoded
     ├── ConfigError              bad flags, environment or secret file
     ├── StorageError             the data directory is unwritable, full, locked or corrupt
     ├── ProtocolError            the peer broke the wire protocol (docs/protocol.md)
@@ -24,6 +25,8 @@
     │   └── JobCancelled
     ├── ResultTimeout            waiting for a result took longer than asked (also a TimeoutError)
     ├── TimeLimitExceeded        a job's attempt ran over its `timeout` (also a TimeoutError)
+    ├── Retry                    raised by a handler: retry this job after `delay` seconds
+    ├── Fail                     raised by a handler: this job is dead now, no more attempts
     └── InvalidTransition        the job core was asked for a transition its table forbids
 
 Peer faults (ProtocolError) are separated from caller faults (UsageError), and "closed by
@@ -39,6 +42,7 @@ __all__ = [
     "BrokerError",
     "ConfigError",
     "ConnectionClosed",
+    "Fail",
     "Forbidden",
     "FrameTooLarge",
     "IntegrityError",
@@ -56,9 +60,11 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "ResultTimeout",
+    "Retry",
     "StorageError",
     "StorageUnavailable",
     "TimeLimitExceeded",
+    "UnencodablePayload",
     "UsageError",
     "broker_error",
 ]
@@ -70,6 +76,10 @@ class JobbrokerError(Exception):
 
 class UsageError(JobbrokerError):
     """The caller used the API wrongly."""
+
+
+class UnencodablePayload(UsageError):
+    """A payload (or a task's arguments) cannot be encoded for the wire; nothing was sent."""
 
 
 class ConfigError(JobbrokerError):
@@ -206,6 +216,28 @@ class ResultTimeout(JobbrokerError, TimeoutError):
 class TimeLimitExceeded(JobbrokerError, TimeoutError):
     """A job's attempt ran over its time limit (`timeout`); the attempt fails with this type
     and is retried by the job's policy."""
+
+
+class Retry(JobbrokerError):
+    """Raised by a handler: fail this attempt and retry the job after `delay` seconds (instead
+    of its backoff). The attempt counts: on the last one the job goes dead.
+
+    Args:
+        delay: seconds before the retry (None: the job's own backoff).
+        reason: a short text kept as the attempt's error message.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        super().__init__(reason or (f"retry in {delay:g} s" if delay is not None else "retry"))
+        self.delay = delay
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # from a process handler: keep the delay
+        return (type(self), (self.delay, self.reason))
+
+
+class Fail(JobbrokerError):
+    """Raised by a handler: the job is dead at once, whatever attempts it has left."""
 
 
 class InvalidTransition(JobbrokerError):

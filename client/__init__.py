@@ -8,6 +8,7 @@ from broker.errors import (
     BrokerError,
     ConfigError,
     ConnectionClosed,
+    Fail,
     Forbidden,
     InvalidRequest,
     InvalidState,
@@ -20,11 +21,15 @@ from broker.errors import (
     LimitExceeded,
     QueueFull,
     ResultTimeout,
+    Retry,
     StorageUnavailable,
+    TimeLimitExceeded,
+    UnencodablePayload,
     UsageError,
 )
 from client.client import Client, ProgressReport
 from client.sync import SyncClient
+from client.tasks import Task, task
 from client.worker import Job, Worker, current_job
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "Client",
     "ConfigError",
     "ConnectionClosed",
+    "Fail",
     "Forbidden",
     "InvalidRequest",
     "InvalidState",
@@ -47,9 +53,14 @@ __all__ = [
     "ProgressReport",
     "QueueFull",
     "ResultTimeout",
+    "Retry",
     "StorageUnavailable",
     "SyncClient",
+    "Task",
+    "TimeLimitExceeded",
+    "UnencodablePayload",
     "UsageError",
     "Worker",
     "current_job",
+    "task",
 ]

@@ -23,8 +23,9 @@ class Slot(Protocol):
     """Runs one handler call at a time for one runner of the worker. The runner calls
     abandon() whenever it stops awaiting run() early (time limit, lease lost, shutdown)."""
 
-    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
-        """The handler's return value; its exception propagates."""
+    async def run(self, call: Callable[[], Any]) -> Any:
+        """What `call()` returns; its exception propagates. For a process slot, `call` must
+        pickle (a module-level function, or a partial of one)."""
         ...
 
     def abandon(self) -> None:
@@ -39,8 +40,8 @@ class InlineSlot:
     """On the event loop itself: no hand-off cost, but a slow handler stops heartbeats and
     cannot be interrupted."""
 
-    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
-        return handler(payload)
+    async def run(self, call: Callable[[], Any]) -> Any:
+        return call()
 
     def abandon(self) -> None:
         pass  # the call already returned: the loop was blocked while it ran
@@ -55,9 +56,9 @@ class ThreadSlot:
     def __init__(self) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-worker")
 
-    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
-        call = functools.partial(contextvars.copy_context().run, handler, payload)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+    async def run(self, call: Callable[[], Any]) -> Any:
+        in_context = functools.partial(contextvars.copy_context().run, call)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, in_context)
 
     def abandon(self) -> None:
         # The thread runs on until the handler returns (nothing can stop it); its result is
@@ -76,12 +77,12 @@ class ProcessSlot:
         self._pool = concurrent.futures.ProcessPoolExecutor(1)
         self._pid: int | None = None
 
-    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
+    async def run(self, call: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()
         try:
             if self._pid is None:  # learnt once per process, so that abandon() can kill it
                 self._pid = await loop.run_in_executor(self._pool, os.getpid)
-            return await loop.run_in_executor(self._pool, handler, payload)
+            return await loop.run_in_executor(self._pool, call)
         except concurrent.futures.process.BrokenProcessPool:
             self._replace()  # the process died under the handler (crash, killed): a fresh one
             raise
@@ -109,8 +110,7 @@ class SharedSlot:
     def __init__(self, executor: concurrent.futures.Executor) -> None:
         self._executor = executor
 
-    async def run(self, handler: Callable[[Any], Any], payload: Any) -> Any:
-        call = functools.partial(handler, payload)
+    async def run(self, call: Callable[[], Any]) -> Any:
         if isinstance(self._executor, concurrent.futures.ThreadPoolExecutor):
             call = functools.partial(contextvars.copy_context().run, call)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)

@@ -20,14 +20,14 @@ import ssl
 import sys
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
-from broker.errors import ConnectionClosed, FrameTooLarge, TimeLimitExceeded, UsageError, broker_error
+from broker.errors import ConnectionClosed, Fail, FrameTooLarge, Retry, TimeLimitExceeded, UsageError, broker_error
+from broker.protocol import messages
 from broker.protocol.messages import (
     Complete,
     Deliver,
-    Fail,
     Progress,
     Progressed,
     Release,
@@ -39,6 +39,7 @@ from broker.protocol.messages import (
 )
 from client.connection import Connection, Link
 from client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadSlot
+from client.tasks import Task
 
 _T = TypeVar("_T")
 
@@ -128,12 +129,18 @@ class Worker:
     however long the handler runs (docs/protocol.md, "Leases"); it goes back to its queue when
     the connection is lost or the worker stops heartbeating.
 
+    Give it either `handler` (one function for every job of `queues`) or `tasks` (functions
+    made with @task, dispatched by the name in each payload; `queues` defaults to theirs).
+
     Args:
         address: "HOST:PORT" of the broker; default $JOBBROKER_CONNECT, else 127.0.0.1:7878.
         queues: queue names to take jobs from, in order of preference.
         handler: `f(payload) -> result`, a coroutine function or a plain one. Its return
             value (any msgpack value) completes the job; an exception fails it with the
-            exception's type, text and traceback.
+            exception's type, text and traceback (raise `Retry(delay)` to choose when it is
+            retried, `Fail(reason)` to end it dead at once).
+        tasks: @task functions to serve. A payload naming no task of these fails the job at
+            once, as do arguments the function cannot take (TypeError), without retries.
         secret, secret_file, credential, tls: as for Client.
         concurrency: jobs run at once.
         prefetch: jobs held at once (running plus waiting); default 2 x concurrency.
@@ -158,8 +165,9 @@ class Worker:
         self,
         address: str | None = None,
         *,
-        queues: Sequence[str],
-        handler: Handler,
+        queues: Sequence[str] | None = None,
+        handler: Handler | None = None,
+        tasks: Iterable[Task[Any, Any]] | None = None,
         secret: bytes | str | None = None,
         secret_file: str | None = None,
         credential: str | None = None,
@@ -174,6 +182,16 @@ class Worker:
         timeout: float | None = None,
         hand_back_after: float = 10.0,
     ) -> None:
+        if (handler is None) == (tasks is None):
+            raise UsageError("a worker takes a handler or tasks (one of them)")
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        for each in tasks or ():
+            if not isinstance(each, Task):
+                raise UsageError(f"{each!r} is not a @task")
+            if self.tasks.setdefault(each.name, each) is not each:
+                raise UsageError(f"two tasks are named {each.name!r}")
+        if queues is None and tasks is not None:
+            queues = list(dict.fromkeys(each.queue for each in self.tasks.values()))
         if isinstance(queues, str):
             raise UsageError("queues is a list of names, not one string")
         if not queues:
@@ -194,7 +212,11 @@ class Worker:
         self.handle_signals = handle_signals
         self.timeout = timeout
         self.hand_back_after = hand_back_after
-        self._is_coroutine = inspect.iscoroutinefunction(handler)
+        # Every job's handler runs on the loop: no executor slots needed.
+        if handler is not None:
+            self._is_coroutine = inspect.iscoroutinefunction(handler)
+        else:
+            self._is_coroutine = all(each.is_coroutine for each in self.tasks.values())
         self._executor_choice = executor
         choices = ("thread", "process", "inline")
         if executor not in choices and not isinstance(executor, concurrent.futures.Executor):
@@ -429,26 +451,60 @@ class Worker:
         self._starts[job.id] = [job.id, job.token]
         self._schedule_flush()
         limit = job.timeout if job.timeout is not None else self.timeout
+        task: Task[Any, Any] | None = None
         try:
             async with asyncio.timeout(limit) as deadline:
-                if self._is_coroutine:
-                    result = await self.handler(job.payload)  # type: ignore[misc]
+                if self.handler is not None:
+                    function, args, kwargs = self.handler, (job.payload,), {}
+                    on_loop = self._is_coroutine
                 else:
-                    result = await self._call(slot, job)
+                    task, args, kwargs = self._task_call(job)
+                    function, on_loop = task.func, task.is_coroutine
+                if on_loop:
+                    result = function(*args, **kwargs)
+                    if inspect.isawaitable(result):
+                        result = await result
+                else:
+                    call = functools.partial(task if task is not None else function, *args, **kwargs)
+                    result = await self._call(slot, call)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if isinstance(exc, TimeoutError) and deadline.expired():
                 exc = TimeLimitExceeded(f"attempt {job.attempt} ran over its time limit of {limit:g} s")
-            self._fail(job, exc)
+            final = isinstance(exc, Fail | _BadCall) or (task is not None and task.default_options.is_final(exc))
+            self._fail(job, exc, final=final)
         else:
             self._complete(job, result)
         self._schedule_flush()
 
-    async def _call(self, slot: int, job: Job) -> Any:
+    def _task_call(self, job: Job) -> tuple[Task[Any, Any], Sequence[Any], dict[str, Any]]:
+        """The task a payload names and its arguments (docs/protocol.md, "Tasks").
+
+        Raises:
+            _BadCall: no such task here, or arguments it cannot take: no retry helps.
+        """
+        payload = job.payload
+        name = payload.get("task") if isinstance(payload, dict) else None
+        if not isinstance(name, str):
+            raise _BadCall("BadTaskPayload", 'a task payload is {"task": name, "args": [...], "kwargs": {...}}')
+        task = self.tasks.get(name)
+        if task is None:
+            served = ", ".join(sorted(self.tasks))
+            raise _BadCall("UnknownTask", f"no task named {name!r} on this worker (it serves {served})")
+        args, kwargs = payload.get("args", []), payload.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise _BadCall("BadTaskPayload", "a task payload's args is an array and kwargs a map")
+        try:
+            task.check_arguments(args, kwargs)
+        except TypeError as exc:
+            raise _BadCall("TypeError", f"{name}() cannot take these arguments: {exc}") from None
+        return task, args, kwargs
+
+    async def _call(self, slot: int, call: Callable[[], Any]) -> Any:
         runner = self._slots[slot]
         try:
-            return await runner.run(self.handler, job.payload)
+            return await runner.run(call)
         except asyncio.CancelledError:
             runner.abandon()  # time limit, lease lost or shutdown: do not wait for it
             raise
@@ -461,17 +517,27 @@ class Worker:
         self.completed += 1
         self._completions.append([job.id, job.token, result])
 
-    def _fail(self, job: Job, exc: BaseException) -> None:
+    def _fail(self, job: Job, exc: BaseException, *, final: bool = False) -> None:
         self._starts.pop(job.id, None)
         if job.lost_reason is not None:
             log.debug("failure of job %d discarded: %s", job.id, job.lost_reason)
             return
         self.failed += 1
+        error_type = exc.error_type if isinstance(exc, _BadCall) else type(exc).__name__
+        message = _text(exc)
         log.warning(
-            "job %d (queue %s) attempt %d failed: %s: %s", job.id, job.queue, job.attempt, type(exc).__name__, exc
+            "job %d (queue %s) attempt %d failed%s: %s: %s",
+            job.id,
+            job.queue,
+            job.attempt,
+            " for good" if final else "",
+            error_type,
+            message,
         )
         log.debug("job %d traceback", job.id, exc_info=exc)
-        self._failures.append([job.id, job.token, type(exc).__name__, str(exc)[:2000], handler_traceback(exc)])
+        trace = "" if isinstance(exc, _BadCall) else handler_traceback(exc)
+        retry_delay = float(exc.delay) if isinstance(exc, Retry) and exc.delay is not None else None
+        self._failures.append([job.id, job.token, error_type, message[:2000], trace, final, retry_delay])
 
     async def _watch_buffer(self) -> None:
         """Hand buffered jobs back when every slot has been busy for hand_back_after seconds
@@ -569,7 +635,7 @@ class Worker:
                 self._send_one_by_one(connection, completions)
         if self._failures:
             failures, self._failures = self._failures, []
-            self._send(connection, Fail, failures)
+            self._send(connection, messages.Fail, failures)
         if self._reports:
             reports, self._reports = self._reports, []
             connection.request_nowait(Progress, items=reports)
@@ -582,9 +648,12 @@ class Worker:
             except (TypeError, ValueError, OverflowError) as exc:
                 self.completed -= 1
                 self.failed += 1
-                self._send(connection, Fail, [[item[0], item[1], "UnencodableResult", f"result cannot be sent: {exc}"]])
+                failure = [item[0], item[1], "UnencodableResult", f"result cannot be sent: {exc}"]
+                self._send(connection, messages.Fail, [failure])
 
-    def _send(self, connection: Connection, request_type: type[Complete] | type[Fail], items: list[list[Any]]) -> None:
+    def _send(
+        self, connection: Connection, request_type: type[Complete] | type[messages.Fail], items: list[list[Any]]
+    ) -> None:
         try:
             future = connection.request(request_type, items=items)
         except FrameTooLarge:
@@ -625,6 +694,22 @@ def handler_traceback(exc: BaseException) -> str:
     if len(trace) > MAX_TRACEBACK:
         trace = f"[... {len(trace) - MAX_TRACEBACK} characters cut ...]\n" + trace[-MAX_TRACEBACK:]
     return trace
+
+
+class _BadCall(Exception):
+    """A job this worker cannot even call: unknown task, malformed payload, wrong arguments."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def _text(exc: BaseException) -> str:
+    """str(exc), which a handler's own exception class may have broken."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__}: str() failed>"
 
 
 def _reason(closed: ConnectionClosed) -> str:

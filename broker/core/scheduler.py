@@ -576,14 +576,20 @@ class Scheduler:
         return codes
 
     def fail(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
-        """Fail leased jobs: items of (job_id, token, error type, error message[, traceback]).
-        A job with attempts left is retried after an exponential backoff, else buried."""
+        """Fail leased jobs: items of (job_id, token, error type, error message[, traceback
+        [, final[, retry delay]]]). A job with attempts left is retried after its exponential
+        backoff (or after the retry delay given), else buried; a final failure is buried at once."""
         codes: list[str | None] = []
         for job, item in self._fenced(session_id, items, codes):
             self._start(job, now)
             self._end_lease(job)
-            job.error = _error(item[2], item[3], item[4] if len(item) > 4 else None)
-            self._failed(job, now)
+            size = len(item)
+            job.error = _error(item[2], item[3], item[4] if size > 4 else None)
+            final = size > 5 and bool(item[5])
+            retry_delay = item[6] if size > 6 and item[6] == item[6] else None  # NaN: the backoff
+            if retry_delay is not None:
+                retry_delay = min(max(retry_delay, 0.0), MAX_RETRY_DELAY)
+            self._failed(job, now, final=final, retry_delay=retry_delay)
         return codes
 
     def started(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
@@ -988,14 +994,14 @@ class Scheduler:
         if job.worker is not None and job.worker in self._sessions:
             self._outbox.revoked.setdefault(job.worker, []).append([job.id, job.token, reason])
 
-    def _failed(self, job: Job, now: float) -> bool:
-        """An attempt failed (job.error says how): retry after a backoff, or bury the job if it
-        was its last attempt. Returns True if buried."""
+    def _failed(self, job: Job, now: float, *, final: bool = False, retry_delay: float | None = None) -> bool:
+        """An attempt failed (job.error says how): retry after a backoff (or `retry_delay`), or
+        bury the job if it was its last attempt or the failure is final. Returns True if buried."""
         self._queues[job.queue].failed += 1
-        if job.attempts >= job.max_attempts:
+        if final or job.attempts >= job.max_attempts:
             self._bury(job, now)
             return True
-        self._retry(job, now)
+        self._retry(job, now, retry_delay)
         return False
 
     def _end_lease(self, job: Job) -> None:
@@ -1033,9 +1039,10 @@ class Scheduler:
         self._ready[job.queue] = None
         return False
 
-    def _retry(self, job: Job, now: float) -> None:
+    def _retry(self, job: Job, now: float, delay: float | None = None) -> None:
         self._move(job, JobEvent.RETRY)
-        delay = min(job.backoff * 2 ** (job.attempts - 1), self.config.max_backoff)
+        if delay is None:
+            delay = min(job.backoff * 2 ** (job.attempts - 1), self.config.max_backoff)
         self._queues[job.queue].delayed_count += 1
         job.not_before = now + delay
         self._due_deadlines.add(job.id, job.not_before)
@@ -1084,6 +1091,7 @@ def _check_queue_name(name: str) -> None:
 
 
 MAX_ERROR_MESSAGE = 2000
+MAX_RETRY_DELAY = 86400.0 * 7  # a retry asked for by the handler comes within a week
 MAX_TRACEBACK = 8192  # characters of a failure's traceback kept (the last ones: the raise site)
 
 

@@ -57,8 +57,9 @@ __all__ = [
 # Per-item layouts of the batch messages; msgpack carries them as arrays. A trailing column
 # typed `X | None` is optional: a row may stop before it (older peers) or carry nil.
 CompleteItem = tuple[int, int, Any]  # job_id, lease token, result
-# job_id, lease token, error type, error message, formatted traceback (optional)
-FailItem = tuple[int, int, str, str, str | None]
+# job_id, lease token, error type, error message, then optional: formatted traceback, final
+# (no retry: dead at once), retry delay in seconds (instead of the job's backoff)
+FailItem = tuple[int, int, str, str, str | None, bool | None, float | None]
 TouchItem = tuple[int, int, float]  # job_id, lease token, new lease in seconds (0: the job's own)
 ReleaseItem = tuple[int, int]  # job_id, lease token
 StartedItem = tuple[int, int]  # job_id, lease token
@@ -433,8 +434,8 @@ def _plain_list_checker(kind: type) -> Checker:
 
 
 def _rows_checker(columns: tuple[Any, ...]) -> Checker:
-    """list[tuple[...]]: an array of arrays, one item per column, each column int, str, float or
-    Any; trailing columns typed `X | None` may be missing or nil."""
+    """list[tuple[...]]: an array of arrays, one item per column, each column int, str, float,
+    bool or Any; trailing columns typed `X | None` may be missing or nil."""
     kinds: list[Any] = []
     optional: list[bool] = []
     for column in columns:
@@ -451,7 +452,7 @@ def _rows_checker(columns: tuple[Any, ...]) -> Checker:
     if not all(optional[minimum:]) or any(optional[:minimum]):
         raise TypeError(f"optional columns must come last: {columns!r}")
     typed = [(index, kind, optional[index]) for index, kind in enumerate(kinds) if kind is not Any]
-    if any(kind not in (int, str, float) for _, kind, _ in typed):
+    if any(kind not in (int, str, float, bool) for _, kind, _ in typed):
         raise TypeError(f"no row checker for {columns!r}")
     shape = f"an array of arrays of {size}" if minimum == size else f"an array of arrays of {minimum} to {size}"
 

@@ -79,7 +79,13 @@ class UsageError(JobbrokerError):
 
 
 class UnencodablePayload(UsageError):
-    """A payload (or a task's arguments) cannot be encoded for the wire; nothing was sent."""
+    """A payload (or a task's arguments) cannot be encoded for the wire; nothing was sent.
+    `reasons` maps the index of each payload of the request that failed to why."""
+
+    def __init__(self, message: str, reasons: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = reasons or {}
+        self.indexes = frozenset(self.reasons)
 
 
 class ConfigError(JobbrokerError):

@@ -8,6 +8,8 @@ import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, NamedTuple
 
+import msgpack
+
 from broker.errors import (
     ConnectionClosed,
     FrameTooLarge,
@@ -16,6 +18,7 @@ from broker.errors import (
     JobNotFound,
     LimitExceeded,
     ResultTimeout,
+    UnencodablePayload,
     UsageError,
     broker_error,
 )
@@ -36,6 +39,7 @@ from broker.protocol.messages import (
 )
 from client.connection import Connection, Link
 from client.progress import show_progress
+from client.serializers import Serializer
 
 __all__ = ["Client", "ProgressReport"]
 
@@ -58,6 +62,8 @@ class Client:
             certificate; default $JOBBROKER_TLS_CA, else plain TCP.
         name: how this client shows in the broker's logs and stats.
         reconnect_timeout: how long to keep trying to reach a broker that went away.
+        serializer: turns payloads into bytes and results back (client.serializers); the
+            workers must use the same. Default: payloads travel as msgpack values.
 
     Use as `async with Client(...) as client:`; or call connect() and close().
 
@@ -75,7 +81,9 @@ class Client:
         tls: ssl.SSLContext | str | None = None,
         name: str = "client",
         reconnect_timeout: float = 30.0,
+        serializer: Serializer | None = None,
     ) -> None:
+        self.serializer = serializer
         self._link = Link.from_settings(
             address,
             secret=secret,
@@ -93,6 +101,7 @@ class Client:
         self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
         self._to_watch: list[int] = []  # result() calls of this loop turn, watched together
         self._submit_groups: dict[tuple[Any, ...], _SubmitGroup] = {}  # submit() calls of this turn
+        self._submitting: set[asyncio.Task[None]] = set()
         self._followers: dict[int, list[asyncio.Queue[ProgressReport]]] = {}  # progress() iterators
 
     async def connect(self) -> Client:
@@ -155,6 +164,8 @@ class Client:
             QueueFull: the queue is at its pending limit.
             InvalidRequest: a bad argument.
         """
+        if self.serializer is not None:
+            payload = self._serialized([payload])[0]
         options = _SubmitOptions(queue, priority, float(delay), max_attempts, lease, backoff, timeout)
         group = self._submit_groups.get(options)
         if group is None:
@@ -171,8 +182,33 @@ class Client:
         broker takes a frame all or none, so a refusal (queue full) reaches the whole group."""
         groups, self._submit_groups = self._submit_groups, {}
         for options, group in groups.items():
-            task = asyncio.ensure_future(self._submit(options, group.payloads, group.keys()))
-            task.add_done_callback(group.settle)
+            task = asyncio.ensure_future(self._submit_group(options, group))
+            self._submitting.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._submitting.discard)
+
+    async def _submit_group(self, options: _SubmitOptions, group: _SubmitGroup) -> None:
+        """Submit a group; a payload that cannot be encoded fails its own submit() call only,
+        and the others go again without it."""
+        try:
+            ids = await self._submit(options, group.payloads, group.keys())
+        except UnencodablePayload as exc:
+            good = _SubmitGroup()
+            for index, (payload, key, future) in enumerate(
+                zip(group.payloads, group.idempotency_keys, group.futures, strict=True)
+            ):
+                if index in exc.indexes:
+                    if not future.done():
+                        future.set_exception(UnencodablePayload(f"the payload {exc.reasons[index]}"))
+                else:
+                    good.add(payload, key, future)
+            if good.payloads:
+                await self._submit_group(options, good)
+        except BaseException as exc:
+            group.settle(exc, [])
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            group.settle(None, ids)
 
     async def submit_many(
         self,
@@ -188,9 +224,30 @@ class Client:
         timeout: float | None = None,
     ) -> list[int]:
         """Submit many jobs in one frame, all or none. Options as submit(); `keys` gives each
-        job an idempotency key (or None). Returns the job ids in order."""
+        job an idempotency key (or None). Returns the job ids in order.
+
+        Raises:
+            UnencodablePayload: a payload cannot be encoded (nothing was submitted).
+        """
         options = _SubmitOptions(queue, priority, float(delay), max_attempts, lease, backoff, timeout)
-        return await self._submit(options, list(payloads), keys)
+        return await self._submit(options, self._serialized(list(payloads)), keys)
+
+    def _serialized(self, payloads: list[Any]) -> list[Any]:
+        """The payloads as the serializer makes them (unchanged without one).
+
+        Raises:
+            UnencodablePayload: naming the first payload it cannot encode.
+        """
+        serializer = self.serializer
+        if serializer is None:
+            return payloads
+        encoded = []
+        for index, payload in enumerate(payloads):
+            try:
+                encoded.append(serializer.dumps(payload))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise UnencodablePayload(f"payload {index} cannot be encoded: {exc}") from exc
+        return encoded
 
     async def _submit(
         self,
@@ -221,6 +278,9 @@ class Client:
                 f"{len(payloads)} payloads make a frame of {exc.size} bytes; the broker takes {exc.limit}: "
                 "submit fewer at a time"
             ) from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            # msgpack refused a payload: find which (the slow path; the frame was not sent).
+            raise _unencodable(payloads) from exc
         return list(reply["job_ids"])
 
     # --- results ----------------------------------------------------------------------
@@ -243,7 +303,7 @@ class Client:
             if not future.done():
                 raise ResultTimeout(f"no result for job {job_id} within {timeout}s")
         outcome = future.result()
-        return _unwrap(outcome)
+        return _unwrap(outcome, self.serializer)
 
     async def _outcome(self, job_id: int) -> asyncio.Future[list[Any]]:
         """The future of a job's outcome, watching the job if nobody does yet."""
@@ -344,7 +404,7 @@ class Client:
         except TimeoutError:
             done = sum(1 for f in futures if f.done())
             raise ResultTimeout(f"{done} of {len(payloads)} results within {timeout}s") from None
-        return [_unwrap(future.result()) for future in futures]
+        return [_unwrap(future.result(), self.serializer) for future in futures]
 
     def _watch_soon(self, job_id: int) -> None:
         """Watch jobs in one request per loop turn, however many result() calls asked."""
@@ -499,22 +559,37 @@ class _SubmitGroup:
     def keys(self) -> list[str | None] | None:
         return self.idempotency_keys if self.has_keys else None
 
-    def settle(self, task: asyncio.Task[list[int]]) -> None:
-        error = None if task.cancelled() else task.exception()
+    def settle(self, error: BaseException | None, ids: list[int]) -> None:
         for index, future in enumerate(self.futures):
             if future.done():
                 continue
-            if task.cancelled():
+            if isinstance(error, asyncio.CancelledError):
                 future.cancel()
             elif error is not None:
                 future.set_exception(error)
             else:
-                future.set_result(task.result()[index])
+                future.set_result(ids[index])
 
 
-def _unwrap(outcome: list[Any]) -> Any:
+def _unencodable(payloads: list[Any]) -> UnencodablePayload:
+    """Which payloads msgpack cannot encode, and why."""
+    reasons: dict[int, str] = {}
+    for index, payload in enumerate(payloads):
+        try:
+            msgpack.packb(payload, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            reasons[index] = f"cannot be encoded as msgpack ({exc}); give Client(serializer=...) for such types"
+    if not reasons:  # not a payload after all: an option
+        return UnencodablePayload("the request cannot be encoded")
+    first = min(reasons)
+    return UnencodablePayload(f"payload {first} {reasons[first]}", reasons)
+
+
+def _unwrap(outcome: list[Any], serializer: Serializer | None = None) -> Any:
     job_id, state, value = outcome
     if state == "done":
+        if serializer is not None and isinstance(value, bytes):
+            return serializer.loads(value)
         return value
     if state == "dead":
         raise JobDead(job_id, value)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from client.client import Client
+from client.client import Client, ProgressReport
 
 __all__ = ["SyncClient"]
 
@@ -65,6 +65,23 @@ class SyncClient:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    def progress(self, job_id: int) -> Iterator[ProgressReport]:
+        """Blocking form of Client.progress: yields the job's progress reports until it ends.
+
+            for report in client.progress(job_id):
+                print(f"{report.fraction:.0%} {report.message}")
+        """
+        reports = self._client.progress(job_id)
+        try:
+            while True:
+                try:
+                    yield self._run(reports.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                self._run(reports.aclose())
 
     def __enter__(self) -> SyncClient:
         return self.connect()

@@ -22,10 +22,13 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from broker.errors import UsageError
+import msgpack
+
+from broker.errors import UnencodablePayload, UsageError
 
 if TYPE_CHECKING:
     from client.client import Client
+    from client.serializers import Serializer
 
 __all__ = ["DEFAULT_QUEUE", "Task", "TaskOptions", "task", "task_payload", "tasks_of_module"]
 
@@ -135,7 +138,10 @@ class BoundTask(Generic[_P, _R]):
 
     async def submit(self, client: Client, *args: _P.args, **kwargs: _P.kwargs) -> int:
         payload = task_payload(self.task.name, args, kwargs)
-        return await client.submit(self.options.queue, payload, **self.options.submit_options())
+        try:
+            return await client.submit(self.options.queue, payload, **self.options.submit_options())
+        except UnencodablePayload as exc:
+            raise _name_the_argument(self.task.name, args, kwargs, client.serializer) or exc from None
 
     async def submit_many(self, client: Client, calls: Iterable[Sequence[Any]]) -> list[int]:
         payloads = [task_payload(self.task.name, args, {}) for args in calls]
@@ -226,6 +232,22 @@ def tasks_of_module(module_name: str) -> list[Task[Any, Any]]:
     if not found:
         raise UsageError(f"module {module_name!r} defines no @task")
     return found
+
+
+def _name_the_argument(
+    name: str, args: Sequence[Any], kwargs: Mapping[str, Any], serializer: Serializer | None
+) -> UnencodablePayload | None:
+    """Which argument of a task call cannot be encoded, as an error naming it."""
+    encode = serializer.dumps if serializer is not None else functools.partial(msgpack.packb, use_bin_type=True)
+    named: list[tuple[str, Any]] = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
+    named += [(f"argument {key!r}", value) for key, value in kwargs.items()]
+    for label, value in named:
+        try:
+            encode(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            hint = "" if serializer is not None else "; give Client(serializer=...) for such types"
+            return UnencodablePayload(f"{label} of {name}() ({type(value).__name__}) cannot be encoded: {exc}{hint}")
+    return None
 
 
 def _task_named(module_name: str, qualname: str) -> Task[Any, Any]:

@@ -39,6 +39,7 @@ from broker.protocol.messages import (
 )
 from client.connection import Connection, Link
 from client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadSlot
+from client.serializers import Serializer
 from client.tasks import Task
 
 _T = TypeVar("_T")
@@ -159,6 +160,8 @@ class Worker:
         hand_back_after: when jobs have waited this many seconds in the prefetch buffer because
             every handler slot is busy, hand them back for other workers and take no more than
             can start at once until a slot frees.
+        serializer: the producers' serializer (client.serializers): payloads sent as its bytes
+            are decoded before the handler sees them, and results encoded with it.
     """
 
     def __init__(
@@ -181,6 +184,7 @@ class Worker:
         reconnect_timeout: float = 3600.0,
         timeout: float | None = None,
         hand_back_after: float = 10.0,
+        serializer: Serializer | None = None,
     ) -> None:
         if (handler is None) == (tasks is None):
             raise UsageError("a worker takes a handler or tasks (one of them)")
@@ -212,6 +216,7 @@ class Worker:
         self.handle_signals = handle_signals
         self.timeout = timeout
         self.hand_back_after = hand_back_after
+        self.serializer = serializer
         # Every job's handler runs on the loop: no executor slots needed.
         if handler is not None:
             self._is_coroutine = inspect.iscoroutinefunction(handler)
@@ -454,6 +459,8 @@ class Worker:
         task: Task[Any, Any] | None = None
         try:
             async with asyncio.timeout(limit) as deadline:
+                if self.serializer is not None and isinstance(job.payload, bytes):
+                    job.payload = self._decoded(job.payload)
                 if self.handler is not None:
                     function, args, kwargs = self.handler, (job.payload,), {}
                     on_loop = self._is_coroutine
@@ -467,6 +474,8 @@ class Worker:
                 else:
                     call = functools.partial(task if task is not None else function, *args, **kwargs)
                     result = await self._call(slot, call)
+                if self.serializer is not None:
+                    result = self._encoded(result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -500,6 +509,20 @@ class Worker:
         except TypeError as exc:
             raise _BadCall("TypeError", f"{name}() cannot take these arguments: {exc}") from None
         return task, args, kwargs
+
+    def _decoded(self, payload: bytes) -> Any:
+        assert self.serializer is not None
+        try:
+            return self.serializer.loads(payload)
+        except Exception as exc:
+            raise _BadCall("UndecodablePayload", f"the serializer cannot read the payload: {exc}") from exc
+
+    def _encoded(self, result: Any) -> bytes:
+        assert self.serializer is not None
+        try:
+            return self.serializer.dumps(result)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _BadCall("UnencodableResult", f"the serializer cannot encode the result: {exc}") from exc
 
     async def _call(self, slot: int, call: Callable[[], Any]) -> Any:
         runner = self._slots[slot]

@@ -531,10 +531,13 @@ class Scheduler:
             self._outbox.results.setdefault(session_id, []).append([job_id, "unknown", None])
         elif job.state in FINAL_STATES:
             self._outbox.results.setdefault(session_id, []).append(_outcome(job))
-        elif job.watchers is None:
-            job.watchers = [session_id]
-        elif session_id not in job.watchers:
-            job.watchers.append(session_id)
+        else:
+            if job.watchers is None:
+                job.watchers = [session_id]
+            elif session_id not in job.watchers:
+                job.watchers.append(session_id)
+            if job.progress is not None:  # a follower that comes late sees where the job is
+                self._outbox.progress.setdefault(session_id, []).append([job.id, *job.progress])
 
     # --- workers ----------------------------------------------------------------------
 

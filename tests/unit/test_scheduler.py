@@ -477,3 +477,14 @@ def test_progress_is_fenced_kept_and_sent_to_watchers() -> None:
     ]
     assert ProgressReady(PRODUCER, [[job_id, 1.0, "over"]]) in h.flush()  # clamped to 0..1
     assert h.scheduler.job_info(job_id)["progress"] == {"fraction": 1.0, "message": "over"}
+
+
+def test_a_late_follower_gets_the_current_progress_at_once() -> None:
+    h = Harness()
+    (job_id,) = h.submit(["x"])
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    token = h.deliveries()[WORKER_A][0][1]
+    h.scheduler.progress(WORKER_A, [[job_id, token, 0.3, "a third"]], h.now)
+    h.flush()
+    h.scheduler.watch(PRODUCER, [job_id])
+    assert ProgressReady(PRODUCER, [[job_id, 0.3, "a third"]]) in h.flush()

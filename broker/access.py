@@ -27,7 +27,9 @@ from broker.protocol.messages import (
     Drain,
     Fail,
     JobInfo,
+    JobList,
     Progress,
+    QueuePurge,
     Release,
     Reserve,
     Started,
@@ -46,10 +48,12 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
 
 
-_PRODUCER_OPS = frozenset({Submit.op, Watch.op, Cancel.op, JobInfo.op})
+_PRODUCER_OPS = frozenset({Submit.op, Watch.op, Cancel.op, JobInfo.op, JobList.op})
 # `started` is a notice (no reply), allowed like the requests of the same role.
 _WORKER_OPS = frozenset({Reserve.op, Complete.op, Fail.op, Touch.op, Release.op, Progress.op, Started.op})
-_ADMIN_OPS = _PRODUCER_OPS | _WORKER_OPS | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op, Drain.op}
+_ADMIN_OPS = (
+    _PRODUCER_OPS | _WORKER_OPS | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op, Drain.op, QueuePurge.op}
+)
 
 # The requests each role may make; anything else is answered `forbidden`.
 PERMISSIONS: Mapping[str, frozenset[str]] = {

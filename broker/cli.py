@@ -1,4 +1,10 @@
-"""The `jobbroker` command: serve, worker, submit, stats."""
+"""The `jobbroker` command: serve, worker, submit, stats and the rest.
+
+Exit status (README, "Command line"): 0 success; 1 a job failed (dead or cancelled); 2 bad
+usage or configuration, or the broker could not start; 3 the broker could not be reached; 4
+the broker refused (authentication, role, a bad request); 5 timed out; 130 interrupted. A
+closed output pipe ends the command quietly.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +34,18 @@ from broker.config import (
     is_loopback,
 )
 from broker.core.scheduler import SchedulerConfig
-from broker.errors import ConfigError, JobbrokerError, StorageError, UsageError
+from broker.errors import (
+    AuthenticationFailed,
+    BrokerError,
+    ConfigError,
+    ConnectionClosed,
+    JobbrokerError,
+    JobError,
+    ProtocolError,
+    ResultTimeout,
+    StorageError,
+    UsageError,
+)
 from broker.protocol.auth import Credential, default_data_dir, resolve_secret
 from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from broker.store import FsyncMode
@@ -36,7 +53,14 @@ from broker.store import FsyncMode
 __all__ = ["main"]
 
 log = logging.getLogger("jobbroker")
-DEFAULT_CONNECT = os.environ.get("JOBBROKER_CONNECT") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+EXIT_TIMED_OUT = 5
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,18 +74,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(JsonLogFormatter() if args.log_format == "json" else logging.Formatter(_TEXT_LOG_FORMAT))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     try:
-        return int(args.run(args) or 0)
-    except (ConfigError, StorageError) as exc:
-        print(f"jobbroker: {exc}", file=sys.stderr)
-        return 2
-    except JobbrokerError as exc:
-        print(f"jobbroker: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, TimeoutError) as exc:
-        print(f"jobbroker: cannot reach the broker: {exc}", file=sys.stderr)
-        return 1
+        status, message = int(args.run(args) or 0), None
+    except BrokenPipeError:
+        # The reader went away (`jobbroker stats --json | head -1`): stop quietly, and keep
+        # Python from complaining when it flushes stdout at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        status, message = exit_status(exc)
+        if status is None:
+            raise
+    if message:
+        print(f"jobbroker: {message}", file=sys.stderr)
+    return status
+
+
+def exit_status(exc: BaseException) -> tuple[int | None, str]:
+    """The exit status and the message for an exception that ended a command (None: a bug,
+    let it show its traceback)."""
+    if isinstance(exc, ConfigError | StorageError | UsageError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, AuthenticationFailed) or (
+        isinstance(exc, ConnectionClosed) and isinstance(exc.cause, AuthenticationFailed)
+    ):
+        return EXIT_REFUSED, f"the broker refused our credentials ({exc}); check the secret or --credential"
+    if isinstance(exc, ResultTimeout | TimeoutError):
+        return EXIT_TIMED_OUT, str(exc) or "timed out"
+    if isinstance(exc, ConnectionClosed | ProtocolError):
+        return EXIT_UNREACHABLE, str(exc)
+    if isinstance(exc, BrokerError):
+        return EXIT_REFUSED, f"the broker refused: {exc}"
+    if isinstance(exc, JobError):
+        return EXIT_JOB_FAILED, str(exc)
+    if isinstance(exc, JobbrokerError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, OSError):
+        return EXIT_UNREACHABLE, f"cannot reach the broker: {exc.strerror or exc}"
+    return None, ""
 
 
 _TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -147,6 +199,7 @@ def _setting(action: argparse.Action, value: Any) -> Any:
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="jobbroker", description="A job broker for Python.")
+    parser.add_argument("--version", action="version", version=f"jobbroker {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -203,13 +256,26 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--grace", type=float, default=10.0, help="on SIGTERM: seconds for jobs in flight (10)")
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
 
+    from client.connection import default_address
+
+    default_connect = default_address()
+
     def client_command(name: str, run: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         sub = command(name, run, help_text)
-        sub.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
+        sub.add_argument(
+            "--connect",
+            default=default_connect,
+            help=f"broker HOST:PORT ($JOBBROKER_CONNECT, else 127.0.0.1:$JOBBROKER_PORT; now {default_connect})",
+        )
         sub.add_argument(
             "--credential", default=None, help="credential name (default $JOBBROKER_CREDENTIAL, else default)"
         )
         sub.add_argument("--tls-ca", default=None, help="CA file: speak TLS, verify the broker against it")
+        sub.add_argument(
+            "--wait-for-broker",
+            action="store_true",
+            help="keep trying to reach a broker that is not up yet (else fail at once)",
+        )
         return sub
 
     worker = client_command("worker", _worker, "run a worker on a handler")
@@ -264,10 +330,31 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     drain.add_argument("--wait", action="store_true", help="wait until no job is in flight")
     drain.add_argument("--timeout", type=float, default=None, help="with --wait: seconds at most")
 
-    job = client_command("job", _job, "show one job")
-    job.add_argument("action", choices=["show"])
-    job.add_argument("job_id", type=int)
+    job = client_command("job", _job, "show one job, or list a queue's jobs in one state")
+    job.add_argument("action", choices=["show", "list"])
+    job.add_argument("target", help="show: a job id; list: a queue")
+    job.add_argument("--state", default="pending", choices=["pending", "delayed", "running", "dead"], help="list")
+    job.add_argument("--after", type=int, default=0, help="list: jobs after this id (the last of the previous page)")
+    job.add_argument("--limit", type=int, default=100, help="list: at most this many (100, at most 1000)")
+    job.add_argument("--json", action="store_true", help="list: print JSON")
+
+    cancel = client_command("cancel", _cancel, "cancel jobs (running ones too: their workers are told)")
+    cancel.add_argument("job_ids", nargs="+", type=int)
+
+    queue = client_command("queue", _queue, "list queues, show one, or purge its waiting jobs")
+    queue.add_argument("action", choices=["list", "show", "purge"])
+    queue.add_argument("queue", nargs="?", help="show, purge: the queue")
+    queue.add_argument("--json", action="store_true", help="list, show: print JSON")
     return parser, serve
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("jobbroker")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(source tree)"
 
 
 def _run(coroutine: Coroutine[Any, Any, Any], *, use_uvloop: bool = True) -> Any:
@@ -377,7 +464,11 @@ async def _serve_until_signal(config: BrokerConfig, credentials: Mapping[str, Cr
 
     loop = asyncio.get_running_loop()
     broker = Broker(config, credentials=credentials)
-    await broker.start()
+    try:
+        await broker.start()
+    except OSError as exc:  # a start fault (exit 2), not a broker we could not reach
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {reason}") from exc
     print(f"jobbroker listening on {config.host}:{broker.port}", file=sys.stderr, flush=True)
     stopping: list[asyncio.Task[None]] = []
 
@@ -451,6 +542,7 @@ def _worker(args: argparse.Namespace) -> int:
         handle_signals=True,
         timeout=args.timeout,
         hand_back_after=args.hand_back_after,
+        wait_for_broker=args.wait_for_broker,
     )
     log.info("worker on %s taking from %s", args.connect, ", ".join(worker.queues))
     _run(worker.run())
@@ -493,14 +585,33 @@ def _submit(args: argparse.Namespace) -> int:
                 show_progress("submitted", len(ids), len(payloads))
         if not args.wait:
             print("\n".join(map(str, ids)))
-            return
+            return EXIT_OK
+        await _warn_if_unserved(client, args.queue)
         outcomes = await asyncio.gather(*(client.result(i, timeout=args.timeout) for i in ids), return_exceptions=True)
+        status = EXIT_OK
         for job_id, payload, outcome in zip(ids, payloads, outcomes, strict=True):
-            shown = f"error: {outcome}" if isinstance(outcome, BaseException) else json.dumps(outcome, default=repr)
+            if isinstance(outcome, BaseException):
+                code, reason = exit_status(outcome)
+                if code is None:
+                    raise outcome
+                status = max(status, code)
+                shown = f"error: {reason}"
+            else:
+                shown = json.dumps(outcome, default=repr)
             print(f"{job_id}\t{json.dumps(payload)}\t{shown}")
+        return status
 
-    _with_client(args, go)
-    return 0
+    return int(_with_client(args, go))
+
+
+async def _warn_if_unserved(client: Any, queue: str) -> None:
+    """Say so when no worker takes from the queue (an admin can tell; others cannot)."""
+    try:
+        workers = (await client.stats())["workers"]
+    except BrokerError:
+        return
+    if not any(queue in worker["queues"] for worker in workers):
+        print(f"jobbroker: no worker serves queue {queue!r} yet; waiting for one", file=sys.stderr)
 
 
 def _read_json_lines(path: str) -> list[Any]:
@@ -531,7 +642,8 @@ def _with_client(args: argparse.Namespace, call: Callable[[Any], Coroutine[Any, 
     from client.client import Client
 
     async def go() -> Any:
-        async with Client(args.connect, name="cli", **_client_options(args)) as client:
+        options = _client_options(args)
+        async with Client(args.connect, name="cli", wait_for_broker=args.wait_for_broker, **options) as client:
             return await call(client)
 
     return _run(go())
@@ -584,10 +696,15 @@ def _drain(args: argparse.Namespace) -> int:
     async def go(client: Any) -> int:
         in_flight = int(await client.drain(not args.resume))
         if args.wait and not args.resume:
-            async with asyncio.timeout(args.timeout):
-                while in_flight:
-                    await asyncio.sleep(0.2)
-                    in_flight = sum(q["in_flight"] for q in (await client.stats())["queues"].values())
+            try:
+                async with asyncio.timeout(args.timeout):
+                    while in_flight:
+                        await asyncio.sleep(0.2)
+                        in_flight = sum(q["in_flight"] for q in (await client.stats())["queues"].values())
+            except TimeoutError:
+                raise TimeoutError(
+                    f"deliveries stopped, but {in_flight} jobs were still in flight after {args.timeout:g} s"
+                ) from None
         return in_flight
 
     in_flight = _with_client(args, go)
@@ -596,7 +713,25 @@ def _drain(args: argparse.Namespace) -> int:
 
 
 def _job(args: argparse.Namespace) -> int:
-    info = _with_client(args, lambda c: c.job(args.job_id))
+    if args.action == "list":
+        jobs = _with_client(args, lambda c: c.jobs(args.target, args.state, after=args.after, limit=args.limit))
+        if args.json:
+            print(json.dumps(jobs, indent=2))
+        elif not jobs:
+            print(f"(no {args.state} jobs in {args.target}{f' after {args.after}' if args.after else ''})")
+        else:
+            rows = [
+                [j["id"], j["priority"], f"{j['attempts']}/{j['max_attempts']}", _error_text(j["error"])] for j in jobs
+            ]
+            print("\n".join(_table(["job", "priority", "attempts", "last error"], rows)))
+            if len(jobs) == args.limit:
+                print(f"(more: --after {jobs[-1]['id']})")
+        return EXIT_OK
+    try:
+        job_id = int(args.target)
+    except ValueError:
+        raise ConfigError(f"job show takes a job id, not {args.target!r}") from None
+    info = _with_client(args, lambda c: c.job(job_id))
     width = max(map(len, info))
     for name, value in info.items():
         if name == "error" and isinstance(value, dict):
@@ -606,6 +741,44 @@ def _job(args: argparse.Namespace) -> int:
         else:
             print(f"{name:{width}}  {json.dumps(value, default=repr)}")
     return 0
+
+
+def _error_text(error: dict[str, Any] | None) -> str:
+    return "" if not error else f"{error.get('type')}: {error.get('message')}"
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    refused = _with_client(args, lambda c: c.cancel_many(args.job_ids))
+    reasons = {"not_found": "no such job", "invalid_state": "finished already"}
+    for job_id in args.job_ids:
+        if job_id in refused:
+            print(f"job {job_id}: not cancelled: {reasons.get(refused[job_id], refused[job_id])}")
+        else:
+            print(f"job {job_id}: cancelled")
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+def _queue(args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.queue:
+        raise ConfigError(f"queue {args.action} needs a queue name")
+    if args.action == "purge":
+        purged = _with_client(args, lambda c: c.purge_queue(args.queue))
+        print(f"cancelled {purged} waiting jobs of {args.queue}")
+        return EXIT_OK
+    queues = _with_client(args, lambda c: c.stats())["queues"]
+    if args.action == "list":
+        shown: Any = sorted(queues)
+        print(json.dumps(shown) if args.json else "\n".join(shown) or "(no queues)")
+        return EXIT_OK
+    if args.queue not in queues:
+        known = ", ".join(sorted(queues)) or "none"
+        raise ConfigError(f"no queue named {args.queue!r} (queues: {known})")
+    if args.json:
+        print(json.dumps(queues[args.queue], indent=2))
+    else:
+        for name, value in queues[args.queue].items():
+            print(f"{name:22} {value}")
+    return EXIT_OK
 
 
 def format_stats(info: dict[str, Any]) -> str:

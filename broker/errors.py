@@ -11,6 +11,7 @@
     │   ├── AuthenticationFailed the handshake failed (wrong secret, bad proof, timeout)
     │   └── IntegrityError       a frame's MAC did not verify (altered, replayed, reordered)
     ├── ConnectionClosed         the connection is gone; `cause` says why
+    │   └── BrokerUnreachable    no broker answered at the address (refused, unknown host, timeout)
     ├── BrokerError              the broker refused a request; `code` is the wire error code
     │   ├── QueueFull
     │   ├── JobNotFound
@@ -40,6 +41,7 @@ from typing import Any
 __all__ = [
     "AuthenticationFailed",
     "BrokerError",
+    "BrokerUnreachable",
     "ConfigError",
     "ConnectionClosed",
     "Fail",
@@ -141,6 +143,24 @@ class ConnectionClosed(JobbrokerError):
     def __init__(self, message: str = "connection closed", cause: BaseException | None = None) -> None:
         super().__init__(message if cause is None else f"{message}: {cause}")
         self.cause = cause
+
+
+class BrokerUnreachable(ConnectionClosed):
+    """No broker could be reached at `address` (connection refused, unknown host, no answer,
+    or not a jobbroker broker). Raised at once for a broker never reached before, rather than
+    after minutes of retries."""
+
+    def __init__(self, address: str, cause: BaseException | None = None) -> None:
+        reason = _describe_os_error(cause) if cause is not None else "no answer"
+        JobbrokerError.__init__(self, f"cannot reach the broker at {address}: {reason}")
+        self.cause = cause
+        self.address = address
+
+
+def _describe_os_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower() if error.strerror[:1].isupper() else error.strerror
+    return str(error) or type(error).__name__
 
 
 class BrokerError(JobbrokerError):

@@ -63,9 +63,11 @@ from broker.protocol.messages import (
     Fail,
     Heartbeat,
     JobInfo,
+    JobList,
     Message,
     Progress,
     Progressed,
+    QueuePurge,
     Release,
     Reply,
     Request,
@@ -356,6 +358,8 @@ class Broker:
             Cancel: self._on_cancel,
             Stats: self._on_stats,
             JobInfo: self._on_job_info,
+            JobList: self._on_job_list,
+            QueuePurge: self._on_queue_purge,
             DeadList: self._on_dead_list,
             DeadRequeue: self._on_dead_requeue,
             DeadPurge: self._on_dead_purge,
@@ -676,6 +680,18 @@ class Broker:
     def _on_job_info(self, client: _BrokerProtocol, request: JobInfo, now: float) -> dict[str, Any]:
         return {"job": self.scheduler.job_info(request.job_id, owner=client.owner)}
 
+    def _on_job_list(self, client: _BrokerProtocol, request: JobList, now: float) -> dict[str, Any]:
+        jobs = self.scheduler.job_list(
+            request.queue, request.state, after=request.after, limit=request.limit, owner=client.owner
+        )
+        return {"jobs": jobs}
+
+    def _on_queue_purge(self, client: _BrokerProtocol, request: QueuePurge, now: float) -> dict[str, Any]:
+        purged = self.scheduler.purge_queue(request.queue, now)
+        if purged:
+            log.warning("queue %s purged by session %d: %s", request.queue, client.session, _ids(purged))
+        return {"purged": len(purged)}
+
     def _on_dead_list(self, client: _BrokerProtocol, request: DeadList, now: float) -> dict[str, Any]:
         return {"jobs": self.scheduler.dead_list(request.queue, request.limit)}
 
@@ -870,7 +886,7 @@ class Broker:
 
 
 # Replies that wait for the commit of what the request changed (see Broker._flush_now).
-_DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge})
+_DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge, QueuePurge})
 
 # The push message that carries each kind of effect to its session.
 _PUSHES: dict[type[Effect], type[Deliver] | type[Results] | type[Progressed] | type[Revoked]] = {

@@ -30,7 +30,9 @@ from broker.protocol.messages import (
     Deliver,
     Drain,
     JobInfo,
+    JobList,
     Progressed,
+    QueuePurge,
     Results,
     Revoked,
     Stats,
@@ -62,6 +64,8 @@ class Client:
             certificate; default $JOBBROKER_TLS_CA, else plain TCP.
         name: how this client shows in the broker's logs and stats.
         reconnect_timeout: how long to keep trying to reach a broker that went away.
+        wait_for_broker: keep trying (for reconnect_timeout) to reach a broker never reached
+            yet; by default the first connection fails at once with BrokerUnreachable.
         serializer: turns payloads into bytes and results back (client.serializers); the
             workers must use the same. Default: payloads travel as msgpack values.
 
@@ -82,6 +86,7 @@ class Client:
         name: str = "client",
         reconnect_timeout: float = 30.0,
         serializer: Serializer | None = None,
+        wait_for_broker: bool = False,
     ) -> None:
         self.serializer = serializer
         self._link = Link.from_settings(
@@ -95,6 +100,7 @@ class Client:
             on_connect=self._on_connect,
             on_lost=self._on_lost,
             reconnect_timeout=reconnect_timeout,
+            wait_for_broker=wait_for_broker,
         )
         self._reconnecting: asyncio.Task[None] | None = None
         self._waiters: dict[int, asyncio.Future[list[Any]]] = {}  # job id -> its outcome
@@ -490,6 +496,22 @@ class Client:
     async def stats(self) -> dict[str, Any]:
         """Per-queue counts and rates, and the connected workers."""
         return await self._link.call(Stats)
+
+    async def jobs(self, queue: str, state: str, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """A page of a queue's jobs in `state` ("pending", "delayed", "running" or "dead"), by
+        id, those after `after` (the last id of the previous page); without payloads. A
+        producer sees only its own jobs.
+
+        Raises:
+            InvalidRequest: an unknown state, or a limit outside 1..1000.
+        """
+        reply = await self._link.call(JobList, queue=queue, state=state, after=after, limit=limit)
+        return list(reply["jobs"])
+
+    async def purge_queue(self, queue: str) -> int:
+        """Cancel every pending and delayed job of a queue (admins only). Returns how many."""
+        reply = await self._link.call(QueuePurge, queue=queue)
+        return int(reply["purged"])
 
     async def dead_letters(self, queue: str, limit: int = 100) -> list[dict[str, Any]]:
         """The queue's dead jobs, oldest first, with their last errors."""

@@ -13,11 +13,12 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 from broker.errors import (
     AuthenticationFailed,
+    BrokerUnreachable,
     ConfigError,
     ConnectionClosed,
     FrameTooLarge,
@@ -44,6 +45,18 @@ from broker.protocol.messages import (
 log = logging.getLogger("jobbroker.client")
 
 DEFAULT_ADDRESS = "127.0.0.1:7878"
+
+
+def default_address(environ: Mapping[str, str] | None = None) -> str:
+    """$JOBBROKER_CONNECT; else the loopback on $JOBBROKER_PORT (where a broker started with
+    that variable listens); else 127.0.0.1:7878."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JOBBROKER_CONNECT"):
+        return environ["JOBBROKER_CONNECT"]
+    if environ.get("JOBBROKER_PORT"):
+        return f"127.0.0.1:{environ['JOBBROKER_PORT']}"
+    return DEFAULT_ADDRESS
+
 
 __all__ = ["Connection", "Link", "backoff_delays", "client_tls", "is_retryable", "parse_address"]
 
@@ -295,6 +308,13 @@ class Connection:
         self.closed.set_result(exc)
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """The OS-level reason under a ConnectionClosed (refused, reset...), for messages."""
+    while isinstance(error, ConnectionClosed) and error.cause is not None:
+        error = error.cause
+    return error
+
+
 class Link:
     """One live Connection to the broker, replaced with backoff when it is lost.
 
@@ -305,7 +325,10 @@ class Link:
         on_push: called with every delivery or result pushed by the broker.
         on_connect: called with each new connection (to watch or reserve again) before use.
         on_lost: called when a connection is lost (not when the link is closed).
-        reconnect_timeout: how long to keep trying before giving up with the last error.
+        reconnect_timeout: how long to keep trying to reach a broker that went away before
+            giving up with the last error.
+        wait_for_broker: also keep trying (for reconnect_timeout) when the broker has never
+            been reached; else a first connection that fails raises BrokerUnreachable at once.
         credential: the credential name to authenticate as.
         tls: a client TLS context, to speak TLS to the broker.
     """
@@ -323,8 +346,13 @@ class Link:
         connect_timeout: float = 10.0,
         credential: str = DEFAULT_CREDENTIAL,
         tls: ssl.SSLContext | None = None,
+        wait_for_broker: bool = False,
     ) -> None:
         self.host, self.port = parse_address(address)
+        self.address = f"{self.host}:{self.port}"
+        self.wait_for_broker = wait_for_broker
+        self._reached = False  # a broker answered once: worth waiting for when it goes away
+        self._last_complaint = float("-inf")
         self._credential = credential
         self._tls = tls
         self._secret = secret
@@ -349,11 +377,11 @@ class Link:
         tls: ssl.SSLContext | str | os.PathLike[str] | None,
         **options: Any,
     ) -> Link:
-        """A link from a Client's or Worker's arguments, the environment filling the gaps:
-        $JOBBROKER_CONNECT (else 127.0.0.1:7878), the secret as resolve_secret() finds it,
+        """A link from a Client's or Worker's arguments, the environment filling the gaps: the
+        address as default_address() finds it, the secret as resolve_secret() finds it,
         $JOBBROKER_CREDENTIAL (else "default"), $JOBBROKER_TLS_CA (else plain TCP)."""
         return cls(
-            address or os.environ.get("JOBBROKER_CONNECT") or DEFAULT_ADDRESS,
+            address or default_address(),
             resolve_secret(secret, secret_file),
             credential=credential or os.environ.get("JOBBROKER_CREDENTIAL") or DEFAULT_CREDENTIAL,
             tls=client_tls(tls if tls is not None else os.environ.get("JOBBROKER_TLS_CA") or None),
@@ -372,7 +400,8 @@ class Link:
         Raises:
             ConnectionClosed: the link was closed.
             AuthenticationFailed: the broker refused our secret.
-            OSError, TimeoutError: the broker stayed unreachable for reconnect_timeout.
+            BrokerUnreachable: no broker at the address (at once if never reached and not
+            wait_for_broker; else after reconnect_timeout).
         """
         connection = self.current
         if connection is not None:
@@ -405,14 +434,28 @@ class Link:
                     timeout=self.connect_timeout,
                 )
             except Exception as exc:
-                if not is_retryable(exc) or loop.time() >= give_up_at:
+                if not is_retryable(exc):
                     raise
+                # Nothing listens there (refused, no such host, no answer): say so now. A broker
+                # that answered and then hung up (at its connection limit, restarting) is worth
+                # the retries.
+                never_answered = not isinstance(exc, ConnectionClosed)
+                if (never_answered and not (self._reached or self.wait_for_broker)) or loop.time() >= give_up_at:
+                    raise BrokerUnreachable(self.address, _root_cause(exc)) from exc
+                self._complain(exc, loop.time())
                 await asyncio.sleep(min(next(delays), max(0.0, give_up_at - loop.time())))
                 continue
+            self._reached = True
             connection.closed.add_done_callback(self._connection_closed)
             if self._on_connect is not None:
                 self._on_connect(connection)
             return connection
+
+    def _complain(self, error: BaseException, now: float) -> None:
+        """Say that the broker is unreachable, at most once every 10 s while retrying."""
+        if now - self._last_complaint >= 10.0:
+            self._last_complaint = now
+            log.warning("%s; retrying", BrokerUnreachable(self.address, _root_cause(error)))
 
     def _connection_closed(self, closed: asyncio.Future[ConnectionClosed]) -> None:
         if not self._closed and self._on_lost is not None:

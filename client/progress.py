@@ -15,7 +15,10 @@ def progress_bar(fraction: float, width: int = 30) -> str:
 
 
 def show_progress(what: str, done: int, total: int) -> None:
-    """Draw `what [#####.....] done/total` over the previous bar; a newline once done."""
+    """Draw `what [#####.....] done/total` over the previous bar; a newline once done. Only
+    on a terminal: a log file or a pipe gets no bars."""
+    if not sys.stderr.isatty():
+        return
     end = "\n" if done >= total else ""
     bar = progress_bar(done / total if total else 1.0)
     print(f"\r{what} {bar} {done}/{total}", end=end, file=sys.stderr, flush=True)

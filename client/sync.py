@@ -69,8 +69,8 @@ class SyncClient:
     def progress(self, job_id: int) -> Iterator[ProgressReport]:
         """Blocking form of Client.progress: yields the job's progress reports until it ends.
 
-            for report in client.progress(job_id):
-                print(f"{report.fraction:.0%} {report.message}")
+        for report in client.progress(job_id):
+            print(f"{report.fraction:.0%} {report.message}")
         """
         reports = self._client.progress(job_id)
         try:
@@ -97,6 +97,8 @@ class SyncClient:
     cancel = _blocking("cancel")
     cancel_many = _blocking("cancel_many")
     job = _blocking("job")
+    jobs = _blocking("jobs")
+    purge_queue = _blocking("purge_queue")
     dead_letters = _blocking("dead_letters")
     requeue_dead = _blocking("requeue_dead")
     purge_dead = _blocking("purge_dead")

@@ -152,6 +152,9 @@ class Worker:
         grace: seconds stop() waits for running jobs before handing them back.
         handle_signals: make SIGTERM and SIGINT call stop() while run() runs.
         reconnect_timeout: how long to keep trying to reach a broker that went away.
+        wait_for_broker: keep trying (for reconnect_timeout) to reach a broker never reached
+            yet, logging each failure at most every 10 s; by default run() fails at once with
+            BrokerUnreachable.
         timeout: seconds one attempt may run, for jobs submitted without a `timeout` of their
             own (None: no limit). A coroutine handler is cancelled, a process handler's
             process is killed and replaced, a thread handler is abandoned (it runs on, its
@@ -185,6 +188,7 @@ class Worker:
         timeout: float | None = None,
         hand_back_after: float = 10.0,
         serializer: Serializer | None = None,
+        wait_for_broker: bool = False,
     ) -> None:
         if (handler is None) == (tasks is None):
             raise UsageError("a worker takes a handler or tasks (one of them)")
@@ -236,6 +240,7 @@ class Worker:
             on_push=self._on_push,
             on_connect=self._on_connect,
             reconnect_timeout=reconnect_timeout,
+            wait_for_broker=wait_for_broker,
         )
         self._waiting: deque[Job] = deque()  # delivered, not started
         self._running: dict[int, Job] = {}  # runner slot -> the job it runs

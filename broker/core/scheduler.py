@@ -503,19 +503,22 @@ class Scheduler:
             elif job.state in FINAL_STATES:
                 codes.append(InvalidState.code)
             else:
-                queue = self._queues[job.queue]
-                if job.state is JobState.PENDING:
-                    queue.pending_count -= 1  # the job stays in its FIFO; pop() skips it
-                elif job.state is JobState.LEASED:
-                    self._revoke(job, "cancelled")
-                    self._end_lease(job)
-                else:
-                    queue.delayed_count -= 1
-                    self._due_deadlines.cancel(job.id)
-                self._move(job, JobEvent.CANCEL)
-                self._finish(job, now)
+                self._cancel(job, now)
                 codes.append(None)
         return codes
+
+    def _cancel(self, job: Job, now: float) -> None:
+        queue = self._queues[job.queue]
+        if job.state is JobState.PENDING:
+            queue.pending_count -= 1  # the job stays in its FIFO; pop() skips it
+        elif job.state is JobState.LEASED:
+            self._revoke(job, "cancelled")
+            self._end_lease(job)
+        else:
+            queue.delayed_count -= 1
+            self._due_deadlines.cancel(job.id)
+        self._move(job, JobEvent.CANCEL)
+        self._finish(job, now)
 
     def watch(self, session_id: int, job_ids: Sequence[int], owner: str | None = None) -> None:
         """Ask for the outcome of jobs; each arrives in a ResultsReady effect, at once if the
@@ -674,6 +677,60 @@ class Scheduler:
         if job is None:
             raise JobNotFound(f"job {job_id} is unknown (never submitted, or expired)")
         return _describe(job)
+
+    def job_list(
+        self, queue_name: str, state: str, *, after: int = 0, limit: int = 100, owner: str | None = None
+    ) -> list[dict[str, Any]]:
+        """A page of a queue's jobs in one state ("pending", "delayed", "running" or "dead"),
+        by id, those after `after`; without payloads (job_info has them). An owner sees its
+        own jobs only.
+
+        Raises:
+            InvalidRequest: an unknown state or a limit outside 1..1000.
+        """
+        if not 1 <= limit <= MAX_LISTED:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_LISTED}")
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return []
+        candidates: Iterable[Job]
+        if state == "pending":
+            candidates = (job for fifo in queue.pending.values() for job in fifo)
+        elif state == "dead":
+            candidates = queue.dead.values()
+        elif state == "running":
+            candidates = (job for session in self._sessions.values() for job in session.leased.values())
+        elif state == "delayed":
+            candidates = self._jobs.values()  # no index by queue: an admin's occasional scan
+        else:
+            raise InvalidRequest(f"state must be pending, delayed, running or dead, not {state!r}")
+        wanted = _LISTED_STATES[state]
+        page = heapq.nsmallest(
+            limit,
+            (
+                job
+                for job in candidates
+                if job.id > after
+                and job.state is wanted
+                and job.queue == queue_name
+                and (owner is None or job.owner == owner)
+            ),
+            key=lambda job: job.id,
+        )
+        return [_summary(job) for job in page]
+
+    def purge_queue(self, queue_name: str, now: float) -> list[int]:
+        """Cancel every pending and delayed job of a queue (running and dead ones stay).
+        Returns the ids cancelled."""
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return []
+        waiting = [job for fifo in queue.pending.values() for job in fifo if job.state is JobState.PENDING]
+        if queue.delayed_count:
+            waiting += [j for j in self._jobs.values() if j.queue == queue_name and j.state is JobState.DELAYED]
+        for job in waiting:
+            self._cancel(job, now)
+        return [job.id for job in waiting]
 
     def dead_list(self, queue_name: str, limit: int = 100) -> list[dict[str, Any]]:
         queue = self._queues.get(queue_name)
@@ -1145,6 +1202,29 @@ def _running(job: Job, now: float) -> dict[str, Any]:
 
 def _progress(job: Job) -> dict[str, Any] | None:
     return None if job.progress is None else {"fraction": job.progress[0], "message": job.progress[1]}
+
+
+MAX_LISTED = 1000  # jobs in one page of job_list
+_LISTED_STATES = {
+    "pending": JobState.PENDING,
+    "delayed": JobState.DELAYED,
+    "running": JobState.LEASED,
+    "dead": JobState.DEAD,
+}
+
+
+def _summary(job: Job) -> dict[str, Any]:
+    """A job in a listing: what tells it apart, not its payload."""
+    return {
+        "id": job.id,
+        "state": str(job.state),
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "started": job.started_at is not None,
+        "error": None if job.error is None else {"type": job.error["type"], "message": job.error["message"]},
+        "key": job.key,
+    }
 
 
 def _describe(job: Job) -> dict[str, Any]:

@@ -35,9 +35,11 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "JobInfo",
+    "JobList",
     "Message",
     "Progress",
     "Progressed",
+    "QueuePurge",
     "Release",
     "Reply",
     "Request",
@@ -231,6 +233,27 @@ class JobInfo(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class JobList(Request):
+    """A page of a queue's jobs in one state, by id (docs/protocol.md, "job_list")."""
+
+    op: ClassVar[str] = "job_list"
+    id: int
+    queue: str
+    state: str
+    after: int = 0
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePurge(Request):
+    """Cancel every pending and delayed job of a queue."""
+
+    op: ClassVar[str] = "queue_purge"
+    id: int
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
 class DeadList(Request):
     op: ClassVar[str] = "dead_list"
     id: int
@@ -331,6 +354,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Cancel,
         Stats,
         JobInfo,
+        JobList,
+        QueuePurge,
         DeadList,
         DeadRequeue,
         DeadPurge,

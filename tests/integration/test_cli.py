@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from tests.helpers import TIME_UNIT
 from tests.integration.conftest import REPO, BrokerProcess, Process, wait_until
 
 
-def run(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
+def run(argv: list[str], env: dict[str, str], timeout: float = 60, status: int = 0) -> str:
     result = subprocess.run(
         argv,
         capture_output=True,
@@ -29,7 +30,7 @@ def run(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
         env={**os.environ, "PYTHONPATH": str(REPO), **env},
         cwd=REPO,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == status, result.stderr
     return result.stdout
 
 
@@ -115,7 +116,9 @@ def test_dead_letters_and_jobs_from_the_shell(
     start_worker(broker.address, "fragile", "handlers:fail_always")
     (job_id,) = map(int, run([*jobbroker, "submit", "fragile", '{"n": 1}', "--max-attempts", "1", *common], {}).split())
     output = run(
-        [*jobbroker, "submit", "fragile", "2", "--max-attempts", "1", "--wait", "--timeout", "20", *common], {}
+        [*jobbroker, "submit", "fragile", "2", "--max-attempts", "1", "--wait", "--timeout", "20", *common],
+        {},
+        status=1,  # a job failed
     )
     assert "is dead" in output
     listed = run([*jobbroker, "dead", "list", "fragile", *common], {})
@@ -208,7 +211,17 @@ def test_submit_from_json_lines_with_progress(
     assert result.returncode == 0, result.stderr
     rows = [line.split("\t") for line in result.stdout.splitlines()]
     assert [(int(payload), int(square)) for _, payload, square in rows] == [(n, n * n) for n in range(2500)]
-    assert "submitted [" in result.stderr and "2500/2500" in result.stderr
+    assert "submitted [" not in result.stderr  # not a terminal: no progress bar
+    in_a_terminal = subprocess.run(
+        ["script", "-qec", " ".join(map(shlex.quote, argv)), "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=60 * TIME_UNIT,
+        cwd=REPO,
+    )
+    assert (
+        in_a_terminal.returncode == 0 and "submitted [" in in_a_terminal.stdout and "2500/2500" in in_a_terminal.stdout
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text("1\n{oops\n")
     failed = subprocess.run([*argv[:5], "--file", str(bad), *common], capture_output=True, text=True, cwd=REPO)

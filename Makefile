@@ -23,7 +23,8 @@ test: $(VENV)/.installed browser
 # root (as in CI), else that one test skips and says why.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || [ "$$(id -u)" != 0 ] || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+		(echo "make test: installing Debian's chromium and chromium-driver with apt-get (for the dashboard's browser test)" && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,13 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _announce(message: str) -> None:
+    """A line that shows whatever the log level (scripts wait for it), in the log's format."""
+    record = logging.LogRecord("jobbroker", logging.INFO, __file__, 0, message, None, None)
+    handlers = logging.getLogger().handlers
+    print(handlers[0].format(record) if handlers else message, file=sys.stderr, flush=True)
+
+
 def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> argparse.Namespace:
     """The command line, with `serve`'s settings taken, in this order, from its flags, from
     JOBBROKER_<FLAG> environment variables (JOBBROKER_MAX_PENDING for --max-pending), from
@@ -156,7 +163,7 @@ def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Ma
     located = argparse.ArgumentParser(add_help=False)
     located.add_argument("--config")
     config_path = located.parse_known_args(argv)[0].config or environ.get("JOBBROKER_CONFIG")
-    settings: dict[str, Any] = {}
+    settings: dict[str, tuple[Any, str]] = {}  # dest -> (value, where it came from)
     if config_path:
         try:
             table = tomllib.loads(Path(config_path).read_text())
@@ -165,18 +172,26 @@ def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Ma
         for key, value in table.items():
             dest = key.replace("-", "_")
             if dest not in options:
-                raise ConfigError(f"{config_path}: unknown setting {key!r}")
-            settings[dest] = value
+                raise ConfigError(f"{config_path}: unknown setting {key!r}{_did_you_mean(dest, options)}")
+            settings[dest] = (value, f"{config_path}: {key}")
     for dest in options:
         name = f"JOBBROKER_{dest.upper()}"
         if environ.get(name) and dest not in ("secret_file",):  # $JOBBROKER_SECRET_FILE: resolve_secret's
-            settings[dest] = environ[name]
-    return {dest: _setting(options[dest], value) for dest, value in settings.items()}
+            settings[dest] = (environ[name], f"${name}")
+    return {dest: _setting(options[dest], value, source) for dest, (value, source) in settings.items()}
 
 
-def _setting(action: argparse.Action, value: Any) -> Any:
-    """A value from the environment or the config file, checked as the flag would be."""
-    flag = action.option_strings[0]
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _setting(action: argparse.Action, value: Any, source: str) -> Any:
+    """A value from the environment or the config file, checked as the flag would be; an
+    error names where the value came from and the flag it stands for."""
+    flag = f"{source} (for {action.option_strings[0]})"
     if isinstance(action, argparse._StoreTrueAction):
         if isinstance(value, bool):
             return value
@@ -469,7 +484,7 @@ async def _serve_until_signal(config: BrokerConfig, credentials: Mapping[str, Cr
     except OSError as exc:  # a start fault (exit 2), not a broker we could not reach
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {reason}") from exc
-    print(f"jobbroker listening on {config.host}:{broker.port}", file=sys.stderr, flush=True)
+    _announce(f"jobbroker listening on {config.host}:{broker.port}")
     stopping: list[asyncio.Task[None]] = []
 
     def on_signal() -> None:
@@ -738,7 +753,11 @@ def _job(args: argparse.Namespace) -> int:
             print(f"{name:{width}}  {value.get('type')}: {value.get('message')}")
             for line in str(value.get("traceback") or "").rstrip().splitlines():
                 print(f"{'':{width}}    {line}")
-        else:
+        elif name == "payload" and value is None and info.get("state") == "done":
+            print(f"{name:{width}}  (not kept once the job is done)")
+        elif name == "worker" and value is not None:
+            print(f"{name:{width}}  {info.get('worker_name') or 'worker'}, session {value}")
+        elif name != "worker_name":
             print(f"{name:{width}}  {json.dumps(value, default=repr)}")
     return 0
 

@@ -676,7 +676,10 @@ class Scheduler:
         job = self._visible(job_id, owner)
         if job is None:
             raise JobNotFound(f"job {job_id} is unknown (never submitted, or expired)")
-        return _describe(job)
+        info = _describe(job)
+        session = self._sessions.get(job.worker) if job.worker is not None else None
+        info["worker_name"] = None if session is None else f"{session.name or 'worker'} ({session.peer})"
+        return info
 
     def job_list(
         self, queue_name: str, state: str, *, after: int = 0, limit: int = 100, owner: str | None = None

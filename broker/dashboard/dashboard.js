@@ -51,7 +51,11 @@ function runningJob(job) {
   div.className = "job";
   div.dataset.job = job.id;
   const label = document.createElement("span");
-  label.textContent = `#${job.id} ${job.queue}, ${seconds(job.running_seconds)}`;
+  // A job in the worker's prefetch buffer has not started: it is waiting, not running.
+  label.textContent = job.started === false
+    ? `#${job.id} ${job.queue}, waiting in the worker's buffer`
+    : `#${job.id} ${job.queue}, ${seconds(job.running_seconds)}`;
+  if (job.started === false) div.classList.add("buffered");
   div.append(label);
   if (job.progress) {
     const bar = document.createElement("progress");

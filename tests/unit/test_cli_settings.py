@@ -36,10 +36,16 @@ def test_precedence_flag_then_environment_then_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("environ", "file_text", "message"),
     [
-        ({"JOBBROKER_PORT": "seventy"}, "", "--port: 'seventy' is not a valid value"),
-        ({"JOBBROKER_FSYNC": "sometimes"}, "", "--fsync: 'sometimes' is not one of always, interval, never"),
-        ({"JOBBROKER_MEMORY": "perhaps"}, "", "--memory: 'perhaps' is not true or false"),
+        ({"JOBBROKER_PORT": "seventy"}, "", r"\$JOBBROKER_PORT \(for --port\): 'seventy' is not a valid value"),
+        (
+            {"JOBBROKER_FSYNC": "sometimes"},
+            "",
+            r"\$JOBBROKER_FSYNC \(for --fsync\): 'sometimes' is not one of always, interval, never",
+        ),
+        ({"JOBBROKER_MEMORY": "perhaps"}, "", r"\$JOBBROKER_MEMORY \(for --memory\): 'perhaps' is not true or false"),
+        ({}, "port = 'x'\n", r"jobbroker.toml: port \(for --port\): 'x' is not a valid value"),
         ({}, "colour = 'blue'\n", "unknown setting 'colour'"),
+        ({}, "max_pendng = 5\n", r"unknown setting 'max_pendng' \(did you mean 'max_pending'\?\)"),
         ({}, "port = [1\n", "cannot read config file"),
     ],
 )

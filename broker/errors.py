@@ -8,6 +8,7 @@
     │   ├── FrameTooLarge        a frame header declared more than the limit
     │   ├── MalformedMessage     not msgpack, not a map, unknown op, wrong field types
     │   ├── AuthenticationFailed the handshake failed (wrong secret, bad proof, timeout)
+    │   ├── TlsMismatch          one side speaks TLS and the other plain TCP
     │   └── IntegrityError       a frame's MAC did not verify (altered, replayed, reordered)
     ├── ConnectionClosed         the connection is gone; `cause` says why
     ├── BrokerError              the broker refused a request; `code` is the wire error code
@@ -18,6 +19,7 @@
     │   ├── InvalidRequest
     │   ├── Forbidden            the credential's role does not allow it
     │   ├── LimitExceeded        over a batch, payload, result or queue-count limit
+    │   │   └── ReplyTooLarge    the reply would not fit in a frame (or the connection's budget)
     │   └── StorageUnavailable   the broker cannot persist new jobs right now
     ├── JobError                 a job ended without a result
     │   ├── JobDead              it failed max_attempts times; `error` holds the last failure
@@ -54,9 +56,11 @@ __all__ = [
     "MalformedMessage",
     "ProtocolError",
     "QueueFull",
+    "ReplyTooLarge",
     "ResultTimeout",
     "StorageError",
     "StorageUnavailable",
+    "TlsMismatch",
     "UsageError",
     "broker_error",
 ]
@@ -109,6 +113,13 @@ class AuthenticationFailed(ProtocolError):
     """The handshake did not prove knowledge of the shared secret."""
 
     code = "auth_failed"
+
+
+class TlsMismatch(ProtocolError):
+    """One side speaks TLS and the other plain TCP: a TLS client at a plaintext port, or a
+    plaintext client at a TLS port. No retry mends it: fix the client's `tls` setting."""
+
+    code = "tls_mismatch"
 
 
 class IntegrityError(ProtocolError):
@@ -168,6 +179,13 @@ class LimitExceeded(BrokerError):
     code = "limit_exceeded"
 
 
+class ReplyTooLarge(LimitExceeded):
+    """The reply to this request would be larger than a frame (or than what the broker holds
+    for one connection); nothing was built. Ask for less (e.g. fewer ids per request)."""
+
+    code = "reply_too_large"
+
+
 class StorageUnavailable(BrokerError):
     """The broker cannot persist new jobs (disk full, unwritable, failing); nothing was accepted."""
 
@@ -213,6 +231,7 @@ _BROKER_ERRORS: dict[str, type[BrokerError]] = {
         InvalidRequest,
         Forbidden,
         LimitExceeded,
+        ReplyTooLarge,
         StorageUnavailable,
     )
 }

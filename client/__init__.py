@@ -19,8 +19,10 @@ from broker.errors import (
     LeaseLost,
     LimitExceeded,
     QueueFull,
+    ReplyTooLarge,
     ResultTimeout,
     StorageUnavailable,
+    TlsMismatch,
     UsageError,
 )
 from client.client import Client, ProgressReport
@@ -46,9 +48,11 @@ __all__ = [
     "LimitExceeded",
     "ProgressReport",
     "QueueFull",
+    "ReplyTooLarge",
     "ResultTimeout",
     "StorageUnavailable",
     "SyncClient",
+    "TlsMismatch",
     "UsageError",
     "Worker",
     "current_job",

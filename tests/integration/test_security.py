@@ -27,6 +27,7 @@ from client import (
     JobDead,
     JobNotFound,
     LimitExceeded,
+    TlsMismatch,
     Worker,
 )
 from client.connection import Connection, parse_address
@@ -202,7 +203,7 @@ async def test_tls_happy_path_wrong_ca_and_plain_tcp(
     with pytest.raises(ssl.SSLCertVerificationError):
         async with Client(broker.address, secret=SECRET, tls=str(stranger_file), reconnect_timeout=1):
             pass
-    with pytest.raises((AuthenticationFailed, ConnectionClosed, TimeoutError)):
+    with pytest.raises(TlsMismatch):
         async with Client(broker.address, secret=SECRET, reconnect_timeout=1):
             pass
 

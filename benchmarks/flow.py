@@ -56,12 +56,8 @@ def start_broker(root: Path, directory: Path, secret_file: Path, name: str) -> t
     return process, f"127.0.0.1:{wait_for_port(log)}"
 
 
-async def amplification(address: str, secret: bytes, pid: int) -> None:
+async def job_requests(address: str, secret: bytes, pid: int) -> None:
     host, port = parse_address(address)
-
-    async def big_result(n: int) -> str:
-        return "r" * 1_000_000
-
     async with Client(address, secret=secret) as client:
         big = await client.submit("big", "z" * 1_000_000)
         before = rss_mib(pid)
@@ -75,6 +71,15 @@ async def amplification(address: str, secret: bytes, pid: int) -> None:
             f"1,000 job requests on a 1 MiB payload: RSS {before:.0f} MiB before, peak {peak_rss_mib(pid):.0f} MiB; "
             f"{answered} answered"
         )
+
+
+async def watch_request(address: str, secret: bytes, pid: int) -> None:
+    host, port = parse_address(address)
+
+    async def big_result(n: int) -> str:
+        return "r" * 1_000_000
+
+    async with Client(address, secret=secret) as client:
         done = await client.submit("done", 1)
         worker = Worker(address, secret=secret, queues=["done"], handler=big_result)
         running = asyncio.create_task(worker.run())
@@ -82,6 +87,7 @@ async def amplification(address: str, secret: bytes, pid: int) -> None:
         worker.stop()
         await running
         pushed: list[object] = []
+        before = rss_mib(pid)
         watcher = await Connection.open(host, port, secret, on_push=pushed.append)
         try:
             await watcher.request(Watch, job_ids=[done] * 300)
@@ -90,7 +96,10 @@ async def amplification(address: str, secret: bytes, pid: int) -> None:
         except Exception as exc:
             outcome = f"connection lost ({exc})"
         watcher.close()
-        print(f"one watch naming a 1 MiB result 300 times: peak RSS {peak_rss_mib(pid):.0f} MiB; {outcome}")
+        print(
+            f"one watch naming a 1 MiB result 300 times: RSS {before:.0f} MiB before, "
+            f"peak {peak_rss_mib(pid):.0f} MiB; {outcome}"
+        )
 
 
 class ThrottledProxy:
@@ -162,7 +171,7 @@ async def slow_reader(address: str, secret: bytes, jobs: int, rate_mib: float, t
         try:
             received = len(await client.map("large", range(jobs), timeout=timeout))
         except ResultTimeout as exc:
-            print(f"  {exc}")
+            received = int(str(exc).split()[0])  # "N of M results within T s"
         elapsed = time.monotonic() - started
     finally:
         await client.close()
@@ -170,7 +179,7 @@ async def slow_reader(address: str, secret: bytes, jobs: int, rate_mib: float, t
         await running
         await proxy.close()
     print(
-        f"map of {jobs:,} results of 128 KiB over {rate_mib:g} MiB/s: {received:,}/{jobs:,} in {elapsed:.1f} s; "
+        f"map of {jobs:,} x 128 KiB over {rate_mib:g} MiB/s: {received:,}/{jobs:,} results in {elapsed:.1f} s; "
         f"link time {link:.1f} s ({elapsed / link:.2f}x); {proxy.connections} connection(s)"
     )
 
@@ -186,7 +195,8 @@ def main() -> None:
         directory = Path(tmp)
         secret, secret_file = write_secret(directory)
         for name, run in (
-            ("amplification", lambda address, pid: amplification(address, secret, pid)),
+            ("job-requests", lambda address, pid: job_requests(address, secret, pid)),
+            ("watch", lambda address, pid: watch_request(address, secret, pid)),
             ("slow-reader", lambda address, pid: slow_reader(address, secret, args.jobs, args.rate_mib, args.timeout)),
         ):
             broker, address = start_broker(args.broker_root.resolve(), directory, secret_file, name)

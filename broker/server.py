@@ -136,6 +136,7 @@ class _BrokerProtocol(asyncio.Protocol):
         self.allowed: frozenset[str] = frozenset()  # ops the credential's role may send
         self.owner: str | None = None  # the credential, for producers and workers; None for admins
         self.close_when_sent = False  # after a fatal protocol error: send the error frame, then close
+        self.evicted = False  # closed unauthenticated to make room: not an authentication failure
         self._throttled: list[bytes] | None = None  # input held back while the throttle delays us
         self._frames_counted = 0  # frames of this connection already in the traffic counters
         # Output that must wait for a commit: made this turn (needs_commit), or behind output
@@ -226,7 +227,12 @@ class _BrokerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        if not self.authenticated and self.connection.claimed_credential and self.connection.error is None:
+        if (
+            not self.authenticated
+            and not self.evicted
+            and self.connection.claimed_credential
+            and self.connection.error is None
+        ):
             # The client gave up after our challenge: it could not verify our proof.
             self._auth_failed(f"handshake abandoned (wrong secret for {self.connection.claimed_credential!r}?)")
         self.connection.close()
@@ -740,6 +746,7 @@ class Broker:
         self._warn("closing the oldest unauthenticated connection from", protocol, f" to make room ({limit})")
         self._handshake_done(protocol)
         self._connections.pop(protocol.session, None)
+        protocol.evicted = True
         protocol.connection.close()
         if protocol.transport is not None:
             protocol.transport.abort()

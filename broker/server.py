@@ -315,8 +315,18 @@ class _BrokerProtocol(asyncio.Protocol):
         needs_commit: bool,
     ) -> None:
         """Push items to this peer: encoded now as far as the high-water mark allows, the rest
-        when the peer has taken its output (pump)."""
-        self._pushes.append(_Pushes(message_type, items, needs_commit))
+        when the peer has taken its output (pump). Progress reports that wait are coalesced:
+        only a job's latest is sent, so a fast reporter cannot grow a slow reader's queue."""
+        if message_type is Progressed and self._pushes:
+            waiting = self._pushes[-1]
+            if waiting.progress is None:
+                waiting = _Pushes(Progressed, [], False)
+                waiting.progress = {}
+                self._pushes.append(waiting)
+            for item in items:
+                waiting.progress[item[0]] = item  # type: ignore[index]
+        else:
+            self._pushes.append(_Pushes(message_type, items, needs_commit))
         self.pump()
 
     def pump(self) -> None:
@@ -332,6 +342,8 @@ class _BrokerProtocol(asyncio.Protocol):
         target = min(frame_limit, _PUSH_FRAME_TARGET)
         while pushes and self.unsent() <= high_water:
             batch = pushes[0]
+            if batch.progress is not None:  # the latest reports, gathered while waiting
+                batch.items, batch.progress = list(batch.progress.values()), None
             chunk = batch.items[batch.start : batch.start + _JOBS_PER_FRAME]
             body, count = encode_items(batch.message_type, chunk, target)
             if count == 0:  # one item over the target: alone in its frame, if the limit takes it
@@ -1104,7 +1116,7 @@ class _Pushes:
     """Items of one push waiting for a connection to take its output; `start`: the first not
     yet encoded. They refer to the jobs' payloads and results, which costs nothing more."""
 
-    __slots__ = ("items", "message_type", "needs_commit", "start")
+    __slots__ = ("items", "message_type", "needs_commit", "progress", "start")
 
     def __init__(
         self, message_type: type[Deliver] | type[Results] | type[Progressed], items: list[list[Any]], needs_commit: bool
@@ -1113,6 +1125,8 @@ class _Pushes:
         self.items = items
         self.needs_commit = needs_commit
         self.start = 0
+        # Progress reports still gathering, by job id (the last batch of the queue only).
+        self.progress: dict[int, list[Any]] | None = None
 
 
 class _Batch:

@@ -165,7 +165,6 @@ class _BrokerProtocol(asyncio.Protocol):
         if not broker._admit(self):
             self.transport.abort()
             return
-        self.transport.set_write_buffer_limits(high=broker.high_water, low=broker.high_water // 4)
         broker._connections[self.session] = self
         delay = broker.auth_throttle.delay(self.address, broker.loop.time())
         if delay > 0:  # this address failed to authenticate lately: its input waits
@@ -280,6 +279,9 @@ class _BrokerProtocol(asyncio.Protocol):
         """Output waits for the peer (writing paused) and it took none at the last check."""
         return self._writing_paused and self._stalled_checks > 0
 
+    # The transport keeps its own (small) limits: it pauses writing when its buffer holds more
+    # than 64 KiB and resumes once that has mostly drained, which is when more is built (its
+    # limits set to the high-water mark cost a quarter of the throughput on uvloop).
     def pause_writing(self) -> None:
         self._writing_paused = True
 

@@ -257,3 +257,32 @@ async def test_a_tls_client_at_a_plaintext_port_fails_at_once_saying_so(
             pass
     assert time.monotonic() - started < 5 * TIME_UNIT
     broker.wait_for_output(r"a TLS client at a plaintext port")
+
+
+async def test_a_flood_of_failing_connections_makes_a_few_log_lines(
+    start_broker: Callable[..., BrokerProcess],
+) -> None:
+    broker = start_broker("--memory", "--handshake-timeout", "0.5", "--max-handshakes-per-ip", "1000")
+    host, port = parse_address(broker.address)
+    silent = [socket.create_connection((host, port)) for _ in range(300)]
+    try:
+
+        async def all_closed() -> bool:
+            return all(_closed_by_peer(sock) for sock in silent)
+
+        await wait_until(all_closed, what="the broker to close every silent connection")
+    finally:
+        for sock in silent:
+            sock.close()
+    lines = [line for line in broker.output().splitlines() if "no handshake within" in line]
+    assert 1 <= len(lines) <= 3, "\n".join(lines)  # 300 failures: one line, then one with a count
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True

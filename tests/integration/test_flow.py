@@ -286,3 +286,30 @@ def _closed_by_peer(sock: socket.socket) -> bool:
         return False
     except ConnectionResetError:
         return True
+
+
+async def test_a_reconnecting_client_watches_again_in_bounded_batches(
+    broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Client(broker.address, secret=SECRET) as client:
+        ids = await client.submit_many("nobody-works-here", list(range(1200)))
+        waiting = [asyncio.ensure_future(client.result(job_id, timeout=30 * TIME_UNIT)) for job_id in ids]
+        await client.stats()  # the first watch has gone out
+        watches: list[tuple[int, int]] = []  # (ids in the watch, requests still unanswered)
+        request = Connection.request
+
+        def spy(self: Connection, request_type: type, **fields: object) -> asyncio.Future[dict[str, object]]:
+            if request_type is Watch:
+                watches.append((len(fields["job_ids"]), len(self._pending)))  # type: ignore[arg-type]
+            return request(self, request_type, **fields)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Connection, "request", spy)
+        client._link.current._transport.abort()  # type: ignore[union-attr]  # the connection drops
+
+        async def watched_again() -> bool:
+            return sum(n for n, _ in watches) == 1200
+
+        await wait_until(watched_again, what="every job watched again")
+        assert watches == [(500, 0), (500, 0), (200, 0)]  # each batch after the reply to the last
+        for future in waiting:
+            future.cancel()

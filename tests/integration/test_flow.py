@@ -145,12 +145,13 @@ class ThrottledProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+@pytest.mark.parametrize("storage", [["--memory"], []], ids=["memory", "durable"])
 async def test_a_slow_reader_gets_every_result_at_the_speed_of_its_link(
-    start_broker: Callable[..., BrokerProcess],
+    start_broker: Callable[..., BrokerProcess], storage: list[str]
 ) -> None:
     # 100 results of 128 KiB through 2 MiB/s: 6.25 s of link. Before flow control the broker
     # cut the reader off at --max-write-buffer, it reconnected, watched again, was cut off again.
-    broker = start_broker("--memory", "--max-write-buffer", str(2 * MiB))
+    broker = start_broker(*storage, "--max-write-buffer", str(2 * MiB))
     rate, count, size = 2 * MiB, 100, 128 * 1024
     link_seconds = count * size / rate
     proxy = ThrottledProxy(broker.address, rate)

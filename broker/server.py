@@ -165,6 +165,10 @@ class _BrokerProtocol(asyncio.Protocol):
         if not broker._admit(self):
             self.transport.abort()
             return
+        if self.transport.get_write_buffer_limits()[1] > broker.high_water:
+            # A mark below the transport's own limit (a tiny --max-write-buffer): the transport
+            # must say when it drains below it, or output would wait for the next heartbeat.
+            self.transport.set_write_buffer_limits(high=broker.high_water, low=broker.high_water // 4)
         broker._connections[self.session] = self
         delay = broker.auth_throttle.delay(self.address, broker.loop.time())
         if delay > 0:  # this address failed to authenticate lately: its input waits

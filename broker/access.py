@@ -39,7 +39,7 @@ from broker.protocol.messages import (
     Watch,
 )
 
-__all__ = ["PERMISSIONS", "AuthThrottle", "Role", "default_credentials", "load_credentials"]
+__all__ = ["PERMISSIONS", "AuthThrottle", "Role", "WarningLimiter", "default_credentials", "load_credentials"]
 
 
 class Role(enum.StrEnum):
@@ -132,3 +132,43 @@ class AuthThrottle:
         if entry is None or now - entry[1] > self.forget_after:
             return 0.0
         return min(self.cap, self.base * 2 ** (entry[0] - 1))
+
+
+class WarningLimiter:
+    """One log line per source and kind per `interval` seconds, however many events: a peer
+    that fails a thousand handshakes a second makes one line, and the next line says how many
+    the silence hid. Pure: the caller logs, and passes `now`. Remembers at most `max_sources`
+    sources (the oldest are dropped, with their counts)."""
+
+    def __init__(self, interval: float = 10.0, max_sources: int = 10_000) -> None:
+        self.interval, self.max_sources = interval, max_sources
+        self._sources: OrderedDict[tuple[str, str], list[float]] = OrderedDict()  # -> [line at, hidden]
+
+    def hit(self, kind: str, source: str, now: float) -> int:
+        """An event. Returns 0 to stay silent, else how many events the line to log stands for
+        (this one and those hidden since the last line)."""
+        key = (kind, source)
+        entry = self._sources.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return 0
+        hidden = 0 if entry is None else int(entry[1])
+        self._sources.pop(key, None)
+        self._sources[key] = [now, 0]
+        while len(self._sources) > self.max_sources:
+            self._sources.popitem(last=False)
+        return 1 + hidden
+
+    def flush(self, now: float) -> list[tuple[str, str, int]]:
+        """(kind, source, count) of the events hidden by sources whose interval has ended;
+        forgets the sources quiet for a whole interval. Call it now and then (a timer)."""
+        due: list[tuple[str, str, int]] = []
+        for key, entry in list(self._sources.items()):
+            if now - entry[0] < self.interval:
+                continue
+            if entry[1]:
+                due.append((key[0], key[1], int(entry[1])))
+                entry[0], entry[1] = now, 0
+            else:
+                del self._sources[key]
+        return due

@@ -252,6 +252,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--tls-cert", default=None, help="PEM certificate (chain): speak TLS only")
     serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--max-connections", type=int, default=10_000, help="connections at once (10000)")
+    serve.add_argument(
+        "--max-handshakes-per-ip", type=int, default=128, help="unauthenticated connections per address (128)"
+    )
     serve.add_argument("--max-payload-size", type=int, default=1024 * 1024, help="bytes per payload (1 MiB)")
     serve.add_argument("--max-result-size", type=int, default=1024 * 1024, help="bytes per result (1 MiB)")
     serve.add_argument("--max-queues", type=int, default=10_000, help="queues at most (10000)")
@@ -406,6 +409,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_frame_size=args.max_frame_size,
         max_connections=args.max_connections,
+        max_handshakes_per_ip=args.max_handshakes_per_ip,
         max_payload_size=args.max_payload_size,
         max_result_size=args.max_result_size,
         max_write_buffer=args.max_write_buffer,

@@ -36,7 +36,10 @@ class BrokerConfig:
         data_dir: where jobs are kept (SQLite); None keeps them in memory only. The CLI
             defaults to a directory next to the secret.
         fsync: when group commits reach the disk (broker/store.py, FsyncMode).
-        max_connections: connections held at once; more are refused.
+        max_connections: connections held at once; more are refused. A tenth of them are
+            kept for authenticated connections.
+        max_handshakes_per_ip: unauthenticated connections (handshakes in progress) from one
+            address at once; a newer one closes the oldest.
         max_payload_size: bytes of one job's encoded payload.
         max_result_size: bytes of one job's encoded result; a larger one fails the job.
         tls_cert, tls_key: PEM files; with them the broker speaks TLS only.
@@ -53,6 +56,7 @@ class BrokerConfig:
     data_dir: Path | None = None
     fsync: FsyncMode = FsyncMode.ALWAYS
     max_connections: int = 10_000
+    max_handshakes_per_ip: int = 128
     max_payload_size: int = 1024 * 1024
     max_result_size: int = 1024 * 1024
     tls_cert: Path | None = None

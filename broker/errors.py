@@ -9,6 +9,7 @@
     │   ├── FrameTooLarge        a frame header declared more than the limit
     │   ├── MalformedMessage     not msgpack, not a map, unknown op, wrong field types
     │   ├── AuthenticationFailed the handshake failed (wrong secret, bad proof, timeout)
+    │   ├── TlsMismatch          one side speaks TLS and the other plain TCP
     │   └── IntegrityError       a frame's MAC did not verify (altered, replayed, reordered)
     ├── ConnectionClosed         the connection is gone; `cause` says why
     │   └── BrokerUnreachable    no broker answered at the address (refused, unknown host, timeout)
@@ -20,6 +21,7 @@
     │   ├── InvalidRequest
     │   ├── Forbidden            the credential's role does not allow it
     │   ├── LimitExceeded        over a batch, payload, result or queue-count limit
+    │   │   └── ReplyTooLarge    the reply would not fit in a frame (or the connection's budget)
     │   └── StorageUnavailable   the broker cannot persist new jobs right now
     ├── JobError                 a job ended without a result
     │   ├── JobDead              it failed max_attempts times; `error` holds the last failure
@@ -61,11 +63,13 @@ __all__ = [
     "MalformedMessage",
     "ProtocolError",
     "QueueFull",
+    "ReplyTooLarge",
     "ResultTimeout",
     "Retry",
     "StorageError",
     "StorageUnavailable",
     "TimeLimitExceeded",
+    "TlsMismatch",
     "UnencodablePayload",
     "UsageError",
     "broker_error",
@@ -129,6 +133,13 @@ class AuthenticationFailed(ProtocolError):
     """The handshake did not prove knowledge of the shared secret."""
 
     code = "auth_failed"
+
+
+class TlsMismatch(ProtocolError):
+    """One side speaks TLS and the other plain TCP: a TLS client at a plaintext port, or a
+    plaintext client at a TLS port. No retry mends it: fix the client's `tls` setting."""
+
+    code = "tls_mismatch"
 
 
 class IntegrityError(ProtocolError):
@@ -206,6 +217,13 @@ class LimitExceeded(BrokerError):
     code = "limit_exceeded"
 
 
+class ReplyTooLarge(LimitExceeded):
+    """The reply to this request would be larger than a frame (or than what the broker holds
+    for one connection); nothing was built. Ask for less (e.g. fewer ids per request)."""
+
+    code = "reply_too_large"
+
+
 class StorageUnavailable(BrokerError):
     """The broker cannot persist new jobs (disk full, unwritable, failing); nothing was accepted."""
 
@@ -280,6 +298,7 @@ _BROKER_ERRORS: dict[str, type[BrokerError]] = {
         InvalidRequest,
         Forbidden,
         LimitExceeded,
+        ReplyTooLarge,
         StorageUnavailable,
     )
 }

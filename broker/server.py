@@ -17,12 +17,13 @@ import importlib.metadata
 import logging
 import sys
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import msgpack
 
-from broker.access import PERMISSIONS, AuthThrottle, Role, default_credentials
+from broker.access import PERMISSIONS, AuthThrottle, Role, WarningLimiter, default_credentials
 from broker.config import BrokerConfig
 from broker.core.scheduler import (
     Deliver as DeliverEffect,
@@ -41,15 +42,15 @@ from broker.core.scheduler import (
 from broker.errors import (
     BrokerError,
     Forbidden,
-    FrameTooLarge,
     InvalidRequest,
     LimitExceeded,
+    ReplyTooLarge,
     StorageError,
     StorageUnavailable,
     UsageError,
 )
 from broker.metrics import TrafficCounters
-from broker.protocol.auth import Credential
+from broker.protocol.auth import MAC_SIZE, Credential
 from broker.protocol.connection import Authenticated, ServerConnection, State
 from broker.protocol.messages import (
     Cancel,
@@ -67,6 +68,7 @@ from broker.protocol.messages import (
     Message,
     Progress,
     Progressed,
+    PushType,
     QueuePurge,
     Release,
     Reply,
@@ -79,6 +81,8 @@ from broker.protocol.messages import (
     Submit,
     Touch,
     Watch,
+    encode,
+    encode_items,
 )
 from broker.store import FsyncMode, MemoryStore, SqliteStore, Store, WriteBatch, serialize
 from broker.web import WebServer
@@ -105,6 +109,19 @@ _LAST_COMMIT_WAIT = 5.0  # seconds a shutting-down broker waits for its last com
 _DASHBOARD_DEAD_LETTERS = 100  # the latest dead letters the dashboard lists
 _LISTEN_BACKLOG = 4096  # bursts of connecting workers wait in the kernel, not in SYN retries
 
+# Flow control (docs/protocol.md, "Flow control"). A connection's replies and pushes are built
+# only while its unsent output (in the transport, queued in the protocol, or held for a
+# commit) is under the high-water mark: min(this, --max-write-buffer / 4). Above it, pushes
+# wait in the connection's queue as references to the jobs (not encoded) and its requests
+# wait unread (reading paused), until the peer has taken enough.
+_HIGH_WATER = 4 * 1024 * 1024
+_PUSH_FRAME_TARGET = 1024 * 1024  # pushes are cut into frames of about this size, or one item
+# A peer whose output waits (writing paused) and that takes none of it for this many heartbeat
+# intervals does not read at all: it is cut off. One that reads slowly is not.
+_STALL_HEARTBEATS = 3
+# Slots of --max-connections that unauthenticated connections cannot take (one in ten).
+_RESERVED_FOR_AUTHENTICATED = 10
+
 
 class _BrokerProtocol(asyncio.Protocol):
     """One client connection. Thin: bytes to the ServerConnection, events to the Broker."""
@@ -125,13 +142,25 @@ class _BrokerProtocol(asyncio.Protocol):
         self.allowed: frozenset[str] = frozenset()  # ops the credential's role may send
         self.owner: str | None = None  # the credential, for producers and workers; None for admins
         self.close_when_sent = False  # after a fatal protocol error: send the error frame, then close
+        self.evicted = False  # closed unauthenticated to make room: not an authentication failure
         self._throttled: list[bytes] | None = None  # input held back while the throttle delays us
         self._frames_counted = 0  # frames of this connection already in the traffic counters
         # Output that must wait for a commit: made this turn (needs_commit), or behind output
         # already waiting (held, counted, so that frames leave in order).
         self.needs_commit = False
         self.held = 0
+        self.held_bytes = 0  # bytes of that held output, part of the unsent output
         self._handshake_timer: asyncio.TimerHandle | None = None
+        # Flow control (see _HIGH_WATER): requests read but not handled, pushes not yet encoded.
+        self._backlog: deque[Request] = deque()
+        self._pushes: deque[_Pushes] = deque()
+        self._reading_paused = False
+        self._writing_paused = False
+        self._resume_scheduled = False
+        self._bytes_written = 0
+        self._bytes_taken = 0  # bytes the peer had taken at the last progress check
+        self._buffered_at_check = 0  # bytes waiting in the transport at the last progress check
+        self._stalled_checks = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -139,10 +168,13 @@ class _BrokerProtocol(asyncio.Protocol):
         self.peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         self.address = str(peername[0]) if isinstance(peername, tuple) else self.peer
         broker = self.broker
-        if len(broker._connections) >= broker.config.max_connections:
-            log.warning("refusing %s: %d connections, the limit", self.peer, len(broker._connections))
+        if not broker._admit(self):
             self.transport.abort()
             return
+        if self.transport.get_write_buffer_limits()[1] > broker.high_water:
+            # A mark below the transport's own limit (a tiny --max-write-buffer): the transport
+            # must say when it drains below it, or output would wait for the next heartbeat.
+            self.transport.set_write_buffer_limits(high=broker.high_water, low=broker.high_water // 4)
         broker._connections[self.session] = self
         delay = broker.auth_throttle.delay(self.address, broker.loop.time())
         if delay > 0:  # this address failed to authenticate lately: its input waits
@@ -178,14 +210,22 @@ class _BrokerProtocol(asyncio.Protocol):
         traffic.frames_in += connection.frames_received - frames_before
         if self.authenticated:
             broker.scheduler.seen(self.session, broker.loop.time())
+        high_water = broker.high_water
         for event in events:
             if isinstance(event, Request):
-                broker._handle_request(self, event)
+                # Over the mark, requests wait (in order) until the peer takes its output.
+                if self._backlog or self.unsent() > high_water:
+                    self._backlog.append(event)
+                else:
+                    broker._handle_request(self, event)
             elif isinstance(event, Started):
                 broker._on_started(self, event)
             elif isinstance(event, Authenticated):
                 self._authenticated(event)
             # Heartbeat: its arrival was the point (seen() above)
+        if self._backlog and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
         if connection.state is State.CLOSED:
             self._close_after_error()
         else:
@@ -198,14 +238,19 @@ class _BrokerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        if not self.authenticated and self.connection.claimed_credential and self.connection.error is None:
+        if (
+            not self.authenticated
+            and not self.evicted
+            and self.connection.claimed_credential
+            and self.connection.error is None
+        ):
             # The client gave up after our challenge: it could not verify our proof.
             self._auth_failed(f"handshake abandoned (wrong secret for {self.connection.claimed_credential!r}?)")
         self.connection.close()
         self.broker._connection_lost(self, exc)
 
     def _auth_failed(self, reason: object) -> None:
-        log.warning("authentication failed from %s: %s", self.peer, reason)
+        self.broker._warn("authentication failed from", self, f": {reason}")
         self.broker.traffic.auth_failures += 1
         self.broker.auth_throttle.failed(self.address, self.broker.loop.time())
 
@@ -220,12 +265,155 @@ class _BrokerProtocol(asyncio.Protocol):
             traffic.frames_out += self.connection.frames_sent - self._frames_counted
             self._frames_counted = self.connection.frames_sent
             transport.write(data)
+            self._bytes_written += len(data)
+            # A backstop: flow control keeps the buffer near the high-water mark (one reply or
+            # push frame above it at most), so only a tiny --max-write-buffer gets here.
             if transport.get_write_buffer_size() > self.broker.config.max_write_buffer:
                 log.warning("session %d (%s) does not read its replies; disconnecting", self.session, self.peer)
                 transport.abort()
                 return
         if self.close_when_sent:
             transport.close()
+        elif self._pushes or self._backlog:
+            self._schedule_resume()  # the peer may have room for more already
+
+    # --- flow control -----------------------------------------------------------------
+
+    def unsent(self) -> int:
+        """Bytes of output built for this peer and not yet taken by the kernel: in the
+        transport's buffer, queued in the protocol, or held for a commit."""
+        transport = self.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return buffered + self.connection.bytes_to_send + self.held_bytes
+
+    @property
+    def stalled(self) -> bool:
+        """Output waits for the peer (writing paused) and it took none at the last check."""
+        return self._writing_paused and self._stalled_checks > 0
+
+    # The transport keeps its own (small) limits: it pauses writing when its buffer holds more
+    # than 64 KiB and resumes once that has mostly drained, which is when more is built (its
+    # limits set to the high-water mark cost a quarter of the throughput on uvloop).
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._schedule_resume()
+
+    def _schedule_resume(self) -> None:
+        if not self._resume_scheduled:
+            self._resume_scheduled = True
+            self.broker.loop.call_soon(self._resume_output)
+
+    def _resume_output(self) -> None:
+        """The output may be under the mark again: encode waiting pushes, then handle waiting
+        requests, as far as the mark allows; read again once no request waits."""
+        self._resume_scheduled = False
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.unsent() > self.broker.high_water:
+            return
+        self.pump()
+        broker = self.broker
+        while self._backlog and self.unsent() <= broker.high_water:
+            broker._handle_request(self, self._backlog.popleft())
+        if not self._backlog and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        broker._mark_dirty(self)
+
+    def queue_push(
+        self,
+        message_type: PushType,
+        items: list[list[Any]],
+        needs_commit: bool,
+    ) -> None:
+        """Push items to this peer: encoded now as far as the high-water mark allows, the rest
+        when the peer has taken its output (pump). Progress reports that wait are coalesced:
+        only a job's latest is sent, so a fast reporter cannot grow a slow reader's queue."""
+        if message_type is Progressed and self._pushes:
+            waiting = self._pushes[-1]
+            if waiting.progress is None:
+                waiting = _Pushes(Progressed, [], False)
+                waiting.progress = {}
+                self._pushes.append(waiting)
+            for item in items:
+                waiting.progress[item[0]] = item  # type: ignore[index]
+        else:
+            self._pushes.append(_Pushes(message_type, items, needs_commit))
+        self.pump()
+
+    def pump(self) -> None:
+        """Encode waiting pushes into frames (at most _JOBS_PER_FRAME items, about
+        _PUSH_FRAME_TARGET bytes, each) while the unsent output is under the mark."""
+        pushes = self._pushes
+        connection = self.connection
+        if connection.state is not State.OPEN:
+            pushes.clear()  # nothing more goes out on this connection
+            return
+        high_water = self.broker.high_water
+        frame_limit = connection.peer_max_frame_size - MAC_SIZE
+        target = min(frame_limit, _PUSH_FRAME_TARGET)
+        while pushes and self.unsent() <= high_water:
+            batch = pushes[0]
+            if batch.progress is not None:  # the latest reports, gathered while waiting
+                batch.items, batch.progress = list(batch.progress.values()), None
+            chunk = batch.items[batch.start : batch.start + _JOBS_PER_FRAME]
+            body, count = encode_items(batch.message_type, chunk, target)
+            if count == 0:  # one item over the target: alone in its frame, if the limit takes it
+                body, count = encode_items(batch.message_type, chunk[:1], frame_limit)
+                if count == 0:  # the limits on payloads and results prevent it
+                    log.error(
+                        "session %d: a %s item does not fit in a frame; dropped", self.session, batch.message_type.op
+                    )
+                    count = 1
+            if body:
+                connection.send_encoded(body)
+                if batch.needs_commit:
+                    self.needs_commit = True
+            batch.start += count
+            if batch.start >= len(batch.items):
+                pushes.popleft()
+        self.broker._mark_dirty(self)
+
+    def check_progress(self, now: float) -> None:
+        """Once a heartbeat interval: has the peer taken any of its output since the last
+        check? Taking it proves the peer alive while its own frames wait unread (reading
+        paused); taking none while output waits, _STALL_HEARTBEATS times in a row, means it
+        does not read at all: it is cut off."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        buffered = transport.get_write_buffer_size()
+        taken = self._bytes_written - buffered
+        if taken != self._bytes_taken:
+            # Bytes left a buffer that was waiting on a full socket: the peer read them. (Bytes
+            # that merely went into an empty socket buffer prove nothing: a frozen peer's
+            # kernel takes them too.)
+            if self._buffered_at_check and self._reading_paused and self.authenticated:
+                self.broker.scheduler.seen(self.session, now)
+            self._bytes_taken = taken
+            self._stalled_checks = 0
+        elif self._writing_paused:
+            self._stalled_checks += 1
+            if self._stalled_checks >= _STALL_HEARTBEATS:
+                log.warning("session %d (%s) does not read its replies; disconnecting", self.session, self.peer)
+                transport.abort()
+        else:
+            self._stalled_checks = 0
+        self._buffered_at_check = buffered
+
+    def send_reply(self, request_id: int, data: dict[str, Any]) -> None:
+        """Answer a request; a reply over the frame limit, or over what the broker holds for one
+        connection above the mark, is refused (reply_too_large) rather than built further."""
+        body = encode(Reply(id=request_id, data=data))
+        limit = min(self.connection.peer_max_frame_size - MAC_SIZE, self.broker.reply_budget)
+        if len(body) > limit:
+            error = ReplyTooLarge(f"the reply would take {len(body)} bytes; the limit is {limit}: ask for less")
+            self.send(ErrorReply(id=request_id, code=error.code, message=str(error)))
+        elif self.connection.state is State.OPEN:
+            self.connection.send_encoded(body)
+            self.broker._mark_dirty(self)
 
     def send(self, message: Message) -> None:
         # A later frame of the same read may have broken the connection (a bad MAC): the
@@ -234,25 +422,12 @@ class _BrokerProtocol(asyncio.Protocol):
             self.connection.send(message)
             self.broker._mark_dirty(self)
 
-    def send_batch(
-        self, message_type: type[Deliver] | type[Results] | type[Progressed] | type[Revoked], items: list[list[Any]]
-    ) -> None:
-        """Push a batch, in as many frames as the frame limit needs (large payloads)."""
-        try:
-            self.send(message_type(items))
-        except FrameTooLarge:
-            if len(items) == 1:  # one item over the limit: the limits on payloads prevent it
-                log.error("session %d: a %s item does not fit in a frame; dropped", self.session, message_type.op)
-                return
-            half = len(items) // 2
-            self.send_batch(message_type, items[:half])
-            self.send_batch(message_type, items[half:])
-
     def _authenticated(self, event: Authenticated) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
         self.authenticated = True
+        self.broker._handshake_done(self)
         self.allowed = PERMISSIONS[event.role]
         self.owner = None if event.role == Role.ADMIN else event.credential
         self.broker.auth_throttle.succeeded(self.address)
@@ -281,10 +456,8 @@ class _BrokerProtocol(asyncio.Protocol):
         if not self.authenticated and self.transport is not None:
             # Logged, not throttled: a silent connection guesses no secret, and the throttle
             # would punish every client behind the same address.
-            log.warning(
-                "authentication failed from %s: no handshake within %.1fs",
-                self.peer,
-                self.broker.config.handshake_timeout,
+            self.broker._warn(
+                "authentication failed from", self, f": no handshake within {self.broker.config.handshake_timeout:.1f}s"
             )
             self.broker.traffic.auth_failures += 1
             self.connection.close()
@@ -320,7 +493,14 @@ class Broker:
         self.config = config
         self.credentials = credentials
         self.auth_throttle = AuthThrottle()
+        self.warnings = WarningLimiter()
         self.traffic = TrafficCounters()
+        self.high_water = min(_HIGH_WATER, max(1, config.max_write_buffer // 4))
+        # The largest reply built for one request: the part of --max-write-buffer above the mark.
+        self.reply_budget = max(config.max_write_buffer - self.high_water, 1)
+        # Connections not yet authenticated, oldest first: all of them, and by address.
+        self._unauthenticated: OrderedDict[_BrokerProtocol, None] = OrderedDict()
+        self._unauthenticated_by_address: dict[str, OrderedDict[_BrokerProtocol, None]] = {}
         self._web: WebServer | None = None
         self._given_store = store
         self.store: Store = store or MemoryStore()  # opened in start() when config.data_dir is set
@@ -568,7 +748,62 @@ class Broker:
         self._next_session += 1
         return _BrokerProtocol(self, session)
 
+    def _admit(self, protocol: _BrokerProtocol) -> bool:
+        """Take a new connection, or refuse it. Unauthenticated connections are capped per
+        address (--max-handshakes-per-ip) and in all (all but a tenth of --max-connections):
+        past a cap the oldest of them is closed to make room, so idle sockets cannot lock
+        authenticating clients out. Authenticated connections are never closed for room."""
+        config = self.config
+        address = protocol.address
+        same_address = self._unauthenticated_by_address.get(address)
+        if same_address is not None and len(same_address) >= config.max_handshakes_per_ip:
+            self._evict(next(iter(same_address)), "handshakes from one address")
+        reserved = config.max_connections // _RESERVED_FOR_AUTHENTICATED
+        if self._unauthenticated and len(self._unauthenticated) >= max(1, config.max_connections - reserved):
+            self._evict(next(iter(self._unauthenticated)), "unauthenticated connections")
+        if len(self._connections) >= config.max_connections:
+            if not self._unauthenticated:
+                self._warn("refusing", protocol, f": {len(self._connections)} connections, the limit")
+                return False
+            self._evict(next(iter(self._unauthenticated)), "connections")
+        self._unauthenticated[protocol] = None
+        self._unauthenticated_by_address.setdefault(address, OrderedDict())[protocol] = None
+        return True
+
+    def _evict(self, protocol: _BrokerProtocol, limit: str) -> None:
+        self._warn("closing the oldest unauthenticated connection from", protocol, f" to make room ({limit})")
+        self._handshake_done(protocol)
+        self._connections.pop(protocol.session, None)
+        protocol.evicted = True
+        protocol.connection.close()
+        if protocol.transport is not None:
+            protocol.transport.abort()
+
+    def _handshake_done(self, protocol: _BrokerProtocol) -> None:
+        """The connection authenticated, or went: it no longer counts as unauthenticated."""
+        if self._unauthenticated.pop(protocol, 0) is None:
+            same_address = self._unauthenticated_by_address[protocol.address]
+            del same_address[protocol]
+            if not same_address:
+                del self._unauthenticated_by_address[protocol.address]
+
+    def _warn(self, what: str, protocol: _BrokerProtocol, detail: str) -> None:
+        """A warning about a peer, at most one line per address and kind per interval."""
+        count = self.warnings.hit(what, protocol.address, self.loop.time())
+        if count == 1:
+            log.warning("%s %s%s", what, protocol.peer, detail)
+        elif count:
+            log.warning(
+                "%s %s%s (and %d more from %s since the last line)",
+                what,
+                protocol.peer,
+                detail,
+                count - 1,
+                protocol.address,
+            )
+
     def _connection_lost(self, protocol: _BrokerProtocol, exc: Exception | None) -> None:
+        self._handshake_done(protocol)
         self._connections.pop(protocol.session, None)
         self._dirty.pop(protocol, None)
         if protocol.authenticated:
@@ -604,7 +839,7 @@ class Broker:
             log.exception("internal error handling %s from session %d", request.op, protocol.session)
             protocol.send(ErrorReply(id=request.id, code="internal", message="internal broker error"))
         else:
-            protocol.send(Reply(id=request.id, data=data))
+            protocol.send_reply(request.id, data)
         if type(request) in _DURABLE_REPLIES:
             protocol.needs_commit = True
 
@@ -668,7 +903,8 @@ class Broker:
         return _refusals(self.scheduler.progress(client.session, request.items, now))
 
     def _on_watch(self, client: _BrokerProtocol, request: Watch, now: float) -> dict[str, Any]:
-        self.scheduler.watch(client.session, request.job_ids, owner=client.owner)
+        # One outcome per job however often the request names it: a job's result is pushed once.
+        self.scheduler.watch(client.session, list(dict.fromkeys(request.job_ids)), owner=client.owner)
         return {}
 
     def _on_cancel(self, client: _BrokerProtocol, request: Cancel, now: float) -> dict[str, Any]:
@@ -756,6 +992,7 @@ class Broker:
             if protocol.needs_commit or protocol.held:
                 protocol.needs_commit = False
                 protocol.held += 1
+                protocol.held_bytes += len(data)
                 self._held.append((protocol, data))
             else:
                 protocol.write(data)
@@ -832,15 +1069,19 @@ class Broker:
             if isinstance(effect, DeliverEffect | ResultsReady | ProgressReady | Revoke):
                 protocol = connections.get(effect.session)
                 if protocol is not None:
-                    if isinstance(effect, ResultsReady):
+                    results = isinstance(effect, ResultsReady)
+                    if results:
                         protocol.needs_commit = True
-                    message_type = _PUSHES[type(effect)]
                     items = effect.jobs if isinstance(effect, DeliverEffect) else effect.items
-                    for chunk in _chunks(items):
-                        protocol.send_batch(message_type, chunk)
+                    protocol.queue_push(_PUSHES[type(effect)], items, results)
             elif isinstance(effect, SessionExpired):
                 protocol = connections.get(effect.session)
-                log.warning("session %d missed its heartbeats: dead", effect.session)
+                if protocol is not None and protocol.stalled:  # its heartbeats wait behind its output
+                    log.warning(
+                        "session %d (%s) does not read its replies; disconnecting", protocol.session, protocol.peer
+                    )
+                else:
+                    log.warning("session %d missed its heartbeats: dead", effect.session)
                 if protocol is not None and protocol.transport is not None:
                     protocol.transport.abort()
             elif isinstance(effect, WorkerLost):
@@ -880,8 +1121,12 @@ class Broker:
         self._flush()
 
     def _send_heartbeats(self) -> None:
-        for protocol in self._connections.values():
+        now = self.loop.time()
+        for protocol in list(self._connections.values()):
             protocol.send(_HEARTBEAT)
+            protocol.check_progress(now)
+        for what, address, count in self.warnings.flush(now):
+            log.warning("%s %s: %d more in the last %.0fs", what, address, count, self.warnings.interval)
         self._heartbeat_handle = self.loop.call_later(self.config.heartbeat, self._send_heartbeats)
 
 
@@ -889,7 +1134,7 @@ class Broker:
 _DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge, QueuePurge})
 
 # The push message that carries each kind of effect to its session.
-_PUSHES: dict[type[Effect], type[Deliver] | type[Results] | type[Progressed] | type[Revoked]] = {
+_PUSHES: dict[type[Effect], PushType] = {
     DeliverEffect: Deliver,
     ResultsReady: Results,
     ProgressReady: Progressed,
@@ -901,7 +1146,23 @@ def _release(held: list[tuple[_BrokerProtocol, bytes]]) -> None:
     """Send output that waited for a commit."""
     for protocol, data in held:
         protocol.held -= 1
+        protocol.held_bytes -= len(data)
         protocol.write(data)
+
+
+class _Pushes:
+    """Items of one push waiting for a connection to take its output; `start`: the first not
+    yet encoded. They refer to the jobs' payloads and results, which costs nothing more."""
+
+    __slots__ = ("items", "message_type", "needs_commit", "progress", "start")
+
+    def __init__(self, message_type: PushType, items: list[list[Any]], needs_commit: bool) -> None:
+        self.message_type = message_type
+        self.items = items
+        self.needs_commit = needs_commit
+        self.start = 0
+        # Progress reports still gathering, by job id (the last batch of the queue only).
+        self.progress: dict[int, list[Any]] | None = None
 
 
 class _Batch:
@@ -933,12 +1194,6 @@ def _too_large(values: list[Any], limit: int, *, every: bool = False) -> Any:
 
 def _refusals(codes: list[str | None]) -> dict[str, Any]:
     return {"refused": [[index, code] for index, code in enumerate(codes) if code is not None]}
-
-
-def _chunks(items: list[list[Any]]) -> list[list[list[Any]]]:
-    if len(items) <= _JOBS_PER_FRAME:
-        return [items]
-    return [items[i : i + _JOBS_PER_FRAME] for i in range(0, len(items), _JOBS_PER_FRAME)]
 
 
 def _ids(ids: list[int]) -> str:

@@ -4,6 +4,7 @@ polled), map a function over many inputs, cancel, inspect."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -45,9 +46,12 @@ from client.serializers import Serializer
 
 __all__ = ["Client", "ProgressReport"]
 
+log = logging.getLogger("jobbroker.client")
+
 
 _MAP_BATCH = 1000
 _WATCH_BATCH = 5000
+_REWATCH_BATCH = 500  # ids per watch when a new connection asks again for every outcome owed
 
 
 class Client:
@@ -103,6 +107,7 @@ class Client:
             wait_for_broker=wait_for_broker,
         )
         self._reconnecting: asyncio.Task[None] | None = None
+        self._rewatching: asyncio.Future[None] | None = None
         self._waiters: dict[int, asyncio.Future[list[Any]]] = {}  # job id -> its outcome
         self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
         self._to_watch: list[int] = []  # result() calls of this loop turn, watched together
@@ -120,6 +125,8 @@ class Client:
         self._link.close()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
+        if self._rewatching is not None:
+            self._rewatching.cancel()
         await self._link.wait_closed()
         for future in self._waiters.values():
             future.cancel()
@@ -425,9 +432,11 @@ class Client:
             _watch_all(connection, job_ids)
 
     def _on_connect(self, connection: Connection) -> None:
-        # Outcomes owed to us on a lost connection are asked for again.
+        # Outcomes owed to us on a lost connection are asked for again: in batches, each sent
+        # once the broker has answered the one before, rather than all at once (the broker
+        # reads the next only as we take what it pushes: docs/protocol.md, "Flow control").
         if self._waiters:
-            _watch_all(connection, list(self._waiters))
+            self._rewatching = asyncio.ensure_future(_rewatch(connection, list(self._waiters)))
 
     def _on_lost(self, reason: ConnectionClosed) -> None:
         # Someone awaits results that only a live connection can bring: reconnect now rather
@@ -539,6 +548,17 @@ def _watch_all(connection: Connection, job_ids: list[int]) -> None:
     # In requests under the broker's batch limit (10,000 ids by default).
     for start in range(0, len(job_ids), _WATCH_BATCH):
         connection.request_nowait(Watch, job_ids=job_ids[start : start + _WATCH_BATCH])
+
+
+async def _rewatch(connection: Connection, job_ids: list[int]) -> None:
+    for start in range(0, len(job_ids), _REWATCH_BATCH):
+        try:
+            await connection.request(Watch, job_ids=job_ids[start : start + _REWATCH_BATCH])
+        except ConnectionClosed:
+            return  # the next connection asks again
+        except Exception as exc:  # a refusal: logged, the waiters keep waiting (a timeout ends them)
+            log.warning("watching %d jobs again failed: %s", len(job_ids), exc)
+            return
 
 
 class ProgressReport(NamedTuple):

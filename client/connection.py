@@ -24,6 +24,7 @@ from broker.errors import (
     FrameTooLarge,
     IntegrityError,
     ProtocolError,
+    TlsMismatch,
     broker_error,
 )
 from broker.protocol.auth import DEFAULT_CREDENTIAL, resolve_secret
@@ -76,7 +77,12 @@ PushHandler = Callable[[Deliver | Results | Progressed | Revoked], None]
 
 _HEARTBEAT = Heartbeat()
 # Connection-level error codes after which the broker closes the connection (docs/protocol.md).
-_FATAL_CODES = frozenset({AuthenticationFailed.code, FrameTooLarge.code, IntegrityError.code, ProtocolError.code})
+_FATAL_CODES = frozenset(
+    {AuthenticationFailed.code, FrameTooLarge.code, IntegrityError.code, ProtocolError.code, TlsMismatch.code}
+)
+# What OpenSSL says when the peer answers a ClientHello with something that is not TLS.
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"})
+_TLS_PROBE_TIMEOUT = 2.0
 _HEARTBEATS_MISSED_BEFORE_DEAD = 3
 
 
@@ -104,11 +110,12 @@ def backoff_delays(initial: float = 0.05, factor: float = 2.0, maximum: float = 
 
 def is_retryable(exc: BaseException) -> bool:
     """Worth reconnecting after: the broker was unreachable or the connection dropped.
-    Not: a refused handshake (wrong secret) or a failed TLS check, which no retry will mend."""
-    if isinstance(exc, AuthenticationFailed | ssl.SSLError | ssl.CertificateError):
+    Not: a refused handshake (wrong secret), a failed TLS check, or TLS on one side only,
+    which no retry will mend."""
+    if isinstance(exc, AuthenticationFailed | TlsMismatch | ssl.SSLError | ssl.CertificateError):
         return False
     if isinstance(exc, ConnectionClosed):
-        return not isinstance(exc.cause, AuthenticationFailed)
+        return not isinstance(exc.cause, AuthenticationFailed | TlsMismatch)
     return isinstance(exc, OSError | TimeoutError)
 
 
@@ -123,6 +130,7 @@ class _Protocol(asyncio.Protocol):
         self.owner._data_received(data)
 
     def eof_received(self) -> bool | None:
+        self.owner._closed_before_data = not self.owner._received_any
         self.owner._fail(ConnectionClosed("broker closed the connection"))
         return None
 
@@ -147,6 +155,8 @@ class Connection:
         self.closed: asyncio.Future[ConnectionClosed] = self._loop.create_future()
         self._last_received = self._loop.time()
         self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._received_any = False
+        self._closed_before_data = False  # the broker closed without a byte: a TLS port?
         self.heartbeat = 5.0
         self.session = 0
 
@@ -167,23 +177,40 @@ class Connection:
         """Connect (over TLS with `tls`) and authenticate as `credential`.
 
         Raises:
-            OSError: the broker cannot be reached; ssl.SSLError: TLS failed (wrong CA, not TLS).
+            OSError: the broker cannot be reached; ssl.SSLError: TLS failed (wrong CA).
+            TlsMismatch: we speak TLS and the broker does not, or the reverse.
             AuthenticationFailed: the broker refused our proof or we refused its (wrong secret).
             ConnectionClosed: the connection was lost during the handshake.
             TimeoutError: no handshake within `timeout`.
         """
         self = cls(secret, credential=credential, client=client, on_push=on_push, max_frame_size=max_frame_size)
-        async with asyncio.timeout(timeout):
-            await self._loop.create_connection(
-                lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls is not None else None
-            )
-            self._protocol.initiate()
-            self._write()
-            try:
-                welcome = await self._welcome
-            except BaseException:
-                self._fail(ConnectionClosed("handshake abandoned"))
-                raise
+        try:
+            async with asyncio.timeout(timeout):
+                await self._loop.create_connection(
+                    lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls is not None else None
+                )
+                self._protocol.initiate()
+                self._write()
+                try:
+                    welcome = await self._welcome
+                except BaseException:
+                    self._fail(ConnectionClosed("handshake abandoned"))
+                    raise
+        except ssl.SSLError as exc:
+            if exc.reason in _NOT_TLS_REASONS:
+                raise TlsMismatch(
+                    f"the broker at {host}:{port} does not speak TLS (it runs without --tls-cert): "
+                    f"connect without tls= / --tls-ca / $JOBBROKER_TLS_CA ({exc})"
+                ) from exc
+            raise
+        except ConnectionClosed:
+            # A TLS broker closes at once, without a word, on a hello in the clear: ask it.
+            if tls is None and self._closed_before_data and await _speaks_tls(host, port):
+                raise TlsMismatch(
+                    f"the broker at {host}:{port} speaks TLS only: connect with tls= (the CA file), "
+                    "--tls-ca or $JOBBROKER_TLS_CA"
+                ) from None
+            raise
         self.heartbeat = welcome.heartbeat
         self.session = welcome.session
         self._heartbeat_timer = self._loop.call_later(self.heartbeat, self._on_heartbeat_timer)
@@ -241,6 +268,7 @@ class Connection:
             self._transport.write(data)
 
     def _data_received(self, data: bytes) -> None:
+        self._received_any = True
         self._last_received = self._loop.time()
         protocol = self._protocol
         for event in protocol.receive_data(data):
@@ -272,6 +300,8 @@ class Connection:
             cause: Exception = ProtocolError(f"{event.code}: {event.message}")
             if event.code == AuthenticationFailed.code:
                 cause = AuthenticationFailed(event.message)
+            elif event.code == TlsMismatch.code:
+                cause = TlsMismatch(event.message)
             self._fail(ConnectionClosed("broker closed the connection", cause))
             return
         future = self._pending.pop(event.id, None)
@@ -296,7 +326,7 @@ class Connection:
             # A refused proof is final; a connection lost mid-handshake (the broker at its
             # connection limit, restarting) is worth another try.
             cause = exc.cause
-            self._welcome.set_exception(cause if isinstance(cause, AuthenticationFailed) else exc)
+            self._welcome.set_exception(cause if isinstance(cause, AuthenticationFailed | TlsMismatch) else exc)
             with contextlib.suppress(BaseException):
                 self._welcome.exception()  # retrieved: no "never retrieved" warning
         pending, self._pending = self._pending, {}
@@ -313,6 +343,20 @@ def _root_cause(error: BaseException) -> BaseException:
     while isinstance(error, ConnectionClosed) and error.cause is not None:
         error = error.cause
     return error
+
+
+async def _speaks_tls(host: str, port: int) -> bool:
+    """Whether host:port completes a TLS handshake (certificate not checked: only asked)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(_TLS_PROBE_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port, ssl=context)
+    except (OSError, TimeoutError, ssl.SSLError):
+        return False
+    writer.close()
+    return True
 
 
 class Link:

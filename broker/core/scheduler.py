@@ -55,6 +55,10 @@ HEARTBEATS_MISSED_BEFORE_DEAD = 3
 WORKER_JOBS_SHOWN = 20  # running jobs listed per worker in stats (a worker may hold thousands)
 _RATE_SAMPLE_EVERY = 1.0
 _RATE_WINDOW = 10.0
+# Seconds between sweeps that free the queues nobody uses (no jobs, no workers naming them);
+# a queue at the limit is also swept for, at most once a second.
+QUEUE_SWEEP_EVERY = 60.0
+_QUEUE_SWEEP_AT_LIMIT_EVERY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +212,7 @@ class _Queue:
         "dead",
         "delayed_count",
         "failed",
+        "finished_count",
         "leased_count",
         "name",
         "pending",
@@ -220,13 +225,14 @@ class _Queue:
         "waiters",
     )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, now: float = 0.0) -> None:
         self.name = name
         self.pending: dict[int, deque[Job]] = {}  # priority -> FIFO; may hold cancelled jobs
         self.priorities: list[int] = []  # negated priorities present in `pending`, ascending
         self.pending_count = 0
         self.delayed_count = 0
         self.leased_count = 0
+        self.finished_count = 0  # done and cancelled jobs kept for the result TTL
         self.dead: dict[int, Job] = {}  # dead-letter list, oldest first
         self.waiters: deque[_Session] = deque()  # workers with credit, round robin
         self.submitted = 0
@@ -235,7 +241,9 @@ class _Queue:
         self.buried = 0  # jobs that went to the dead-letter list, ever
         self.requeued = 0  # jobs that lost their lease and went back, ever
         self.run_times = RunTimes()
-        self.rate_samples: deque[tuple[float, int, int]] = deque()  # (now, submitted, completed)
+        # (now, submitted, completed), oldest first; the first is the newest taken at or before
+        # the start of the rate window (or the queue's creation, when it is younger).
+        self.rate_samples: deque[tuple[float, int, int]] = deque([(now, 0, 0)])
 
     def push(self, job: Job, *, front: bool = False) -> None:
         fifo = self.pending.get(job.priority)
@@ -247,6 +255,11 @@ class _Queue:
         else:
             fifo.append(job)
         self.pending_count += 1
+
+    @property
+    def idle(self) -> bool:
+        """No job of any kind refers to this queue (workers naming it are checked apart)."""
+        return not (self.pending_count or self.delayed_count or self.leased_count or self.finished_count or self.dead)
 
     def pop(self) -> Job | None:
         """The next pending job: highest priority, then oldest. Skips cancelled ones."""
@@ -325,6 +338,8 @@ class Scheduler:
         self._ready: dict[str, None] = {}  # queues that may have work for waiters (ordered set)
         self._outbox = _Outbox()
         self._last_rate_sample = float("-inf")
+        self._last_queue_sweep = float("-inf")  # periodic sweeps of unused queues
+        self._last_limit_sweep = float("-inf")  # sweeps because a new queue met the limit
         self.draining = False  # deliveries stopped (drain, or a broker shutting down)
 
     # --- sessions ---------------------------------------------------------------------
@@ -443,7 +458,8 @@ class Scheduler:
                 f"queue {queue_name!r} holds {waiting_now} waiting jobs; the limit is {config.max_pending_per_queue}"
             )
         if queue is None:
-            queue = self._new_queue(queue_name)
+            queue = self._new_queue(queue_name, now)
+        self._note_rates(now)
 
         state = JobState.DELAYED if delay > 0 else JobState.PENDING
         ids: list[int] = []
@@ -564,12 +580,13 @@ class Scheduler:
         session.prefetch = prefetch
         for name in session.queues:
             if name not in self._queues:
-                self._new_queue(name)
+                self._new_queue(name, now)
         self._offer_credit(session)
 
     def complete(self, session_id: int, items: Iterable[Sequence[Any]], now: float) -> list[str | None]:
         """Complete leased jobs with their results: items of (job_id, token, result)."""
         codes: list[str | None] = []
+        self._note_rates(now)
         for job, (_, _, result) in self._fenced(session_id, items, codes):
             started_at = self._start(job, now)
             self._end_lease(job)
@@ -801,12 +818,17 @@ class Scheduler:
         self._sample_rates(now)
         queues: dict[str, Any] = {}
         for name, queue in self._queues.items():
-            submitted_rate = completed_rate = 0.0
-            if queue.rate_samples:
-                then, submitted, completed = queue.rate_samples[0]
-                if now - then > 0:
-                    submitted_rate = (queue.submitted - submitted) / (now - then)
-                    completed_rate = (queue.completed - completed) / (now - then)
+            # What changed since the window began, over the whole window: a burst that ended
+            # 3 s ago still shows (docs/protocol.md, stats). Counts change only within a
+            # sampling interval after a sample (_note_rates), so when the newest sample before
+            # the window is older than that, the next one holds the counts at its start.
+            samples = queue.rate_samples
+            base = samples[0]
+            if len(samples) > 1 and base[0] + _RATE_SAMPLE_EVERY <= now - _RATE_WINDOW:
+                base = samples[1]
+            _, submitted, completed = base
+            submitted_rate = (queue.submitted - submitted) / _RATE_WINDOW
+            completed_rate = (queue.completed - completed) / _RATE_WINDOW
             queues[name] = {
                 "pending": queue.pending_count,
                 "delayed": queue.delayed_count,
@@ -905,6 +927,8 @@ class Scheduler:
             self._dispatch(now)
         if now - self._last_rate_sample >= _RATE_SAMPLE_EVERY:
             self._sample_rates(now)
+        if now - self._last_queue_sweep >= QUEUE_SWEEP_EVERY:
+            self.free_unused_queues(now)
         outbox = self._outbox
         if not (outbox.deliveries or outbox.results or outbox.progress or outbox.revoked or outbox.notices):
             return []
@@ -940,7 +964,7 @@ class Scheduler:
             self._jobs[job.id] = job
             queue = self._queues.get(job.queue)
             if queue is None:
-                queue = self._queues[job.queue] = _Queue(job.queue)
+                queue = self._queues[job.queue] = _Queue(job.queue, now)
             if job.key is not None:
                 self._keys[(job.owner, job.queue, job.key)] = job.id
             if job.state is JobState.LEASED:
@@ -956,6 +980,7 @@ class Scheduler:
             elif job.state is JobState.DEAD:
                 queue.dead[job.id] = job
             else:  # done or cancelled: kept for the rest of the result TTL
+                queue.finished_count += 1
                 finished.append(job)
             self._ready[job.queue] = None
         for job in sorted(finished, key=lambda job: job.expires_at):
@@ -967,6 +992,8 @@ class Scheduler:
 
     def _forget(self, job: Job) -> None:
         del self._jobs[job.id]
+        if job.state is JobState.DONE or job.state is JobState.CANCELLED:
+            self._queues[job.queue].finished_count -= 1
         if job.key is not None:
             self._keys.pop((job.owner, job.queue, job.key), None)
         if self.track_changes:
@@ -983,11 +1010,28 @@ class Scheduler:
         if size > self.config.max_batch:
             raise LimitExceeded(f"{size} items in one request; the limit is {self.config.max_batch}")
 
-    def _new_queue(self, name: str) -> _Queue:
+    def _new_queue(self, name: str, now: float) -> _Queue:
+        if len(self._queues) >= self.config.max_queues and now - self._last_limit_sweep >= _QUEUE_SWEEP_AT_LIMIT_EVERY:
+            self._last_limit_sweep = now
+            self.free_unused_queues(now)
         if len(self._queues) >= self.config.max_queues:
             raise LimitExceeded(f"the broker holds {len(self._queues)} queues, its limit; {name!r} is not created")
-        queue = self._queues[name] = _Queue(name)
+        queue = self._queues[name] = _Queue(name, now)
         return queue
+
+    def free_unused_queues(self, now: float) -> list[str]:
+        """Forget the queues that hold no job (pending, delayed, leased, dead, or finished and
+        kept for the result TTL) and that no worker names: they no longer count against
+        max_queues, and leave stats and metrics (their counters start from 0 if they come
+        back). flush() calls it every QUEUE_SWEEP_EVERY seconds, and a new queue at the limit
+        calls it (at most once a second). Returns the names freed."""
+        self._last_queue_sweep = now
+        named = {name for session in self._sessions.values() for name in session.queues}
+        unused = [name for name, queue in self._queues.items() if queue.idle and name not in named]
+        for name in unused:
+            del self._queues[name]
+            self._ready.pop(name, None)
+        return unused
 
     def _move(self, job: Job, event: JobEvent) -> None:
         transition(job, event)
@@ -1123,6 +1167,7 @@ class Scheduler:
         if job.state is JobState.DONE:
             job.payload = None  # finished jobs are kept for their result only: free the rest
         self._notify_watchers(job)
+        self._queues[job.queue].finished_count += 1
         job.expires_at = now + self.config.result_ttl
         self._expiry_deadlines.add(job.id, job.expires_at)
 
@@ -1136,12 +1181,20 @@ class Scheduler:
                 results.setdefault(session_id, []).append(outcome)
         job.watchers = None
 
+    def _note_rates(self, now: float) -> None:
+        """Called before the counts behind the rates change: if the last sample is stale, take
+        one now, so that the counts before a burst are known however long the queue was idle."""
+        if now - self._last_rate_sample >= _RATE_SAMPLE_EVERY:
+            self._sample_rates(now)
+
     def _sample_rates(self, now: float) -> None:
         self._last_rate_sample = now
+        window_start = now - _RATE_WINDOW
         for queue in self._queues.values():
             samples = queue.rate_samples
             samples.append((now, queue.submitted, queue.completed))
-            while len(samples) > 1 and now - samples[0][0] > _RATE_WINDOW:
+            # Keep the newest sample at or before the window's start: the counts then.
+            while len(samples) > 1 and samples[1][0] <= window_start:
                 samples.popleft()
 
 

@@ -23,6 +23,7 @@ from broker.errors import (
     FrameTooLarge,
     MalformedMessage,
     ProtocolError,
+    TlsMismatch,
     UsageError,
 )
 from broker.protocol import auth
@@ -44,6 +45,7 @@ from broker.protocol.messages import (
     Welcome,
     decode,
     encode,
+    request_id,
 )
 
 __all__ = ["Authenticated", "ClientConnection", "Role", "ServerConnection", "State"]
@@ -90,6 +92,14 @@ class Authenticated:
 Event = Message | Authenticated
 
 
+# The first bytes of a TLS record: handshake (a ClientHello, a ServerHello) or alert, in any
+# TLS version. No frame starts so: its length would be over 350 MB.
+_TLS_RECORDS = (b"\x16\x03", b"\x15\x03")
+# What a failed handshake tells the peer, whatever failed: a wrong secret, an unknown name, a
+# bad nonce. One text, so that the answer does not say which names exist (docs/security.md).
+AUTH_FAILED_TEXT = "authentication failed"
+
+
 class _Connection:
     role: Role
 
@@ -106,6 +116,8 @@ class _Connection:
         self._signer: auth.FrameSigner | None = None
         self._verifier: auth.FrameVerifier | None = None
         self._outgoing: list[bytes] = []
+        self._outgoing_size = 0
+        self._head = b""  # the first bytes received, until there are two: is the peer TLS?
         self.state: State
         self.error: ProtocolError | None = None
         self.frames_received = 0
@@ -128,6 +140,24 @@ class _Connection:
             raise FrameTooLarge(len(body) + auth.MAC_SIZE, self.peer_max_frame_size)
         self._queue_body(body)
 
+    def send_encoded(self, body: bytes) -> None:
+        """Queue a message body already encoded (messages.encode_items); as send().
+
+        Raises:
+            ConnectionClosed: the connection is closed.
+            FrameTooLarge: the body would make a frame the peer refuses; nothing is queued.
+        """
+        if self.state is State.CLOSED:
+            raise ConnectionClosed("cannot send on a closed connection", self.error)
+        if len(body) + auth.MAC_SIZE > self.peer_max_frame_size:
+            raise FrameTooLarge(len(body) + auth.MAC_SIZE, self.peer_max_frame_size)
+        self._queue_body(body)
+
+    @property
+    def bytes_to_send(self) -> int:
+        """Bytes queued that data_to_send() has not yet returned."""
+        return self._outgoing_size
+
     def _queue(self, message: Message) -> None:
         self._queue_body(encode(message))
 
@@ -135,7 +165,9 @@ class _Connection:
         self.frames_sent += 1
         if self._signer is not None:
             body = self._signer.sign(body)
-        self._outgoing.append(encode_frame(body))
+        frame = encode_frame(body)
+        self._outgoing_size += len(frame)
+        self._outgoing.append(frame)
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one buffer (one write per loop turn)."""
@@ -143,6 +175,7 @@ class _Connection:
             return b""
         data = b"".join(self._outgoing)
         self._outgoing.clear()
+        self._outgoing_size = 0
         return data
 
     # --- input ----------------------------------------------------------------------------
@@ -154,6 +187,10 @@ class _Connection:
             return []
         events: list[Event] = []
         try:
+            if len(self._head) < 2 and self.frames_received == 0:
+                self._head += data[: 2 - len(self._head)]
+                if self._head in _TLS_RECORDS and self.state is not State.OPEN:
+                    raise self._tls_mismatch()
             for payload in self._decoder.feed(data):
                 self.frames_received += 1
                 self._receive_frame(payload, events)
@@ -172,11 +209,17 @@ class _Connection:
         """Closed by us: discard further input."""
         self.state = State.CLOSED
 
+    def _tls_mismatch(self) -> TlsMismatch:
+        raise NotImplementedError
+
     def _fail(self, exc: ProtocolError) -> None:
         self.error = exc
         if self.state is not State.CLOSED:
-            self._queue(ErrorReply(id=None, code=exc.code, message=str(exc)))
+            self._queue(ErrorReply(id=None, code=exc.code, message=self._error_text(exc)))
             self.state = State.CLOSED
+
+    def _error_text(self, exc: ProtocolError) -> str:
+        return str(exc)
 
     def _receive_frame(self, payload: bytes, events: list[Event]) -> None:
         # A bad MAC raises IntegrityError, which is fatal: the stream can no longer be trusted.
@@ -190,9 +233,11 @@ class _Connection:
             self._queue(ErrorReply(id=exc.request_id, code=exc.code, message=str(exc)))
             return
         if not _accepts_when_open(self.role, message):
-            request_id = getattr(message, "id", None)
+            # The id, when the peer gave one, even for an op whose message type has none.
             self._queue(
-                ErrorReply(id=request_id, code=MalformedMessage.code, message=f"op {message.op!r} not accepted here")
+                ErrorReply(
+                    id=request_id(body), code=MalformedMessage.code, message=f"op {message.op!r} not accepted here"
+                )
             )
             return
         events.append(message)
@@ -258,6 +303,13 @@ class ServerConnection(_Connection):
         self.credential: auth.Credential | None = None  # known once authenticated
         self.claimed_credential = ""  # the name the hello asked for, for logs
 
+    def _tls_mismatch(self) -> TlsMismatch:
+        return TlsMismatch("a TLS client at a plaintext port: this broker runs without --tls-cert")
+
+    def _error_text(self, exc: ProtocolError) -> str:
+        # The cause stays in `error`, for the broker's log; the peer learns only that it failed.
+        return AUTH_FAILED_TEXT if isinstance(exc, AuthenticationFailed) else str(exc)
+
     def _step(self, message: Message, events: list[Event]) -> None:
         if isinstance(message, Hello):
             _check_hello_fields(message.version, message.nonce)
@@ -321,6 +373,9 @@ class ClientConnection(_Connection):
         self._client_name = client
         self._initiated = False
         self.welcome: Welcome | None = None
+
+    def _tls_mismatch(self) -> TlsMismatch:
+        return TlsMismatch("the broker answered in TLS: connect with tls= (--tls-ca, $JOBBROKER_TLS_CA)")
 
     def initiate(self) -> None:
         """Queue the hello."""

@@ -54,6 +54,8 @@ __all__ = [
     "Welcome",
     "decode",
     "encode",
+    "encode_items",
+    "request_id",
 ]
 
 # Per-item layouts of the batch messages; msgpack carries them as arrays. A trailing column
@@ -533,6 +535,45 @@ def encode(message: Message) -> bytes:
     for name in _FIELD_NAMES[type(message)]:
         wire[name] = getattr(message, name)
     return msgpack.packb(wire, use_bin_type=True)
+
+
+# The one list field of each push, which encode_items() fills item by item.
+_ITEMS_FIELD: dict[type[Message], str] = {Deliver: "jobs", Results: "items", Progressed: "items", Revoked: "items"}
+
+PushType = type[Deliver] | type[Results] | type[Progressed] | type[Revoked]
+
+
+def encode_items(message_type: PushType, items: list[Any], max_size: int) -> tuple[bytes, int]:
+    """The body of a push carrying as many of `items`, from the first, as fit in `max_size`
+    bytes, and how many that is (0: the first item alone is over). Each item is encoded once,
+    so a large batch is cut to size without building it whole first.
+
+    The body is the one encode() would give for message_type(items[:count])."""
+    packer = msgpack.Packer(use_bin_type=True)
+    field_name = _ITEMS_FIELD[message_type]
+    head = packer.pack_map_header(2) + packer.pack("op") + packer.pack(message_type.op) + packer.pack(field_name)
+    size = len(head) + 5  # the array header takes at most 5 bytes
+    parts: list[bytes] = []
+    for item in items:
+        part = packer.pack(item)
+        if size + len(part) > max_size:
+            break
+        size += len(part)
+        parts.append(part)
+    if not parts:
+        return b"", 0
+    return b"".join((head, packer.pack_array_header(len(parts)), *parts)), len(parts)
+
+
+def request_id(body: bytes) -> int | None:
+    """The `id` of a frame body, if it is a msgpack map with an integer id; else None. For
+    errors about messages that decode() took but that may not be sent here (their type has
+    no id field)."""
+    try:
+        wire = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_reject_ext)
+    except Exception:
+        return None
+    return _request_id(wire) if type(wire) is dict else None
 
 
 def decode(body: bytes) -> Message:

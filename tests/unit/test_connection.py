@@ -2,7 +2,7 @@ import struct
 
 import msgpack
 
-from broker.errors import AuthenticationFailed, FrameTooLarge, IntegrityError
+from broker.errors import AuthenticationFailed, FrameTooLarge, IntegrityError, TlsMismatch
 from broker.protocol import auth
 from broker.protocol.connection import Authenticated, ClientConnection, ServerConnection, State
 from broker.protocol.framing import FrameDecoder, encode_frame
@@ -131,3 +131,73 @@ def test_pipelined_requests_in_one_write() -> None:
     events = server.receive_data(client.data_to_send())
     assert [e.id for e in events] == list(range(100))  # type: ignore[union-attr]
     exchange(client, server)
+
+
+def test_every_handshake_failure_tells_the_peer_the_same_text() -> None:
+    # Unknown names and wrong secrets must not be told apart on the wire (docs/security.md).
+    texts = set()
+    for credential, secret in (("default", b"w" * 32), ("nobody", SECRET)):
+        server = ServerConnection(credentials(), session=1, heartbeat=5.0)
+        client_nonce = auth.new_nonce()
+        server.receive_data(encode_frame(encode(Hello(version=1, nonce=client_nonce, credential=credential))))
+        challenge = decode(FrameDecoder().feed(server.data_to_send())[0])
+        proof = auth.client_proof(secret, credential, client_nonce, challenge.nonce)  # type: ignore[attr-defined]
+        server.receive_data(encode_frame(msgpack.packb({"op": "authenticate", "proof": proof})))
+        assert isinstance(server.error, AuthenticationFailed)
+        (reply,) = [decode(f) for f in FrameDecoder().feed(server.data_to_send())]
+        assert isinstance(reply, ErrorReply) and reply.code == "auth_failed"
+        texts.add(reply.message)
+    for bad_hello in (Hello(version=99, nonce=b"n" * 32), Stats(id=1)):
+        server = ServerConnection(credentials(), session=1, heartbeat=5.0)
+        server.receive_data(encode_frame(encode(bad_hello)))
+        (reply,) = [decode(f) for f in FrameDecoder().feed(server.data_to_send())]
+        texts.add(reply.message)  # type: ignore[attr-defined]
+    assert texts == {"authentication failed"}
+
+
+def test_ops_the_broker_does_not_take_are_refused_with_their_id() -> None:
+    client, server = connected_pair()
+    signer = client._signer
+    assert signer is not None
+    frames = [
+        {"op": "deliver", "id": 11, "jobs": []},
+        {"op": "results", "id": 12, "items": []},
+        {"op": "hello", "id": 13, "version": 1, "nonce": b"n" * 32},
+        {"op": "results", "items": []},  # no id to give back
+    ]
+    server.receive_data(b"".join(encode_frame(signer.sign(msgpack.packb(f))) for f in frames))
+    replies = client.receive_data(server.data_to_send())
+    assert [(r.id, r.code) for r in replies] == [
+        (11, "malformed"),
+        (12, "malformed"),
+        (13, "malformed"),
+        (None, "malformed"),
+    ]
+    assert server.state is State.OPEN
+
+
+def test_a_tls_client_at_a_plaintext_port_is_told_so() -> None:
+    client_hello = bytes.fromhex("16030100f4010000f00303") + bytes(240)  # the start of a ClientHello
+    for chunks in ([client_hello], [client_hello[:1], client_hello[1:]]):  # in one read, or split
+        server = ServerConnection(credentials(), session=1, heartbeat=5.0)
+        for chunk in chunks:
+            server.receive_data(chunk)
+        assert server.state is State.CLOSED and isinstance(server.error, TlsMismatch)
+        assert "TLS client at a plaintext port" in str(server.error)
+        (reply,) = [decode(f) for f in FrameDecoder().feed(server.data_to_send())]
+        assert isinstance(reply, ErrorReply) and reply.code == "tls_mismatch"
+
+
+def test_a_plaintext_client_answered_in_tls_is_told_so() -> None:
+    client = ClientConnection(SECRET)
+    client.initiate()
+    client.data_to_send()
+    client.receive_data(bytes.fromhex("150303000202"))  # a TLS alert record
+    assert client.state is State.CLOSED and isinstance(client.error, TlsMismatch)
+    assert "tls=" in str(client.error)
+
+
+def test_after_the_handshake_no_bytes_are_taken_for_tls() -> None:
+    client, server = connected_pair()
+    client.send(Stats(id=0x1603))  # an ordinary frame, whatever its first bytes
+    assert server.receive_data(client.data_to_send()) == [Stats(id=0x1603)]

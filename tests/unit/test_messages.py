@@ -83,3 +83,15 @@ def test_deeply_nested_garbage_is_a_protocol_error_not_a_crash() -> None:
     body = b"\x91" * 100_000 + b"\x00"  # arrays nested far past the stack
     with pytest.raises(MalformedMessage):
         decode(body)
+
+
+def test_encode_items_cuts_a_push_to_size_and_matches_encode() -> None:
+    from broker.protocol.messages import Results, encode_items
+
+    items = [[i, "done", "r" * 1000] for i in range(10)]
+    body, count = encode_items(Results, items, 1_000_000)
+    assert count == 10 and body == encode(Results(items))
+    body, count = encode_items(Results, items, 3500)
+    assert count == 3 and body == encode(Results(items[:3])) and len(body) <= 3500
+    assert decode(body) == Results(items[:3])
+    assert encode_items(Results, items, 500) == (b"", 0)  # not even one fits

@@ -20,7 +20,7 @@ from broker.core.scheduler import (
     TimeLimitHit,
     WorkerLost,
 )
-from broker.errors import InvalidRequest, JobNotFound, QueueFull
+from broker.errors import InvalidRequest, JobNotFound, LimitExceeded, QueueFull
 
 PRODUCER, WORKER_A, WORKER_B = 1, 2, 3
 
@@ -488,3 +488,74 @@ def test_a_late_follower_gets_the_current_progress_at_once() -> None:
     h.flush()
     h.scheduler.watch(PRODUCER, [job_id])
     assert ProgressReady(PRODUCER, [[job_id, 0.3, "a third"]]) in h.flush()
+
+
+# --- queues are freed (issue 11, defect 6) --------------------------------------------------
+
+
+def test_queues_named_by_a_gone_worker_are_freed_at_the_limit() -> None:
+    h = Harness(max_queues=100)
+    h.scheduler.reserve(WORKER_A, [f"q{i}" for i in range(100)], 1, h.now)
+    with pytest.raises(LimitExceeded):
+        h.submit([1], queue="new")  # the worker still names all of them
+    h.scheduler.close_session(WORKER_A, h.now)
+    h.clock.jump(1.0)
+    assert h.submit([1], queue="new") == [1]  # the unused ones went to make room
+    assert set(h.scheduler.stats(h.now)["queues"]) == {"new"}
+
+
+def test_a_queue_lives_while_any_job_refers_to_it() -> None:
+    h = Harness(result_ttl=300.0)
+    h.flush()  # the first periodic sweep, on an empty broker
+    for name in ("pending", "delayed", "leased", "dead", "done", "cancelled"):
+        h.submit([name], queue=name, delay=60.0 if name == "delayed" else 0.0, max_attempts=1)
+    h.scheduler.cancel([6], h.now)
+    h.scheduler.reserve(WORKER_A, ["leased", "dead", "done"], 10, h.now)
+    tokens = {job[0]: job[1] for job in h.deliveries()[WORKER_A]}
+    h.scheduler.fail(
+        WORKER_A,
+        [[4, tokens[4], "E", "m"]],
+        h.now,
+    )
+    h.scheduler.complete(WORKER_A, [[5, tokens[5], "r"]], h.now)
+    h.scheduler.reserve(WORKER_A, ["leased"], 10, h.now)
+    h.scheduler.reserve(WORKER_B, ["idle"], 10, h.now)
+    assert h.scheduler.free_unused_queues(h.now) == []
+    h.scheduler.reserve(WORKER_B, [], 0, h.now)
+    assert h.scheduler.free_unused_queues(h.now) == ["idle"]
+    h.scheduler.dead_purge("dead", None)
+    assert h.scheduler.free_unused_queues(h.now) == ["dead"]
+    h.jump(301.0, alive=(PRODUCER,))  # results expire; the worker dies and its lease goes back
+    # ... and the periodic sweep of that flush freed the queues of the expired results.
+    assert set(h.scheduler.stats(h.now)["queues"]) == {"pending", "delayed", "leased"}
+
+
+def test_unused_queues_are_swept_every_minute_without_the_limit() -> None:
+    h = Harness()
+    h.scheduler.reserve(WORKER_A, ["a", "b"], 1, h.now)
+    h.scheduler.reserve(WORKER_A, ["a"], 1, h.now)
+    h.flush()
+    h.jump(61.0)
+    assert set(h.scheduler.stats(h.now)["queues"]) == {"a"}
+
+
+# --- rates are honest (issue 11, defect 8) --------------------------------------------------
+
+
+def test_rates_count_a_burst_for_ten_seconds_after_it_ends() -> None:
+    h = Harness(max_prefetch=20_000)
+    h.scheduler.reserve(WORKER_A, ["q"], 10_000, h.now)
+    h.submit([0])
+    h.flush()
+    h.jump(120.0)  # a long quiet spell: no sample taken meanwhile
+    jobs = h.submit(list(range(1000)))
+    delivered = h.deliveries()[WORKER_A]
+    h.scheduler.complete(WORKER_A, [[job[0], job[1], 0] for job in delivered], h.now)
+    h.jump(3.0)
+    assert h.stats()["submitted_per_second"] == 100.0  # 1,000 in the last 10 s
+    assert h.stats()["done_per_second"] >= 100.0
+    h.jump(6.5)
+    assert h.stats()["submitted_per_second"] == 100.0
+    h.jump(2.0)  # the burst is now more than 10 s old (give or take the 1 s sampling interval)
+    assert h.stats()["submitted_per_second"] == 0.0 and h.stats()["done_per_second"] == 0.0
+    assert len(jobs) == 1000

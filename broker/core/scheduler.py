@@ -283,7 +283,8 @@ class Scheduler:
         """Args:
         config: defaults and limits.
         track_changes: record every job created, changed or forgotten, for take_changes()
-            (a durable broker persists them); off, nothing accumulates.
+            (a durable broker persists them); off, nothing accumulates. On, a new job is
+            also not delivered until stored() says its creation is committed.
         """
         self.config = config or SchedulerConfig()
         self.track_changes = track_changes
@@ -295,6 +296,11 @@ class Scheduler:
         self._keys: dict[tuple[str | None, str, str], int] = {}
         self._next_job_id = 1
         self._next_token = 1
+        # With track_changes: pending jobs whose creation is not yet committed, in id order;
+        # counted in pending_count but in no FIFO, so that no worker runs a job a crash could
+        # still take back (docs/protocol.md, "Durability"). stored() moves them to their queues.
+        self._unstored: list[Job] = []
+        self._stored_below = 1  # every job with a smaller id is stored (or gone)
         self._lease_deadlines: Deadlines[int] = Deadlines()  # job id
         self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
         # job id of a finished job; TTLs are all alike, so these come in time order
@@ -450,12 +456,15 @@ class Scheduler:
                 queue.delayed_count += 1
                 job.not_before = now + delay
                 self._due_deadlines.add(job.id, job.not_before)
+            elif self.track_changes:
+                queue.pending_count += 1
+                self._unstored.append(job)
             else:
                 queue.push(job)
             ids.append(job.id)
             created += 1
         queue.submitted += created
-        if state is JobState.PENDING:
+        if state is JobState.PENDING and not self.track_changes:
             self._ready[queue_name] = None
         return ids
 
@@ -760,6 +769,10 @@ class Scheduler:
             self._move(job, JobEvent.DUE)
             queue = self._queues[job.queue]
             queue.delayed_count -= 1
+            if self.track_changes and job_id >= self._stored_below:  # due before it is stored: waits
+                queue.pending_count += 1
+                self._unstored.append(job)
+                continue
             queue.push(job)
             self._ready[job.queue] = None
         for job_id in self._lease_deadlines.expire(now):
@@ -804,13 +817,42 @@ class Scheduler:
     def next_job_id(self) -> int:
         return self._next_job_id
 
+    @property
+    def next_token(self) -> int:
+        """The lease token the next delivery gets."""
+        return self._next_token
+
+    def stored(self, next_job_id: int) -> None:
+        """The store has committed every job with an id below `next_job_id` (the value of
+        next_job_id when its changes were taken): those jobs may now be delivered, in the order
+        they were created, at the next flush()."""
+        if next_job_id <= self._stored_below:
+            return
+        self._stored_below = next_job_id
+        waiting: list[Job] = []
+        for job in self._unstored:
+            if job.id >= next_job_id:
+                waiting.append(job)
+            elif job.state is JobState.PENDING:  # not cancelled meanwhile
+                queue = self._queues[job.queue]
+                queue.push(job)
+                queue.pending_count -= 1  # counted when it was created
+                self._ready[job.queue] = None
+        self._unstored = waiting
+
+    def changed(self, job_id: int) -> bool:
+        """Whether the job has changes not yet taken by take_changes()."""
+        changes = self._changes
+        return job_id in changes.created or job_id in changes.updated
+
     def take_changes(self) -> Changes:
         """Jobs created, changed and forgotten since the last call (requires track_changes)."""
         changes, self._changes = self._changes, Changes()
         return changes
 
-    def restore(self, jobs: Iterable[Job], next_job_id: int, now: float) -> None:
-        """Load jobs recovered from storage into an empty scheduler. Leases are not stored, so
+    def restore(self, jobs: Iterable[Job], next_job_id: int, now: float, *, next_token: int = 1) -> None:
+        """Load jobs recovered from storage into an empty scheduler; lease tokens count from
+        `next_token` (above any handed out before the restart). Leases are not stored, so
         a job leased when the broker stopped comes back as its last write left it, pending; a
         job stored as leased (a store that records leases) comes back pending with its attempt
         counted, or dead if that was its last. Jobs must come in id order so that FIFO order
@@ -842,6 +884,8 @@ class Scheduler:
         for job in sorted(finished, key=lambda job: job.expires_at):
             self._expiry_deadlines.add(job.id, job.expires_at)
         self._next_job_id = max(self._next_job_id, next_job_id)
+        self._stored_below = self._next_job_id
+        self._next_token = max(self._next_token, next_token)
         self._outbox = _Outbox()  # restoring is not news to anyone
 
     # --- internals --------------------------------------------------------------------

@@ -25,6 +25,7 @@ def scheduler_with_history(clock: FakeClock) -> Scheduler:
     scheduler.submit(1, "q", ["to-lease", "to-finish", "to-kill"], now, priority=9, max_attempts=1)
     scheduler.submit(1, "q", ["to-cancel"], now)
     scheduler.cancel([7], now)
+    scheduler.stored(scheduler.next_job_id)  # as the broker does once their creation is committed
     scheduler.reserve(1, ["q"], 3, now)
     (deliver,) = [e for e in scheduler.flush(now) if isinstance(e, Deliver)]
     (leased, _), (finished, finished_token), (killed, killed_token) = [(j[0], j[1]) for j in deliver.jobs]
@@ -82,6 +83,7 @@ def test_restore_brings_jobs_held_as_leased_back_and_keeps_order_keys_and_result
     assert restored.submit(1, "q", ["new"], now) == [8]  # ids are never reused
     assert restored.job_info(5)["result"] == {"answer": 42}
     restored.reserve(1, ["q"], 10, now)
+    restored.stored(restored.next_job_id)
     (deliver,) = [e for e in restored.flush(now) if isinstance(e, Deliver)]
     assert [j[0] for j in deliver.jobs] == [1, 2, 8]  # priority then FIFO; cancelled 7 skipped
     assert {j["id"] for j in restored.dead_list("q")} == {4, 6}
@@ -140,6 +142,7 @@ def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
     first = serialize(scheduler.take_changes(), clock.now(), WALL)
     assert len(first.inserts) == 2
     store.write(first, scheduler.next_job_id)
+    scheduler.stored(scheduler.next_job_id)
 
     scheduler.reserve(1, ["q"], 2, clock.now())
     (deliver,) = [e for e in scheduler.flush(clock.now()) if isinstance(e, Deliver)]
@@ -180,6 +183,7 @@ def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_toge
     ids = scheduler.submit(1, "q", list(range(50)), clock.now())
     store = SqliteStore(tmp_path / "data")
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
+    scheduler.stored(scheduler.next_job_id)
     scheduler.reserve(2, ["q"], 40, clock.now())
     scheduler.flush(clock.now())
     assert not scheduler.take_changes()  # leases live in memory: a crash delivers the jobs again
@@ -194,12 +198,35 @@ def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_toge
     assert [states[i] for i in ids] == [("pending", 1)] * 40 + [("pending", 0)] * 10
 
 
-def test_a_job_delivered_and_completed_between_writes_is_written_once_in_its_final_state() -> None:
+def test_a_new_job_is_delivered_only_once_its_creation_is_stored() -> None:
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, 0.0)
-    (job_id,) = scheduler.submit(1, "q", ["x"], 0.0)
-    scheduler.reserve(1, ["q"], 1, 0.0)
-    (deliver,) = [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
-    scheduler.complete(1, [[job_id, deliver.jobs[0][1], "done"]], 0.0)
-    batch = serialize(scheduler.take_changes(), 0.0, WALL)
-    assert batch.updates == [] and [(row[0], row[2], row[5]) for row in batch.inserts] == [(job_id, "done", 1)]
+    scheduler.reserve(1, ["q"], 10, 0.0)
+    first, cancelled = scheduler.submit(1, "q", ["x", "cancelled"], 0.0)
+    delayed = scheduler.submit(1, "q", ["soon"], 0.0, delay=0.5)[0]
+    assert not [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
+    assert scheduler.stats(0.0)["queues"]["q"]["pending"] == 2
+    scheduler.cancel([cancelled], 0.0)
+    boundary = scheduler.next_job_id
+    assert len(serialize(scheduler.take_changes(), 0.0, WALL).inserts) == 3
+    scheduler.tick(1.0)  # the delayed job is due before its commit completes: it waits too
+    (later,) = scheduler.submit(1, "q", ["later"], 1.0)  # after the changes were taken
+    assert not [e for e in scheduler.flush(1.0) if isinstance(e, Deliver)]
+    scheduler.stored(boundary)  # the commit of the first three is done
+    (deliver,) = [e for e in scheduler.flush(1.0) if isinstance(e, Deliver)]
+    assert [job[0] for job in deliver.jobs] == [first, delayed]
+    scheduler.complete(1, [[first, deliver.jobs[0][1], "done"]], 1.0)
+    batch = serialize(scheduler.take_changes(), 1.0, WALL)
+    assert [row[0] for row in batch.inserts] == [later] and sorted(u[-1] for u in batch.updates) == [first, delayed]
+    scheduler.stored(scheduler.next_job_id)
+    (deliver,) = [e for e in scheduler.flush(1.0) if isinstance(e, Deliver)]
+    assert [job[0] for job in deliver.jobs] == [later]
+    assert scheduler.stats(1.0)["queues"]["q"]["pending"] == 0
+
+
+def test_memory_mode_delivers_at_once() -> None:
+    scheduler = Scheduler()
+    scheduler.open_session(1, 0.0)
+    scheduler.reserve(1, ["q"], 10, 0.0)
+    scheduler.submit(1, "q", ["x"], 0.0)
+    assert [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]

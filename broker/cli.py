@@ -1,4 +1,4 @@
-"""The `jobbroker` command: serve, worker, submit, stats."""
+"""The `jobbroker` command: serve, worker, submit, stats, recover."""
 
 from __future__ import annotations
 
@@ -201,6 +201,18 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--grace", type=float, default=10.0, help="on SIGTERM: seconds for jobs in flight (10)")
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
 
+    recover = commands.add_parser(
+        "recover",
+        help="salvage every readable job of a damaged data directory into a fresh database",
+        description="Salvage every readable job of a damaged data directory (a corrupt row or page, a "
+        "write-ahead log lost after a crash) into a fresh database; report what was dropped. The old "
+        "files are kept in DATA_DIR/damaged-<time>/. The broker must not be running.",
+    )
+    recover.set_defaults(run=_recover)
+    recover.add_argument("--data-dir", default=None, help=f"the data directory (default {default_store_dir()})")
+    recover.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(info)")
+    recover.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object a line")
+
     def client_command(name: str, run: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         sub = command(name, run, help_text)
         sub.add_argument("--connect", default=DEFAULT_CONNECT, help=f"broker HOST:PORT (default {DEFAULT_CONNECT})")
@@ -312,6 +324,14 @@ def _serve(args: argparse.Namespace) -> int:
             "listening on %s without TLS: traffic is authenticated but readable; see docs/security.md", args.host
         )
     _run(_serve_until_signal(config, credentials, args.grace), use_uvloop=not args.no_uvloop)
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from broker.store import recover
+
+    report = recover(Path(args.data_dir or default_store_dir()))
+    print(report.describe())
     return 0
 
 

@@ -402,7 +402,7 @@ class SqliteStore:
                 if batch.ceilings is not None:
                     meta += [("token_ceiling", batch.ceilings.token), ("session_ceiling", batch.ceilings.session)]
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
-                self._commit()
+                db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
@@ -427,11 +427,6 @@ class SqliteStore:
             with contextlib.suppress(sqlite3.Error):
                 # executescript steps the pragma to the end; execute() would free one page only.
                 db.executescript(f"PRAGMA incremental_vacuum({64 + len(batch.deletes) // 16});")
-
-    def _commit(self) -> None:
-        """COMMIT, and with FsyncMode.ALWAYS the fsync of the WAL. Its own method so that the
-        durability tests can slow it down or fail it (tests/integration/faults.py)."""
-        self._db.execute("COMMIT")
 
     def _update(self, updates: list[Update]) -> None:
         """Jobs that changed alike (most deliveries: leased, first attempt) share one statement

@@ -636,12 +636,14 @@ class Broker:
         """Whether any of these jobs has a change that is not committed: not yet taken for a
         commit, in the commit in flight, or in a failed one waiting to be written again."""
         changed = self.scheduler.changed
-        writing = self._writing.job_ids() if self._writing is not None else None
-        unsaved = self._unsaved.job_ids() if self._unsaved is not None else None
+        others: list[int] = []
         for job_id in job_ids:
-            if changed(job_id) or (writing and job_id in writing) or (unsaved and job_id in unsaved):
+            if changed(job_id):  # the common case (a new job, a completion): no set is made
                 return True
-        return False
+            others.append(job_id)
+        return any(
+            batch is not None and not batch.job_ids().isdisjoint(others) for batch in (self._writing, self._unsaved)
+        )
 
     def _on_submit(self, client: _BrokerProtocol, request: Submit, now: float) -> dict[str, Any]:
         if self._storage_error is not None:

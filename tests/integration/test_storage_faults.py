@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from broker import Broker, BrokerConfig
-from broker.errors import StorageError
-from broker.store import SqliteStore, WriteBatch
+from broker.core.scheduler import Scheduler
+from broker.errors import StorageError, StorageFailed
+from broker.store import IdCeilings, Recovered, SqliteStore, WriteBatch, serialize
 from client import Client, ConnectionClosed, StorageUnavailable, Worker, current_job
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import BrokerProcess, Faults, wait_until
@@ -214,3 +215,48 @@ async def test_a_failed_fsync_stops_the_broker_instead_of_retrying(
     broker = start_broker(port=broker.port, data_dir=data_dir)
     async with Client(broker.address, secret=SECRET) as client:
         assert (await client.job(before))["state"] == "pending"
+
+
+class CeilingStore(SqliteStore):
+    """Stored lease tokens end 3 above the first, and no write succeeds (a full disk): the
+    ceiling cannot be raised in time."""
+
+    full = False
+
+    def load(self, now: float, wall: float) -> Recovered:
+        recovered = super().load(now, wall)
+        recovered.ceilings = IdCeilings(recovered.next_token + 3, recovered.ceilings.session)
+        self.full = True
+        return recovered
+
+    def write(self, batch: WriteBatch, next_job_id: int) -> None:
+        if self.full:
+            raise StorageError("cannot write to jobs.sqlite3: database or disk is full")
+        super().write(batch, next_job_id)
+
+
+async def test_no_lease_token_above_the_stored_ceiling_is_handed_out(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "data")
+    scheduler = Scheduler(track_changes=True)
+    scheduler.open_session(1, 0.0)
+    scheduler.submit(1, "q", list(range(10)), 0.0)
+    store.load(0.0, 0.0)
+    store.write(serialize(scheduler.take_changes(), 0.0, 0.0), scheduler.next_job_id)
+    store.close()
+    delivered: list[int] = []
+
+    async def handler(payload: int) -> int:
+        delivered.append(current_job().token)
+        return payload
+
+    broker = Broker(BrokerConfig(port=0), SECRET, store=CeilingStore(tmp_path / "data"))
+    await broker.start()
+    worker = Worker(f"127.0.0.1:{broker.port}", queues=["q"], handler=handler, secret=SECRET, reconnect_timeout=0.5)
+    running = asyncio.create_task(worker.run())
+    try:
+        with pytest.raises(StorageFailed, match="beyond the stored ceiling"):
+            await asyncio.wait_for(broker.wait_closed(), 10 * TIME_UNIT)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 10 * TIME_UNIT)
+    assert delivered == []  # the broker stopped before any of those tokens left it

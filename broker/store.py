@@ -605,7 +605,8 @@ def recover(data_dir: str | os.PathLike[str]) -> RecoveryReport:
     finally:
         lock.release()
     next_job_id = max(meta.get("next_job_id", 1), known.next_job_id, max((r[0] for r in rows), default=0) + 1)
-    # Ids handed out in commits the database lost are unknown: skip a block to be safe.
+    # The commit file knows every id revealed, unless it lost its own last writes too (a power
+    # loss under --fsync interval or never): where commits are missing, skip a block to be safe.
     if known.commits > meta.get("commits", 0):
         next_job_id += 1_000_000
     ceilings = IdCeilings(
@@ -637,27 +638,31 @@ def _salvage(database: Path) -> tuple[list[Row], list[int], list[str], dict[str,
         except (sqlite3.Error, ValueError, TypeError) as exc:
             unreadable.append(f"the meta table: {exc}")
         shared: dict[Any, Any] = {}
-        after = 0
-        while True:  # row by row, so that a damaged page costs its rows and no others
-            try:
-                row = db.execute("SELECT * FROM jobs WHERE id > ? ORDER BY id LIMIT 1", (after,)).fetchone()
-            except sqlite3.Error as exc:
-                # Skip past the damage: find the next id that reads, if any.
-                following = _next_readable_id(db, after)
-                unreadable.append(f"rows after id {after}" + (f" before {following}" if following else "") + f": {exc}")
-                if following is None:
-                    break
-                after = following - 1
-                continue
-            if row is None:
-                break
-            after = row[0]
+
+        def take(row: Any) -> None:
+            if len(row) == 14:  # schema 1, before owners
+                row = (*row, None)
             try:
                 _job_from_row(row, 0.0, shared)
             except (ValueError, TypeError, KeyError, msgpack.UnpackException):
                 dropped.append(row[0])
-                continue
-            rows.append(tuple(row))  # type: ignore[arg-type]
+            else:
+                rows.append(tuple(row))
+
+        after = 0
+        while True:  # a scan; where it meets a damaged page, on past it to the next row that reads
+            try:
+                for row in db.execute("SELECT * FROM jobs WHERE id > ? ORDER BY id", (after,)):
+                    after = row[0]
+                    take(row)
+                break
+            except sqlite3.Error as exc:
+                following = _next_readable_id(db, after)
+                unreadable.append(f"rows after id {after}" + (f" before {following}" if following else "") + f": {exc}")
+                if following is None:
+                    break
+                take(db.execute("SELECT * FROM jobs WHERE id = ?", (following,)).fetchone())
+                after = following  # on from there, whatever the scan meets first
     finally:
         db.close()
     return rows, dropped, unreadable, meta

@@ -296,9 +296,10 @@ class Scheduler:
         self._keys: dict[tuple[str | None, str, str], int] = {}
         self._next_job_id = 1
         self._next_token = 1
-        # With track_changes: pending jobs whose creation is not yet committed, in id order;
-        # counted in pending_count but in no FIFO, so that no worker runs a job a crash could
-        # still take back (docs/protocol.md, "Durability"). stored() moves them to their queues.
+        # With track_changes: pending jobs whose creation is not yet committed, in the order
+        # they became pending; counted in pending_count but in no FIFO, so that no worker runs
+        # a job a crash could still take back (docs/protocol.md, "Durability"). stored() moves
+        # them to their queues.
         self._unstored: list[Job] = []
         self._stored_below = 1  # every job with a smaller id is stored (or gone)
         self._lease_deadlines: Deadlines[int] = Deadlines()  # job id

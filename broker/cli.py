@@ -1,4 +1,4 @@
-"""The `jobbroker` command: serve, worker, submit, stats and the rest.
+"""The `jobbroker` command: serve, recover, worker, submit, stats and the rest.
 
 Exit status (README, "Command line"): 0 success; 1 a job failed (dead or cancelled); 2 bad
 usage or configuration, or the broker could not start; 3 the broker could not be reached; 4
@@ -274,6 +274,18 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--grace", type=float, default=10.0, help="on SIGTERM: seconds for jobs in flight (10)")
     serve.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
 
+    recover = commands.add_parser(
+        "recover",
+        help="salvage every readable job of a damaged data directory into a fresh database",
+        description="Salvage every readable job of a damaged data directory (a corrupt row or page, a "
+        "write-ahead log lost after a crash) into a fresh database; report what was dropped. The old "
+        "files are kept in DATA_DIR/damaged-<time>/. The broker must not be running.",
+    )
+    recover.set_defaults(run=_recover)
+    recover.add_argument("--data-dir", default=None, help=f"the data directory (default {default_store_dir()})")
+    recover.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(info)")
+    recover.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object a line")
+
     from client.connection import default_address
 
     default_connect = default_address()
@@ -434,6 +446,14 @@ def _serve(args: argparse.Namespace) -> int:
             "listening on %s without TLS: traffic is authenticated but readable; see docs/security.md", args.host
         )
     _run(_serve_until_signal(config, credentials, args.grace), use_uvloop=not args.no_uvloop)
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from broker.store import recover
+
+    report = recover(Path(args.data_dir or default_store_dir()))
+    print(report.describe())
     return 0
 
 

@@ -5,6 +5,7 @@
     │   └── UnencodablePayload   a payload or its arguments cannot be encoded
     ├── ConfigError              bad flags, environment or secret file
     ├── StorageError             the data directory is unwritable, full, locked or corrupt
+    │   └── StorageFailed        a write failed in a way a retry cannot fix (fsync error): stop
     ├── ProtocolError            the peer broke the wire protocol (docs/protocol.md)
     │   ├── FrameTooLarge        a frame header declared more than the limit
     │   ├── MalformedMessage     not msgpack, not a map, unknown op, wrong field types
@@ -67,6 +68,7 @@ __all__ = [
     "ResultTimeout",
     "Retry",
     "StorageError",
+    "StorageFailed",
     "StorageUnavailable",
     "TimeLimitExceeded",
     "TlsMismatch",
@@ -100,6 +102,12 @@ class ConfigError(JobbrokerError):
 
 class StorageError(JobbrokerError):
     """The broker's data directory cannot be used: unwritable, full, locked or corrupt."""
+
+
+class StorageFailed(StorageError):
+    """A commit failed with an I/O error other than "disk full" (an fsync error, say): the
+    kernel may have dropped the pages it could not write, so a retry could report success for
+    data that is gone (PostgreSQL's fsync-panic reasoning). The broker stops instead."""
 
 
 class ProtocolError(JobbrokerError):

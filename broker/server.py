@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import msgpack
@@ -46,6 +46,7 @@ from broker.errors import (
     LimitExceeded,
     ReplyTooLarge,
     StorageError,
+    StorageFailed,
     StorageUnavailable,
     UsageError,
 )
@@ -84,7 +85,17 @@ from broker.protocol.messages import (
     encode,
     encode_items,
 )
-from broker.store import FsyncMode, MemoryStore, SqliteStore, Store, WriteBatch, serialize
+from broker.store import (
+    SESSION_BLOCK,
+    TOKEN_BLOCK,
+    FsyncMode,
+    IdCeilings,
+    MemoryStore,
+    SqliteStore,
+    Store,
+    WriteBatch,
+    serialize,
+)
 from broker.web import WebServer
 
 __all__ = ["Broker", "serve"]
@@ -511,6 +522,8 @@ class Broker:
         self._held: list[tuple[_BrokerProtocol, bytes]] = []  # output waiting for the next commit
         self._unsaved: _Batch | None = None  # rows of a failed commit, to write again
         self._storage_error: StorageError | None = None
+        self._fatal: StorageFailed | None = None  # the store failed for good: the broker stops
+        self._ceilings = IdCeilings(1 << 62, 1 << 62)  # tokens and sessions below are stored
         self._retry_handle: asyncio.TimerHandle | None = None
         self._retry_due = False
         self._sync_handle: asyncio.TimerHandle | None = None
@@ -577,7 +590,9 @@ class Broker:
             except BaseException:
                 self.store.close()
                 raise
-            self.scheduler.restore(recovered.jobs, recovered.next_job_id, loop.time())
+            self.scheduler.restore(recovered.jobs, recovered.next_job_id, loop.time(), next_token=recovered.next_token)
+            self._next_session = recovered.next_session
+            self._ceilings = recovered.ceilings
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-store")
             # The writer thread needs the GIL between SQLite calls; with the default 5 ms switch
             # interval a busy event loop makes every commit wait for it several times over.
@@ -652,7 +667,7 @@ class Broker:
         ):
             if handle is not None:
                 handle.cancel()
-        if self._writing is None:
+        if self._writing is None and self._fatal is None:
             self._flush_now()
         for protocol in list(self._connections.values()):
             if protocol.transport is not None:
@@ -723,6 +738,8 @@ class Broker:
             writer, self._writer = self._writer, None
             await self.loop.run_in_executor(writer, self.store.close)  # after every queued write
             writer.shutdown(wait=True)
+            if self._fatal is not None:
+                raise self._fatal
             log.info("broker closed; data saved")
         elif self.store.durable is False:
             log.info("broker closed")
@@ -840,8 +857,37 @@ class Broker:
             protocol.send(ErrorReply(id=request.id, code="internal", message="internal broker error"))
         else:
             protocol.send_reply(request.id, data)
-        if type(request) in _DURABLE_REPLIES:
-            protocol.needs_commit = True
+            if self._writer is not None and not protocol.needs_commit:
+                protocol.needs_commit = self._reflects_unwritten(request, data)
+
+    def _reflects_unwritten(self, request: Request, data: dict[str, Any]) -> bool:
+        """Whether a reply tells of a change not yet committed, so that it must wait for it
+        (docs/protocol.md, "Durability"): what a submit created or found by its key, what a
+        cancel changed, the state a `job` reply or a dead list shows. A refusal changes
+        nothing and waits for nothing."""
+        kind = type(request)
+        if kind is Submit:
+            return self._unwritten(data["job_ids"])
+        if kind is Cancel or kind is Watch:
+            return self._unwritten(request.job_ids)
+        if kind is JobInfo:
+            return self._unwritten([request.job_id])
+        if kind is DeadList or kind is JobList:
+            return self._unwritten([job["id"] for job in data["jobs"]])
+        return kind in _DURABLE_REPLIES
+
+    def _unwritten(self, job_ids: Iterable[int]) -> bool:
+        """Whether any of these jobs has a change that is not committed: not yet taken for a
+        commit, in the commit in flight, or in a failed one waiting to be written again."""
+        changed = self.scheduler.changed
+        others: list[int] = []
+        for job_id in job_ids:
+            if changed(job_id):  # the common case (a new job, a completion): no set is made
+                return True
+            others.append(job_id)
+        return any(
+            batch is not None and not batch.job_ids().isdisjoint(others) for batch in (self._writing, self._unsaved)
+        )
 
     def _on_submit(self, client: _BrokerProtocol, request: Submit, now: float) -> dict[str, Any]:
         if self._storage_error is not None:
@@ -982,6 +1028,10 @@ class Broker:
         order it was made (frames carry sequence numbers)."""
         now = self.loop.time()
         self._apply(self.scheduler.flush(now))
+        if self.scheduler.next_token > self._ceilings.token or self._next_session > self._ceilings.session:
+            # Only if a block of ids was used up before a commit could store the next one.
+            self._stop_on_storage_failure(StorageFailed("lease tokens or session ids beyond the stored ceiling"))
+            return
         dirty, self._dirty = self._dirty, {}
         if self._writer is None:
             for protocol in dirty:
@@ -1003,34 +1053,74 @@ class Broker:
         """Write every change not yet written; the output held so far goes out after it."""
         assert self._writer is not None
         changes = self.scheduler.take_changes()
-        held, self._held = self._held, []
+        ceilings = self._raised_ceilings()
         # Rows of a failed write go again with the next changes, or alone when the retry timer
-        # says so; output with nothing new behind it is not held hostage to them.
-        if not changes and (self._unsaved is None or not self._retry_due):
-            _release(held)
+        # says so. Output held with nothing new behind it goes out at once, unless rows of a
+        # failed write are still unwritten: it may tell of them (a result, a `job` reply), and
+        # a crash would undo what it told; it waits for their retry.
+        if not changes and ceilings is None and (self._unsaved is None or not self._retry_due):
+            if self._unsaved is None:
+                held, self._held = self._held, []
+                _release(held)
             return
+        held, self._held = self._held, []
         self._retry_due = False
         rows = serialize(changes, now, time.time())
+        rows.ceilings = ceilings
         unsaved, self._unsaved = self._unsaved, None
         if unsaved is not None:
             rows = unsaved.rows.then(rows)
-        self._writing = _Batch(held, rows)
-        future = self.loop.run_in_executor(self._writer, self.store.write, rows, self.scheduler.next_job_id)
+        next_job_id = self.scheduler.next_job_id
+        self._writing = _Batch(held, rows, next_job_id)
+        future = self.loop.run_in_executor(self._writer, self.store.write, rows, next_job_id)
         future.add_done_callback(self._committed)
+
+    def _raised_ceilings(self) -> IdCeilings | None:
+        """New ceilings for lease tokens and session ids once half the stored block is used:
+        stored ahead of use, with the next commit (docs/protocol.md, "Durability")."""
+        ceilings = self._ceilings
+        token, session = self.scheduler.next_token, self._next_session
+        if token + TOKEN_BLOCK // 2 <= ceilings.token and session + SESSION_BLOCK // 2 <= ceilings.session:
+            return None
+        return IdCeilings(max(ceilings.token, token + TOKEN_BLOCK), max(ceilings.session, session + SESSION_BLOCK))
 
     def _committed(self, future: asyncio.Future[None]) -> None:
         batch, self._writing = self._writing, None
         assert batch is not None
+        if self._fatal is not None:
+            return
         error = future.exception()
+        if isinstance(error, StorageFailed):
+            self._stop_on_storage_failure(error)
+            return
         if error is not None:
             self._commit_failed(batch, error)
         else:
             if self._storage_error is not None:
                 log.warning("storage works again; accepting submits")
                 self._storage_error = None
+            if batch.rows.ceilings is not None:
+                self._ceilings = batch.rows.ceilings
+            # The jobs this commit created may run now: delivered in this same cycle, below.
+            self.scheduler.stored(batch.next_job_id)
             _release(batch.outgoing)
         if self._closed is not None and not self._closed.done():
-            self._start_commit(self.loop.time())  # what gathered meanwhile
+            self._flush_now()  # deliveries of the jobs just stored; what gathered meanwhile
+
+    def _stop_on_storage_failure(self, error: StorageFailed) -> None:
+        """A write failed in a way that a retry cannot fix: what waited for it is never sent
+        (its clients see the connection close, not a false acknowledgement), and the broker
+        stops; wait_closed() raises the error (the CLI exits with status 2)."""
+        if self._fatal is not None:
+            return
+        log.critical("%s; stopping the broker", error)
+        self._fatal = error
+        self._held = []
+        self._unsaved = None
+        for protocol in list(self._connections.values()):
+            if protocol.transport is not None:
+                protocol.transport.abort()
+        self.close()
 
     def _commit_failed(self, batch: _Batch, error: BaseException) -> None:
         """Nothing of the batch is on disk: its acknowledgements must not go out. Close the
@@ -1041,7 +1131,9 @@ class Broker:
             log.error("%s; refusing submits until storage works again", failure)
         self._storage_error = failure
         # Rows not yet written go again first, so that the newer state of a job wins.
-        self._unsaved = batch if self._unsaved is None else _Batch([], self._unsaved.rows.then(batch.rows))
+        self._unsaved = (
+            batch if self._unsaved is None else _Batch([], self._unsaved.rows.then(batch.rows), batch.next_job_id)
+        )
         for protocol, _ in batch.outgoing:
             if protocol.transport is not None:
                 protocol.transport.abort()
@@ -1060,8 +1152,15 @@ class Broker:
 
     def _sync(self) -> None:
         if self._writer is not None:
-            self.loop.run_in_executor(self._writer, self.store.sync).add_done_callback(_log_sync_failure)
+            self.loop.run_in_executor(self._writer, self.store.sync).add_done_callback(self._synced)
             self._sync_handle = self.loop.call_later(1.0, self._sync)
+
+    def _synced(self, future: asyncio.Future[None]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if isinstance(error, StorageFailed):  # a failed fsync: what it covered may be gone
+            self._stop_on_storage_failure(error)
+        elif error is not None:
+            log.error("%s", error)
 
     def _apply(self, effects: list[Effect]) -> None:
         connections = self._connections
@@ -1069,11 +1168,15 @@ class Broker:
             if isinstance(effect, DeliverEffect | ResultsReady | ProgressReady | Revoke):
                 protocol = connections.get(effect.session)
                 if protocol is not None:
-                    results = isinstance(effect, ResultsReady)
-                    if results:
+                    needs_commit = (
+                        isinstance(effect, ResultsReady)
+                        and self._writer is not None
+                        and self._unwritten(item[0] for item in effect.items)
+                    )
+                    if needs_commit:
                         protocol.needs_commit = True
                     items = effect.jobs if isinstance(effect, DeliverEffect) else effect.items
-                    protocol.queue_push(_PUSHES[type(effect)], items, results)
+                    protocol.queue_push(_PUSHES[type(effect)], items, needs_commit)
             elif isinstance(effect, SessionExpired):
                 protocol = connections.get(effect.session)
                 if protocol is not None and protocol.stalled:  # its heartbeats wait behind its output
@@ -1130,7 +1233,9 @@ class Broker:
         self._heartbeat_handle = self.loop.call_later(self.config.heartbeat, self._send_heartbeats)
 
 
-# Replies that wait for the commit of what the request changed (see Broker._flush_now).
+# Replies that wait for the commit of what the request changed (see Broker._flush_now); submit,
+# cancel, watch, job and dead_list replies wait if the jobs they name have unwritten changes
+# (Broker._reflects_unwritten).
 _DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge, QueuePurge})
 
 # The push message that carries each kind of effect to its session.
@@ -1166,13 +1271,22 @@ class _Pushes:
 
 
 class _Batch:
-    """Output and the rows that must be committed before it may go out."""
+    """Output and the rows that must be committed before it may go out; `next_job_id`: every
+    job created before these rows were taken has a smaller id."""
 
-    __slots__ = ("outgoing", "rows")
+    __slots__ = ("_job_ids", "next_job_id", "outgoing", "rows")
 
-    def __init__(self, outgoing: list[tuple[_BrokerProtocol, bytes]], rows: WriteBatch) -> None:
+    def __init__(self, outgoing: list[tuple[_BrokerProtocol, bytes]], rows: WriteBatch, next_job_id: int) -> None:
         self.outgoing = outgoing
         self.rows = rows
+        self.next_job_id = next_job_id
+        self._job_ids: set[int] | None = None
+
+    def job_ids(self) -> set[int]:
+        """The jobs whose rows this batch writes (made on first use: most batches never need it)."""
+        if self._job_ids is None:
+            self._job_ids = self.rows.job_ids()
+        return self._job_ids
 
 
 def _log_sync_failure(future: asyncio.Future[None]) -> None:

@@ -6,16 +6,24 @@ write() has returned (group commit: one transaction, one fsync, per turn).
 SqliteStore keeps one row per live job in SQLite (WAL mode): the current state, not a history,
 so disk use follows live jobs. Finished jobs are deleted when their result TTL ends and freed
 pages are returned to the file system as they go (auto_vacuum=INCREMENTAL).
+
+Beside the database, `jobs.commits` holds the number of commits made (and the id ceilings),
+written after each commit: a database that holds fewer commits than that file says (its WAL
+deleted or truncated after a crash) is refused at start rather than served with less than was
+acknowledged (docs/protocol.md, "Durability"). recover() salvages what a damaged directory holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import json
 import os
 import sqlite3
+import struct
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +33,20 @@ import msgpack
 
 from broker.core.jobs import Job, JobState
 from broker.core.scheduler import Changes
-from broker.errors import StorageError
+from broker.errors import StorageError, StorageFailed
 
 __all__ = [
     "FsyncMode",
+    "IdCeilings",
     "MemoryStore",
     "Recovered",
+    "RecoveryReport",
     "Row",
     "SqliteStore",
     "Store",
     "Update",
     "WriteBatch",
+    "recover",
     "serialize",
 ]
 
@@ -71,10 +82,28 @@ class FsyncMode(enum.StrEnum):
     NEVER = "never"  # commit before acknowledging; fsync left to the OS
 
 
+# Lease tokens and session ids are not written with any row, so the store keeps a ceiling for
+# each, raised a block ahead of use: after any restart, a crash included, counting starts at the
+# stored ceiling, above every id handed out before (docs/protocol.md, "Durability").
+TOKEN_BLOCK = 1 << 32
+SESSION_BLOCK = 1 << 20
+
+
+@dataclass(slots=True)
+class IdCeilings:
+    """Lease tokens and session ids below these may be handed out: they are stored."""
+
+    token: int = TOKEN_BLOCK
+    session: int = SESSION_BLOCK
+
+
 @dataclass(slots=True)
 class Recovered:
     jobs: list[Job]
     next_job_id: int
+    next_token: int = 1
+    next_session: int = 1
+    ceilings: IdCeilings = field(default_factory=IdCeilings)
 
 
 class Store(Protocol):
@@ -85,10 +114,12 @@ class Store(Protocol):
         ...
 
     def write(self, batch: WriteBatch, next_job_id: int) -> None:
-        """Persist one batch atomically. Runs in the writer thread.
+        """Persist one batch atomically, with the id ceilings in `batch.ceilings`. Runs in the
+        writer thread.
 
         Raises:
-            StorageError: nothing of the batch is stored.
+            StorageFailed: an I/O error other than a full disk: the broker must stop.
+            StorageError: nothing of the batch is stored (disk full): it may be written again.
         """
         ...
 
@@ -109,7 +140,7 @@ class MemoryStore:
     durable = False
 
     def load(self, now: float, wall: float) -> Recovered:
-        return Recovered([], 1)
+        return Recovered([], 1, ceilings=IdCeilings(1 << 62, 1 << 62))
 
     def write(self, batch: WriteBatch, next_job_id: int) -> None:
         pass
@@ -140,12 +171,24 @@ class WriteBatch:
     inserts: list[Row] = field(default_factory=list)
     updates: list[Update] = field(default_factory=list)
     deletes: list[int] = field(default_factory=list)
+    ceilings: IdCeilings | None = None  # new id ceilings to store, if raised
 
     def __bool__(self) -> bool:
-        return bool(self.inserts or self.updates or self.deletes)
+        return bool(self.inserts or self.updates or self.deletes or self.ceilings)
 
     def then(self, later: WriteBatch) -> WriteBatch:
-        return WriteBatch(self.inserts + later.inserts, self.updates + later.updates, self.deletes + later.deletes)
+        ceilings = later.ceilings or self.ceilings
+        if self.ceilings and later.ceilings:
+            ceilings = IdCeilings(
+                max(self.ceilings.token, later.ceilings.token), max(self.ceilings.session, later.ceilings.session)
+            )
+        return WriteBatch(
+            self.inserts + later.inserts, self.updates + later.updates, self.deletes + later.deletes, ceilings
+        )
+
+    def job_ids(self) -> set[int]:
+        """The jobs this batch writes (created or changed; not those it deletes)."""
+        return {row[0] for row in self.inserts} | {update[-1] for update in self.updates}
 
 
 def serialize(changes: Changes, now: float, wall: float) -> WriteBatch:
@@ -265,11 +308,29 @@ class SqliteStore:
         self._lock = _DirectoryLock(self.path / "lock")
         self.fsync = fsync
         self.database = self.path / "jobs.sqlite3"
+        self._side: _CommitFile | None = None
         try:
             self._db = sqlite3.connect(self.database, isolation_level=None, check_same_thread=False)
             self._prepare()
-        except sqlite3.Error as exc:
+            self._commits = _meta(self._db, "commits")
+            self._side = _CommitFile(self.path / COMMIT_FILE)
+            acknowledged = self._side.read()
+            if acknowledged.commits > self._commits:
+                raise StorageError(
+                    f"{self.database} holds {self._commits} commits but {acknowledged.commits} were acknowledged "
+                    f"({self._side.path}): its write-ahead log (jobs.sqlite3-wal) was lost or truncated after a "
+                    f"crash. Refusing to start with less than was acknowledged; `jobbroker recover --data-dir "
+                    f"{self.path}` starts again from what the database holds and reports it"
+                )
+            self._acknowledged = acknowledged
+        except (sqlite3.Error, OSError, StorageError) as exc:
+            if self._side is not None:
+                self._side.close()
+            with contextlib.suppress(sqlite3.Error, AttributeError):
+                self._db.close()
             self._lock.release()
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(f"cannot open {self.database}: {exc} (corrupt, or not a jobbroker database?)") from exc
 
     def _prepare(self) -> None:
@@ -316,12 +377,23 @@ class SqliteStore:
                 jobs.append(_job_from_row(row, offset, shared))
             meta = self._db.execute("SELECT value FROM meta WHERE name = 'next_job_id'").fetchone()
         except (sqlite3.Error, ValueError, msgpack.UnpackException) as exc:
-            raise StorageError(f"cannot read {self.database}: {exc}") from exc
-        next_job_id = max(meta[0] if meta else 1, jobs[-1].id + 1 if jobs else 1)
-        return Recovered(jobs, next_job_id)
+            raise StorageError(
+                f"cannot read {self.database}: {exc}; `jobbroker recover --data-dir {self.path}` salvages "
+                "every readable job"
+            ) from exc
+        known = self._acknowledged
+        next_job_id = max(meta[0] if meta else 1, jobs[-1].id + 1 if jobs else 1, known.next_job_id)
+        # Counting starts at the stored ceilings (above anything handed out before), and the
+        # next block is stored before anything is handed out.
+        next_token = max(_meta(self._db, "token_ceiling"), known.token_ceiling, 1)
+        next_session = max(_meta(self._db, "session_ceiling"), known.session_ceiling, 1)
+        ceilings = IdCeilings(next_token + TOKEN_BLOCK, next_session + SESSION_BLOCK)
+        self.write(WriteBatch(ceilings=ceilings), next_job_id)
+        return Recovered(jobs, next_job_id, next_token, next_session, ceilings)
 
     def write(self, batch: WriteBatch, next_job_id: int) -> None:
         db = self._db
+        commits = self._commits + 1
         try:
             db.execute("BEGIN")
             try:
@@ -334,14 +406,28 @@ class SqliteStore:
                     self._update(batch.updates)
                 if batch.deletes:
                     db.executemany("DELETE FROM jobs WHERE id = ?", ((i,) for i in batch.deletes))
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('next_job_id', ?)", (next_job_id,))
+                meta = [("next_job_id", next_job_id), ("commits", commits)]
+                if batch.ceilings is not None:
+                    meta += [("token_ceiling", batch.ceilings.token), ("session_ceiling", batch.ceilings.session)]
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
                 db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot write to {self.database}: {exc}") from exc
+            raise _write_error(f"cannot write to {self.database}", exc) from exc
+        self._commits = commits
+        known = self._acknowledged
+        known.commits = commits
+        known.next_job_id = next_job_id
+        if batch.ceilings is not None:
+            known.token_ceiling, known.session_ceiling = batch.ceilings.token, batch.ceilings.session
+        try:
+            assert self._side is not None
+            self._side.write(known, sync=self.fsync is FsyncMode.ALWAYS)
+        except OSError as exc:
+            raise _write_error(f"cannot write {self.path / COMMIT_FILE}", exc) from exc
         if batch.deletes:
             # Hand freed pages back to the file system, in step with what was deleted (a page
             # holds dozens of rows), so that disk use follows the live jobs. The batch is
@@ -368,8 +454,12 @@ class SqliteStore:
     def sync(self) -> None:
         try:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # syncs the WAL to disk first
+            if self._side is not None:
+                self._side.sync()
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot sync {self.database}: {exc}") from exc
+            raise _write_error(f"cannot sync {self.database}", exc) from exc
+        except OSError as exc:
+            raise _write_error(f"cannot sync {self.path / COMMIT_FILE}", exc) from exc
 
     def compact(self) -> None:
         """Checkpoint the WAL into the database and truncate it; free every unused page."""
@@ -385,7 +475,228 @@ class SqliteStore:
                 self.compact()
             self._db.close()
         finally:
+            if self._side is not None:
+                self._side.close()
             self._lock.release()
+
+
+COMMIT_FILE = "jobs.commits"
+_SQLITE_FULL = 13
+
+
+def _meta(db: sqlite3.Connection, name: str) -> int:
+    row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _write_error(what: str, exc: BaseException) -> StorageError:
+    """A full disk is worth retrying (StorageError); any other I/O error is not (StorageFailed):
+    after a failed fsync the kernel may have dropped the pages it could not write, and a later
+    fsync that succeeds would not bring them back."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    full = (
+        (code is not None and code & 0xFF == _SQLITE_FULL)
+        or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "disk is full" in str(exc)
+    )
+    if full:
+        return StorageError(f"{what}: {exc}")
+    return StorageFailed(f"{what}: {exc}: the data may not be on disk; stopping rather than retrying")
+
+
+@dataclass(slots=True)
+class _Acknowledged:
+    """What the commit file says was committed, hence possibly acknowledged."""
+
+    commits: int = 0
+    next_job_id: int = 0
+    token_ceiling: int = 0
+    session_ceiling: int = 0
+
+
+class _CommitFile:
+    """`jobs.commits`: four 64-bit counters rewritten in place after each commit (one sector,
+    so never torn), fsynced with the commit under FsyncMode.ALWAYS."""
+
+    _FORMAT = struct.Struct(">4Q")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def read(self) -> _Acknowledged:
+        data = os.pread(self._fd, self._FORMAT.size + 1, 0)
+        if not data:
+            return _Acknowledged()
+        if len(data) != self._FORMAT.size:
+            raise StorageError(f"{self.path} is damaged ({len(data)} bytes); `jobbroker recover` rewrites it")
+        return _Acknowledged(*self._FORMAT.unpack(data))
+
+    def write(self, known: _Acknowledged, *, sync: bool) -> None:
+        data = self._FORMAT.pack(known.commits, known.next_job_id, known.token_ceiling, known.session_ceiling)
+        os.pwrite(self._fd, data, 0)
+        if sync:
+            os.fsync(self._fd)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What recover() did: jobs kept, ids dropped, and where the damaged files went."""
+
+    salvaged: int
+    dropped: list[int]
+    unreadable: list[str]  # what could not be read at all (a range of rows, the meta table)
+    commits_found: int
+    commits_acknowledged: int
+    moved_to: Path | None
+    next_job_id: int
+
+    def describe(self) -> str:
+        lines = [f"salvaged {self.salvaged} jobs into a fresh database"]
+        if self.dropped:
+            shown = ", ".join(map(str, self.dropped[:100])) + (", ..." if len(self.dropped) > 100 else "")
+            lines.append(f"dropped {len(self.dropped)} unreadable jobs: ids {shown}")
+        else:
+            lines.append("dropped 0 jobs")
+        lines.extend(f"unreadable: {what}" for what in self.unreadable)
+        if self.commits_acknowledged > self.commits_found:
+            lines.append(
+                f"the database held {self.commits_found} of {self.commits_acknowledged} acknowledged commits: "
+                f"the changes of the last {self.commits_acknowledged - self.commits_found} are lost"
+            )
+        if self.moved_to is not None:
+            lines.append(f"the damaged files are kept in {self.moved_to}")
+        lines.append(f"job ids continue at {self.next_job_id}")
+        return "\n".join(lines)
+
+
+def recover(data_dir: str | os.PathLike[str]) -> RecoveryReport:
+    """Salvage every readable job of a data directory into a fresh database.
+
+    The old database files move to `DATA_DIR/damaged-<time>/`; the new database continues the
+    ids (jobs, lease tokens, sessions) above the highest either the old database or its commit
+    file knew, so nothing is reused.
+
+    Raises:
+        StorageError: the directory is in use by a broker, or cannot be written.
+    """
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise StorageError(f"{path} is not a data directory")
+    lock = _DirectoryLock(path / "lock")
+    try:
+        database = path / "jobs.sqlite3"
+        known = _Acknowledged()
+        side = path / COMMIT_FILE
+        if side.exists():
+            data = side.read_bytes()
+            if len(data) == _CommitFile._FORMAT.size:
+                known = _Acknowledged(*_CommitFile._FORMAT.unpack(data))
+        rows, dropped, unreadable, meta = _salvage(database) if database.exists() else ([], [], [], {})
+        moved_to = None
+        old_files = [p for p in (database, path / "jobs.sqlite3-wal", path / "jobs.sqlite3-shm", side) if p.exists()]
+        if old_files:
+            moved_to = path / time.strftime("damaged-%Y%m%dT%H%M%S")
+            moved_to.mkdir(mode=0o700, exist_ok=True)
+            for old in old_files:
+                old.rename(moved_to / old.name)
+    except OSError as exc:
+        raise StorageError(f"cannot recover {path}: {exc}") from exc
+    finally:
+        lock.release()
+    next_job_id = max(meta.get("next_job_id", 1), known.next_job_id, max((r[0] for r in rows), default=0) + 1)
+    # The commit file knows every id revealed, unless it lost its own last writes too (a power
+    # loss under --fsync interval or never): where commits are missing, skip a block to be safe.
+    if known.commits > meta.get("commits", 0):
+        next_job_id += 1_000_000
+    ceilings = IdCeilings(
+        max(meta.get("token_ceiling", 0), known.token_ceiling, 1) + TOKEN_BLOCK,
+        max(meta.get("session_ceiling", 0), known.session_ceiling, 1) + SESSION_BLOCK,
+    )
+    store = SqliteStore(path)
+    try:
+        store.write(WriteBatch(inserts=rows, ceilings=ceilings), next_job_id)
+    finally:
+        store.close()
+    return RecoveryReport(len(rows), dropped, unreadable, meta.get("commits", 0), known.commits, moved_to, next_job_id)
+
+
+def _salvage(database: Path) -> tuple[list[Row], list[int], list[str], dict[str, int]]:
+    """The rows of `database` that read and decode, the ids of those that do not, what could
+    not be read at all, and the meta table (what of it reads)."""
+    rows: list[Row] = []
+    dropped: list[int] = []
+    unreadable: list[str] = []
+    meta: dict[str, int] = {}
+    try:
+        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return rows, dropped, [f"{database}: {exc}"], meta
+    try:
+        try:
+            meta = {str(name): int(value) for name, value in db.execute("SELECT name, value FROM meta")}
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            unreadable.append(f"the meta table: {exc}")
+        shared: dict[Any, Any] = {}
+
+        def take(row: Any) -> None:
+            if len(row) == 14:  # schema 1, before owners
+                row = (*row, None)
+            try:
+                _job_from_row(row, 0.0, shared)
+            except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+                dropped.append(row[0])
+            else:
+                rows.append(tuple(row))
+
+        after = 0
+        while True:  # a scan; where it meets a damaged page, on past it to the next row that reads
+            try:
+                for row in db.execute("SELECT * FROM jobs WHERE id > ? ORDER BY id", (after,)):
+                    after = row[0]
+                    take(row)
+                break
+            except sqlite3.Error as exc:
+                following = _next_readable_id(db, after)
+                unreadable.append(f"rows after id {after}" + (f" before {following}" if following else "") + f": {exc}")
+                if following is None:
+                    break
+                take(db.execute("SELECT * FROM jobs WHERE id = ?", (following,)).fetchone())
+                after = following  # on from there, whatever the scan meets first
+    finally:
+        db.close()
+    return rows, dropped, unreadable, meta
+
+
+def _next_readable_id(db: sqlite3.Connection, after: int) -> int | None:
+    """The first id above `after` whose row reads, probing ever larger steps (a damaged
+    b-tree page can make a range scan fail)."""
+    step = 1
+    probe = after + 1
+    while probe < 1 << 62:
+        try:
+            row = db.execute("SELECT id FROM jobs WHERE id >= ? ORDER BY id LIMIT 1", (probe,)).fetchone()
+        except sqlite3.Error:
+            probe += step
+            step *= 2
+            continue
+        if row is None:
+            return None
+        try:
+            db.execute("SELECT * FROM jobs WHERE id = ?", (row[0],)).fetchone()
+        except sqlite3.Error:
+            probe = int(row[0]) + 1
+            continue
+        return int(row[0])
+    return None
 
 
 def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> Job:

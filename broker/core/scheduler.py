@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -316,7 +317,8 @@ class Scheduler:
         """Args:
         config: defaults and limits.
         track_changes: record every job created, changed or forgotten, for take_changes()
-            (a durable broker persists them); off, nothing accumulates.
+            (a durable broker persists them); off, nothing accumulates. On, a new job is
+            also not delivered until stored() says its creation is committed.
         """
         self.config = config or SchedulerConfig()
         self.track_changes = track_changes
@@ -328,6 +330,12 @@ class Scheduler:
         self._keys: dict[tuple[str | None, str, str], int] = {}
         self._next_job_id = 1
         self._next_token = 1
+        # With track_changes: pending jobs whose creation is not yet committed, in the order
+        # they became pending; counted in pending_count but in no FIFO, so that no worker runs
+        # a job a crash could still take back (docs/protocol.md, "Durability"). stored() moves
+        # them to their queues.
+        self._unstored: list[Job] = []
+        self._stored_below = 1  # every job with a smaller id is stored (or gone)
         # job id of a started job with a time limit: when the broker takes it back if the
         # worker has not ended it (its own limit plus the grace the worker has to report it)
         self._run_deadlines: Deadlines[int] = Deadlines()
@@ -498,12 +506,15 @@ class Scheduler:
                 queue.delayed_count += 1
                 job.not_before = now + delay
                 self._due_deadlines.add(job.id, job.not_before)
+            elif self.track_changes:
+                queue.pending_count += 1
+                self._unstored.append(job)
             else:
                 queue.push(job)
             ids.append(job.id)
             created += 1
         queue.submitted += created
-        if state is JobState.PENDING:
+        if state is JobState.PENDING and not self.track_changes:
             self._ready[queue_name] = None
         return ids
 
@@ -714,8 +725,8 @@ class Scheduler:
         if queue is None:
             return []
         candidates: Iterable[Job]
-        if state == "pending":
-            candidates = (job for fifo in queue.pending.values() for job in fifo)
+        if state == "pending":  # in their queue, or waiting for their creation's commit
+            candidates = itertools.chain((job for fifo in queue.pending.values() for job in fifo), self._unstored)
         elif state == "dead":
             candidates = queue.dead.values()
         elif state == "running":
@@ -745,7 +756,9 @@ class Scheduler:
         queue = self._queues.get(queue_name)
         if queue is None:
             return []
-        waiting = [job for fifo in queue.pending.values() for job in fifo if job.state is JobState.PENDING]
+        fifos = (job for fifo in queue.pending.values() for job in fifo)
+        unstored = (job for job in self._unstored if job.queue == queue_name)
+        waiting = [job for job in itertools.chain(fifos, unstored) if job.state is JobState.PENDING]
         if queue.delayed_count:
             waiting += [j for j in self._jobs.values() if j.queue == queue_name and j.state is JobState.DELAYED]
         for job in waiting:
@@ -896,6 +909,10 @@ class Scheduler:
             self._move(job, JobEvent.DUE)
             queue = self._queues[job.queue]
             queue.delayed_count -= 1
+            if self.track_changes and job_id >= self._stored_below:  # due before it is stored: waits
+                queue.pending_count += 1
+                self._unstored.append(job)
+                continue
             queue.push(job)
             self._ready[job.queue] = None
         for job_id in self._run_deadlines.expire(now):
@@ -946,13 +963,42 @@ class Scheduler:
     def next_job_id(self) -> int:
         return self._next_job_id
 
+    @property
+    def next_token(self) -> int:
+        """The lease token the next delivery gets."""
+        return self._next_token
+
+    def stored(self, next_job_id: int) -> None:
+        """The store has committed every job with an id below `next_job_id` (the value of
+        next_job_id when its changes were taken): those jobs may now be delivered, in the order
+        they were created, at the next flush()."""
+        if next_job_id <= self._stored_below:
+            return
+        self._stored_below = next_job_id
+        waiting: list[Job] = []
+        for job in self._unstored:
+            if job.id >= next_job_id:
+                waiting.append(job)
+            elif job.state is JobState.PENDING:  # not cancelled meanwhile
+                queue = self._queues[job.queue]
+                queue.push(job)
+                queue.pending_count -= 1  # counted when it was created
+                self._ready[job.queue] = None
+        self._unstored = waiting
+
+    def changed(self, job_id: int) -> bool:
+        """Whether the job has changes not yet taken by take_changes()."""
+        changes = self._changes
+        return job_id in changes.created or job_id in changes.updated
+
     def take_changes(self) -> Changes:
         """Jobs created, changed and forgotten since the last call (requires track_changes)."""
         changes, self._changes = self._changes, Changes()
         return changes
 
-    def restore(self, jobs: Iterable[Job], next_job_id: int, now: float) -> None:
-        """Load jobs recovered from storage into an empty scheduler. Leases are not stored, so
+    def restore(self, jobs: Iterable[Job], next_job_id: int, now: float, *, next_token: int = 1) -> None:
+        """Load jobs recovered from storage into an empty scheduler; lease tokens count from
+        `next_token` (above any handed out before the restart). Leases are not stored, so
         a job leased when the broker stopped comes back as its last write left it, pending; a
         job stored as leased (a store that records leases) comes back pending with its attempt
         counted, or dead if that was its last. Jobs must come in id order so that FIFO order
@@ -986,6 +1032,8 @@ class Scheduler:
         for job in sorted(finished, key=lambda job: job.expires_at):
             self._expiry_deadlines.add(job.id, job.expires_at)
         self._next_job_id = max(self._next_job_id, next_job_id)
+        self._stored_below = self._next_job_id
+        self._next_token = max(self._next_token, next_token)
         self._outbox = _Outbox()  # restoring is not news to anyone
 
     # --- internals --------------------------------------------------------------------

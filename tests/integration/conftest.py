@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -95,16 +96,19 @@ def processes() -> Iterator[list[Process]]:
 def start_broker(tmp_path: Path, secret_file: Path, processes: list[Process]) -> Callable[..., BrokerProcess]:
     count = 0
 
-    def start(*args: str, port: int = 0, data_dir: Path | None = None) -> BrokerProcess:
-        """A broker with its own data directory (or `data_dir`, to restart on the same one)."""
+    def start(*args: str, port: int = 0, data_dir: Path | None = None, faults: Path | None = None) -> BrokerProcess:
+        """A broker with its own data directory (or `data_dir`, to restart on the same one);
+        with `faults`, one whose commits that file slows down or fails (faults.py)."""
         nonlocal count
         count += 1
-        argv = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--secret-file", str(secret_file)]
+        module = "broker" if faults is None else "faults"
+        argv = [sys.executable, "-m", module, "serve", "--port", str(port), "--secret-file", str(secret_file)]
         argv += ["--heartbeat", str(HEARTBEAT * TIME_UNIT)]
         if "--memory" not in args:
             argv += ["--data-dir", str(data_dir or tmp_path / f"data-{count}")]
         argv += args
-        broker = BrokerProcess(argv, tmp_path / f"broker-{count}.log")
+        env = None if faults is None else {"JOBBROKER_TEST_FAULTS": str(faults)}
+        broker = BrokerProcess(argv, tmp_path / f"broker-{count}.log", env)
         processes.append(broker)
         broker.port = int(broker.wait_for_output(r"listening on 127\.0\.0\.1:(\d+)").group(1))
         return broker
@@ -155,3 +159,34 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+class Faults:
+    """The control file of a `faults` broker (faults.py): what its commits do, and a log of
+    the commits that began, ended and failed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.set()
+
+    def set(self, **faults: Any) -> None:
+        """From the next commit on: delay=seconds, fail="fsync"|"full", quota=True; none: healthy."""
+        temporary = self.path.with_suffix(".new")
+        temporary.write_text(json.dumps(faults))
+        temporary.replace(self.path)  # never half written when the broker reads it
+
+    def count(self, event: str) -> int:
+        """Commits so far that `event`: "begin", "end" or "failed"."""
+        log = Path(f"{self.path}.log")
+        return log.read_text().split().count(event) if log.exists() else 0
+
+    async def wait_for(self, event: str, more_than: int, timeout: float = 10.0) -> None:
+        async def seen() -> bool:
+            return self.count(event) > more_than
+
+        await wait_until(seen, timeout, what=f"a commit to {event}")
+
+
+@pytest.fixture
+def faults(tmp_path: Path) -> Faults:
+    return Faults(tmp_path / "faults.json")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,8 +13,18 @@ import pytest
 from broker.core.clock import FakeClock
 from broker.core.jobs import Job, JobState
 from broker.core.scheduler import Deliver, Scheduler, SchedulerConfig
-from broker.errors import StorageError
-from broker.store import FsyncMode, SqliteStore, WriteBatch, serialize
+from broker.errors import StorageError, StorageFailed
+from broker.store import (
+    SESSION_BLOCK,
+    TOKEN_BLOCK,
+    FsyncMode,
+    IdCeilings,
+    SqliteStore,
+    WriteBatch,
+    _write_error,
+    recover,
+    serialize,
+)
 
 WALL = 1_800_000_000.0
 
@@ -25,6 +39,7 @@ def scheduler_with_history(clock: FakeClock) -> Scheduler:
     scheduler.submit(1, "q", ["to-lease", "to-finish", "to-kill"], now, priority=9, max_attempts=1)
     scheduler.submit(1, "q", ["to-cancel"], now)
     scheduler.cancel([7], now)
+    scheduler.stored(scheduler.next_job_id)  # as the broker does once their creation is committed
     scheduler.reserve(1, ["q"], 3, now)
     (deliver,) = [e for e in scheduler.flush(now) if isinstance(e, Deliver)]
     (leased, leased_token), (finished, finished_token), (killed, killed_token) = [(j[0], j[1]) for j in deliver.jobs]
@@ -83,6 +98,7 @@ def test_restore_brings_jobs_held_as_leased_back_and_keeps_order_keys_and_result
     assert restored.submit(1, "q", ["new"], now) == [8]  # ids are never reused
     assert restored.job_info(5)["result"] == {"answer": 42}
     restored.reserve(1, ["q"], 10, now)
+    restored.stored(restored.next_job_id)
     (deliver,) = [e for e in restored.flush(now) if isinstance(e, Deliver)]
     assert [j[0] for j in deliver.jobs] == [1, 2, 8]  # priority then FIFO; cancelled 7 skipped
     assert {j["id"] for j in restored.dead_list("q")} == {4, 6}
@@ -141,6 +157,7 @@ def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
     first = serialize(scheduler.take_changes(), clock.now(), WALL)
     assert len(first.inserts) == 2
     store.write(first, scheduler.next_job_id)
+    scheduler.stored(scheduler.next_job_id)
 
     scheduler.reserve(1, ["q"], 2, clock.now())
     (deliver,) = [e for e in scheduler.flush(clock.now()) if isinstance(e, Deliver)]
@@ -181,6 +198,7 @@ def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_toge
     ids = scheduler.submit(1, "q", list(range(50)), clock.now())
     store = SqliteStore(tmp_path / "data")
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
+    scheduler.stored(scheduler.next_job_id)
     scheduler.reserve(2, ["q"], 40, clock.now())
     (deliver,) = scheduler.flush(clock.now())
     scheduler.started(2, [job[:2] for job in deliver.jobs], clock.now())  # counted from here
@@ -196,12 +214,149 @@ def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_toge
     assert [states[i] for i in ids] == [("pending", 1)] * 40 + [("pending", 0)] * 10
 
 
-def test_a_job_delivered_and_completed_between_writes_is_written_once_in_its_final_state() -> None:
+def test_a_new_job_is_delivered_only_once_its_creation_is_stored() -> None:
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, 0.0)
+    scheduler.reserve(1, ["q"], 10, 0.0)
+    first, cancelled = scheduler.submit(1, "q", ["x", "cancelled"], 0.0)
+    delayed = scheduler.submit(1, "q", ["soon"], 0.0, delay=0.5)[0]
+    assert not [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
+    assert scheduler.stats(0.0)["queues"]["q"]["pending"] == 2
+    scheduler.cancel([cancelled], 0.0)
+    boundary = scheduler.next_job_id
+    assert len(serialize(scheduler.take_changes(), 0.0, WALL).inserts) == 3
+    scheduler.tick(1.0)  # the delayed job is due before its commit completes: it waits too
+    (later,) = scheduler.submit(1, "q", ["later"], 1.0)  # after the changes were taken
+    assert not [e for e in scheduler.flush(1.0) if isinstance(e, Deliver)]
+    scheduler.stored(boundary)  # the commit of the first three is done
+    (deliver,) = [e for e in scheduler.flush(1.0) if isinstance(e, Deliver)]
+    assert [job[0] for job in deliver.jobs] == [first, delayed]
+    scheduler.complete(1, [[first, deliver.jobs[0][1], "done"]], 1.0)
+    batch = serialize(scheduler.take_changes(), 1.0, WALL)
+    assert [row[0] for row in batch.inserts] == [later] and sorted(u[-1] for u in batch.updates) == [first, delayed]
+    scheduler.stored(scheduler.next_job_id)
+    (deliver,) = [e for e in scheduler.flush(1.0) if isinstance(e, Deliver)]
+    assert [job[0] for job in deliver.jobs] == [later]
+    assert scheduler.stats(1.0)["queues"]["q"]["pending"] == 0
+
+
+def test_memory_mode_delivers_at_once() -> None:
+    scheduler = Scheduler()
+    scheduler.open_session(1, 0.0)
+    scheduler.reserve(1, ["q"], 10, 0.0)
+    scheduler.submit(1, "q", ["x"], 0.0)
+    assert [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
+
+
+def test_ids_continue_above_stored_ceilings_after_a_restart(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "data")
+    first = store.load(0.0, WALL)
+    assert (first.next_token, first.next_session) == (1, 1)
+    assert first.ceilings == IdCeilings(1 + TOKEN_BLOCK, 1 + SESSION_BLOCK)
+    store.write(WriteBatch(ceilings=IdCeilings(5 * TOKEN_BLOCK, 7 * SESSION_BLOCK)), 1)
+    store.close()
+    reopened = SqliteStore(tmp_path / "data")
+    second = reopened.load(0.0, WALL)
+    reopened.close()
+    # Whatever the first run handed out stayed below its ceilings: the second starts there.
+    assert (second.next_token, second.next_session) == (5 * TOKEN_BLOCK, 7 * SESSION_BLOCK)
+    assert second.ceilings == IdCeilings(6 * TOKEN_BLOCK, 8 * SESSION_BLOCK)
+
+
+def test_restore_counts_lease_tokens_from_the_recovered_value() -> None:
+    scheduler = Scheduler(track_changes=True)
+    scheduler.restore([], 1, 0.0, next_token=1000)
+    scheduler.open_session(1, 0.0)
     (job_id,) = scheduler.submit(1, "q", ["x"], 0.0)
+    scheduler.stored(scheduler.next_job_id)
     scheduler.reserve(1, ["q"], 1, 0.0)
     (deliver,) = [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
-    scheduler.complete(1, [[job_id, deliver.jobs[0][1], "done"]], 0.0)
-    batch = serialize(scheduler.take_changes(), 0.0, WALL)
-    assert batch.updates == [] and [(row[0], row[2], row[5]) for row in batch.inserts] == [(job_id, "done", 1)]
+    assert deliver.jobs[0][:2] == [job_id, 1000] and scheduler.next_token == 1001
+
+
+def test_merged_batches_keep_the_higher_ceilings() -> None:
+    earlier = WriteBatch(deletes=[1], ceilings=IdCeilings(10, 30))
+    later = WriteBatch(deletes=[2], ceilings=IdCeilings(20, 5))
+    assert earlier.then(later).ceilings == IdCeilings(20, 30) and earlier.then(later).deletes == [1, 2]
+    assert WriteBatch().then(later).ceilings == later.ceilings and bool(WriteBatch(ceilings=IdCeilings()))
+
+
+def test_a_database_behind_its_commit_file_is_refused(tmp_path: Path) -> None:
+    """What a lost WAL looks like: the commit file counts commits the database does not hold."""
+    store = SqliteStore(tmp_path / "data")
+    store.load(0.0, WALL)
+    store.write(WriteBatch(deletes=[1]), 1)
+    store.close()
+    behind = tmp_path / "behind"
+    behind.mkdir()
+    shutil.copy(tmp_path / "data" / "jobs.sqlite3", behind / "jobs.sqlite3")
+    reopened = SqliteStore(tmp_path / "data")
+    reopened.write(WriteBatch(deletes=[2]), 1)  # one more commit, then the database goes back
+    reopened.close()
+    shutil.copy(behind / "jobs.sqlite3", tmp_path / "data" / "jobs.sqlite3")
+    with pytest.raises(StorageError, match=r"holds 2 commits but 3 were acknowledged.*jobbroker recover"):
+        SqliteStore(tmp_path / "data")
+    (tmp_path / "data" / "jobs.sqlite3").unlink()  # the database gone altogether
+    with pytest.raises(StorageError, match="holds 0 commits but 3 were acknowledged"):
+        SqliteStore(tmp_path / "data")
+    SqliteStore(tmp_path / "data-new").close()  # a new directory has nothing to be behind of
+
+
+def test_a_full_disk_is_retried_and_any_other_write_error_stops_the_broker() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13  # type: ignore[attr-defined]
+    fsync = sqlite3.OperationalError("disk I/O error")
+    fsync.sqlite_errorcode = 10 | (4 << 8)  # type: ignore[attr-defined]
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    eio = OSError(errno.EIO, "Input/output error")
+    assert [type(_write_error("w", e)) for e in (full, enospc, fsync, eio)] == [
+        StorageError,
+        StorageError,
+        StorageFailed,
+        StorageFailed,
+    ]
+
+
+def _store_with_jobs(data: Path, count: int) -> list[int]:
+    scheduler = Scheduler(track_changes=True)
+    scheduler.open_session(1, 0.0)
+    ids = scheduler.submit(1, "q", [{"n": n, "pad": "x" * 300} for n in range(count)], 0.0)
+    store = SqliteStore(data)
+    store.load(0.0, WALL)
+    store.write(serialize(scheduler.take_changes(), 0.0, WALL), scheduler.next_job_id)
+    store.close()
+    return ids
+
+
+def test_recover_salvages_around_a_corrupt_row(tmp_path: Path) -> None:
+    ids = _store_with_jobs(tmp_path / "data", 10)
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")) as db, db:
+        db.execute("UPDATE jobs SET result = x'c1', state = 'done' WHERE id = ?", (ids[3],))
+    report = recover(tmp_path / "data")
+    assert (report.salvaged, report.dropped) == (9, [ids[3]]) and report.next_job_id == 11
+    assert "dropped 1 unreadable jobs: ids 4" in report.describe()
+    assert report.moved_to is not None and (report.moved_to / "jobs.sqlite3").exists()
+    store = SqliteStore(tmp_path / "data")
+    jobs = store.load(0.0, WALL).jobs
+    store.close()
+    assert [job.id for job in jobs] == ids[:3] + ids[4:]
+
+
+def test_recover_salvages_the_readable_pages_of_a_damaged_file(tmp_path: Path) -> None:
+    ids = _store_with_jobs(tmp_path / "data", 2000)
+    database = tmp_path / "data" / "jobs.sqlite3"
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+    with open(database, "r+b") as file:  # two pages in the middle become noise
+        file.seek(page_size * (pages // 2))
+        file.write(bytes(range(256)) * (2 * page_size // 256))
+    with pytest.raises(StorageError):
+        SqliteStore(tmp_path / "data").load(0.0, WALL)
+    report = recover(tmp_path / "data")
+    assert 1500 < report.salvaged < 2000 and (report.dropped or report.unreadable)
+    store = SqliteStore(tmp_path / "data")
+    salvaged = store.load(0.0, WALL)
+    store.close()
+    assert {job.id for job in salvaged.jobs} < set(ids) and salvaged.next_job_id == 2001
+    assert all(job.payload["pad"] == "x" * 300 for job in salvaged.jobs)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from harness import run_async, wait_for_workers  # noqa: E402
 from throughput import SUBMIT_MODES, broker_and_workers  # noqa: E402
 
-from client import Client  # noqa: E402
+from jobbroker import Client  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:

@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import kill, rss_mib, run_async, wait_for_port, write_secret  # noqa: E402
+from jobbroker.broker.protocol.messages import JobInfo, Watch  # noqa: E402
+from jobbroker.client.connection import Connection, parse_address  # noqa: E402
 
-from broker.protocol.messages import JobInfo, Watch  # noqa: E402
-from client import Client, ResultTimeout, Worker  # noqa: E402
-from client.connection import Connection, parse_address  # noqa: E402
+from jobbroker import Client, ResultTimeout, Worker  # noqa: E402
 
 MiB = 1024 * 1024
 RESULT_SIZE = 128 * 1024
@@ -48,7 +48,7 @@ def peak_rss_mib(pid: int) -> float:
 
 def start_broker(root: Path, directory: Path, secret_file: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
     log = directory / f"{name}.log"
-    argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--memory", "--secret-file", str(secret_file)]
+    argv = [sys.executable, "-m", "jobbroker", "serve", "--port", "0", "--memory", "--secret-file", str(secret_file)]
     env = {**os.environ, "PYTHONPATH": str(root)}
     process = subprocess.Popen(
         [*argv, "--log-level", "warning"], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=root

@@ -13,9 +13,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from broker.protocol.auth import FrameSigner, FrameVerifier
-from broker.protocol.framing import FrameDecoder, encode_frame
-from broker.protocol.messages import Complete, Message, Submit, decode, encode
+from jobbroker.broker.protocol.auth import FrameSigner, FrameVerifier
+from jobbroker.broker.protocol.framing import FrameDecoder, encode_frame
+from jobbroker.broker.protocol.messages import Complete, Message, Submit, decode, encode
 
 MESSAGES: dict[str, Message] = {
     "submit of 1 job": Submit(id=1, queue="squares", payloads=[7]),

@@ -17,7 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client import Client  # noqa: E402
+from jobbroker import Client  # noqa: E402
 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -32,7 +32,7 @@ def start_broker(
     """`jobbroker serve` on a free loopback port with `options` (--memory, or --data-dir D, and
     so on), logging to directory/name.log. Returns the process and the address it listens on."""
     log = directory / f"{name}.log"
-    argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--secret-file", str(secret_file)]
+    argv = [sys.executable, "-m", "jobbroker", "serve", "--port", "0", "--secret-file", str(secret_file)]
     process = start([*argv, "--log-level", "warning", *options], log)
     try:
         return process, f"127.0.0.1:{wait_for_port(log, timeout)}"

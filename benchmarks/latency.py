@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import kill, run_async, start, start_broker, wait_for_workers, write_secret  # noqa: E402
 
-from client import Client  # noqa: E402
+from jobbroker import Client  # noqa: E402
 
 BACKGROUND_RATE = 500  # jobs per second
 
@@ -60,7 +60,7 @@ def run(samples: int, storage: str) -> dict[str, float]:
         broker, address = start_broker(tmp, secret_file, "broker", *options)
         children = [broker]
         try:
-            worker = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "latency"]
+            worker = [sys.executable, "-m", "jobbroker", "worker", "handlers:square", "--queue", "latency"]
             worker += ["--queue", "background", "--connect", address, "--secret-file", str(secret_file)]
             children.append(start([*worker, "--log-level", "warning"], tmp / "worker.log"))
             load = [sys.executable, __file__, "--background", address, "--secret-file", str(secret_file)]

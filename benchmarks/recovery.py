@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import kill, rss_mib, start, start_broker, wait_for_workers, write_secret  # noqa: E402
+from jobbroker.broker.server import COMPACT_EVERY  # noqa: E402
 
-from broker.server import COMPACT_EVERY  # noqa: E402
-from client import Client  # noqa: E402
+from jobbroker import Client  # noqa: E402
 
 BATCH = 10_000
 
@@ -93,7 +93,7 @@ def main() -> None:
         rss_after = rss_mib(broker.process.pid)
         assert pending == args.jobs, f"{pending} of {args.jobs} jobs recovered"
 
-        worker_argv = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "bulk"]
+        worker_argv = [sys.executable, "-m", "jobbroker", "worker", "handlers:square", "--queue", "bulk"]
         worker_argv += ["--connect", broker.address, "--secret-file", str(secret_file), "--concurrency", "256"]
         worker = start([*worker_argv, "--log-level", "warning"], tmp / "worker.log")
         try:

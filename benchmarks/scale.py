@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import kill, rss_mib, run_async, start, start_broker, write_secret  # noqa: E402
+from jobbroker.broker.protocol.messages import Deliver, Reserve, Results, Started  # noqa: E402
+from jobbroker.client.connection import Connection, parse_address  # noqa: E402
 
-from broker.protocol.messages import Deliver, Reserve, Results, Started  # noqa: E402
-from client import Client  # noqa: E402
-from client.connection import Connection, parse_address  # noqa: E402
+from jobbroker import Client  # noqa: E402
 
 BATCH = 10_000
 HEARTBEAT = 1.0

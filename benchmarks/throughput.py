@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness import kill, run_async, start, start_broker, wait_for_workers, write_secret  # noqa: E402
 
-from client import Client  # noqa: E402
+from jobbroker import Client  # noqa: E402
 
 PIPELINE = 2000  # per-job submits in flight at once
 
@@ -69,7 +69,7 @@ def broker_and_workers(tmp_path: Path, mode: str, workers: int) -> Iterator[tupl
     children = [broker]
     try:
         for index in range(workers):
-            argv = [sys.executable, "-m", "broker", "worker", "handlers:square", "--queue", "bench"]
+            argv = [sys.executable, "-m", "jobbroker", "worker", "handlers:square", "--queue", "bench"]
             argv += ["--connect", address, "--secret-file", str(secret_file), "--concurrency", "256"]
             argv += ["--log-level", "warning"]
             children.append(start(argv, tmp_path / f"worker-{mode}-{workers}-{index}.log"))

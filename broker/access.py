@@ -16,9 +16,9 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
-from broker.errors import ConfigError
-from broker.protocol.auth import DEFAULT_CREDENTIAL, MAX_SECRETS_PER_CREDENTIAL, Credential, load_secret_file
-from broker.protocol.messages import (
+from jobbroker.broker.errors import ConfigError
+from jobbroker.broker.protocol.auth import DEFAULT_CREDENTIAL, MAX_SECRETS_PER_CREDENTIAL, Credential, load_secret_file
+from jobbroker.broker.protocol.messages import (
     Cancel,
     Complete,
     DeadList,

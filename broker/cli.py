@@ -24,8 +24,8 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.access import default_credentials, load_credentials
-from broker.config import (
+from jobbroker.broker.access import default_credentials, load_credentials
+from jobbroker.broker.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     BrokerConfig,
@@ -33,8 +33,8 @@ from broker.config import (
     ensure_secret_file,
     is_loopback,
 )
-from broker.core.scheduler import SchedulerConfig
-from broker.errors import (
+from jobbroker.broker.core.scheduler import SchedulerConfig
+from jobbroker.broker.errors import (
     AuthenticationFailed,
     BrokerError,
     ConfigError,
@@ -46,9 +46,9 @@ from broker.errors import (
     StorageError,
     UsageError,
 )
-from broker.protocol.auth import Credential, default_data_dir, resolve_secret
-from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
-from broker.store import FsyncMode
+from jobbroker.broker.protocol.auth import Credential, default_data_dir, resolve_secret
+from jobbroker.broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from jobbroker.broker.store import FsyncMode
 
 __all__ = ["main"]
 
@@ -286,7 +286,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     recover.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(info)")
     recover.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object a line")
 
-    from client.connection import default_address
+    from jobbroker.client.connection import default_address
 
     default_connect = default_address()
 
@@ -450,7 +450,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
-    from broker.store import recover
+    from jobbroker.broker.store import recover
 
     report = recover(Path(args.data_dir or default_store_dir()))
     print(report.describe())
@@ -499,7 +499,7 @@ def _metrics_token(token_file: str | None, port: int | None, host: str) -> bytes
 
 
 async def _serve_until_signal(config: BrokerConfig, credentials: Mapping[str, Credential], grace: float) -> None:
-    from broker.server import Broker
+    from jobbroker.broker.server import Broker
 
     loop = asyncio.get_running_loop()
     broker = Broker(config, credentials=credentials)
@@ -539,7 +539,7 @@ def _load_handler(spec: str) -> Any:
     if "" not in sys.path:
         sys.path.insert(0, "")  # the current directory, as `python -m` does
     if not sep and module_name:
-        from client.tasks import tasks_of_module
+        from jobbroker.client.tasks import tasks_of_module
 
         try:
             return tasks_of_module(module_name)
@@ -560,8 +560,8 @@ def _load_handler(spec: str) -> Any:
 def _worker(args: argparse.Namespace) -> int:
     import socket
 
-    from client.tasks import Task
-    from client.worker import Worker
+    from jobbroker.client.tasks import Task
+    from jobbroker.client.worker import Worker
 
     loaded = _load_handler(args.handler)
     tasks = loaded if isinstance(loaded, list) else [loaded] if isinstance(loaded, Task) else None
@@ -605,7 +605,7 @@ def _submit(args: argparse.Namespace) -> int:
         payloads += _read_json_lines(args.file)
     if not payloads:
         raise ConfigError("nothing to submit: give payloads or --file")
-    from client.progress import show_progress
+    from jobbroker.client.progress import show_progress
 
     long_submit = len(payloads) > _SUBMIT_BATCH
 
@@ -678,7 +678,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _with_client(args: argparse.Namespace, call: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
-    from client.client import Client
+    from jobbroker.client.client import Client
 
     async def go() -> Any:
         options = _client_options(args)
@@ -826,7 +826,7 @@ def _queue(args: argparse.Namespace) -> int:
 
 def format_stats(info: dict[str, Any]) -> str:
     """Stats as readable tables: queues, workers, then running jobs that report progress."""
-    from client.progress import progress_bar
+    from jobbroker.client.progress import progress_bar
 
     columns = ["queue", "pending", "delayed", "in_flight", "dead", "done", "failed", "done/s", "workers"]
     rows = [

@@ -10,11 +10,11 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.core.scheduler import SchedulerConfig
-from broker.errors import ConfigError
-from broker.protocol.auth import default_data_dir, default_secret_path, load_secret_file
-from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
-from broker.store import FsyncMode
+from jobbroker.broker.core.scheduler import SchedulerConfig
+from jobbroker.broker.errors import ConfigError
+from jobbroker.broker.protocol.auth import default_data_dir, default_secret_path, load_secret_file
+from jobbroker.broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from jobbroker.broker.store import FsyncMode
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "BrokerConfig", "default_store_dir", "ensure_secret_file"]
 

@@ -12,9 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from jobbroker.broker.core.scheduler import RunTimes
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-
-from broker.core.scheduler import RunTimes
 
 __all__ = ["MetricsCollector", "TrafficCounters"]
 

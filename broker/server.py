@@ -22,13 +22,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import msgpack
-
-from broker.access import PERMISSIONS, AuthThrottle, Role, WarningLimiter, default_credentials
-from broker.config import BrokerConfig
-from broker.core.scheduler import (
+from jobbroker.broker.access import PERMISSIONS, AuthThrottle, Role, WarningLimiter, default_credentials
+from jobbroker.broker.config import BrokerConfig
+from jobbroker.broker.core.scheduler import (
     Deliver as DeliverEffect,
 )
-from broker.core.scheduler import (
+from jobbroker.broker.core.scheduler import (
     Effect,
     JobBuried,
     ProgressReady,
@@ -39,7 +38,7 @@ from broker.core.scheduler import (
     TimeLimitHit,
     WorkerLost,
 )
-from broker.errors import (
+from jobbroker.broker.errors import (
     BrokerError,
     Forbidden,
     InvalidRequest,
@@ -50,10 +49,10 @@ from broker.errors import (
     StorageUnavailable,
     UsageError,
 )
-from broker.metrics import TrafficCounters
-from broker.protocol.auth import MAC_SIZE, Credential
-from broker.protocol.connection import Authenticated, ServerConnection, State
-from broker.protocol.messages import (
+from jobbroker.broker.metrics import TrafficCounters
+from jobbroker.broker.protocol.auth import MAC_SIZE, Credential
+from jobbroker.broker.protocol.connection import Authenticated, ServerConnection, State
+from jobbroker.broker.protocol.messages import (
     Cancel,
     Complete,
     DeadList,
@@ -85,7 +84,7 @@ from broker.protocol.messages import (
     encode,
     encode_items,
 )
-from broker.store import (
+from jobbroker.broker.store import (
     SESSION_BLOCK,
     TOKEN_BLOCK,
     FsyncMode,
@@ -96,7 +95,7 @@ from broker.store import (
     WriteBatch,
     serialize,
 )
-from broker.web import WebServer
+from jobbroker.broker.web import WebServer
 
 __all__ = ["Broker", "serve"]
 

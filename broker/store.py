@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import msgpack
-
-from broker.core.jobs import Job, JobState
-from broker.core.scheduler import Changes
-from broker.errors import StorageError, StorageFailed
+from jobbroker.broker.core.jobs import Job, JobState
+from jobbroker.broker.core.scheduler import Changes
+from jobbroker.broker.errors import StorageError, StorageFailed
 
 __all__ = [
     "FsyncMode",

@@ -31,11 +31,10 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+from jobbroker.broker.config import is_loopback
+from jobbroker.broker.errors import ConfigError
+from jobbroker.broker.metrics import MetricsCollector
 from prometheus_client import CollectorRegistry, make_wsgi_app
-
-from broker.config import is_loopback
-from broker.errors import ConfigError
-from broker.metrics import MetricsCollector
 
 __all__ = ["SESSION_COOKIE", "WebServer"]
 

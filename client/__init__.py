@@ -1,11 +1,12 @@
 """jobbroker's client: `Client` for producers, `Worker` for workers.
 
-from client import Client, Worker
+from jobbroker import Client, Worker
 """
 
-from broker.errors import (
+from jobbroker.broker.errors import (
     AuthenticationFailed,
     BrokerError,
+    BrokerUnreachable,
     ConfigError,
     ConnectionClosed,
     Fail,
@@ -29,14 +30,15 @@ from broker.errors import (
     UnencodablePayload,
     UsageError,
 )
-from client.client import Client, ProgressReport
-from client.sync import SyncClient
-from client.tasks import Task, task
-from client.worker import Job, Worker, current_job
+from jobbroker.client.client import Client, ProgressReport
+from jobbroker.client.sync import SyncClient
+from jobbroker.client.tasks import Task, task
+from jobbroker.client.worker import Job, Worker, current_job
 
 __all__ = [
     "AuthenticationFailed",
     "BrokerError",
+    "BrokerUnreachable",
     "Client",
     "ConfigError",
     "ConnectionClosed",

@@ -10,8 +10,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import msgpack
-
-from broker.errors import (
+from jobbroker.broker.errors import (
     ConnectionClosed,
     FrameTooLarge,
     JobCancelled,
@@ -23,7 +22,7 @@ from broker.errors import (
     UsageError,
     broker_error,
 )
-from broker.protocol.messages import (
+from jobbroker.broker.protocol.messages import (
     Cancel,
     DeadList,
     DeadPurge,
@@ -40,9 +39,9 @@ from broker.protocol.messages import (
     Submit,
     Watch,
 )
-from client.connection import Connection, Link
-from client.progress import show_progress
-from client.serializers import Serializer
+from jobbroker.client.connection import Connection, Link
+from jobbroker.client.progress import show_progress
+from jobbroker.client.serializers import Serializer
 
 __all__ = ["Client", "ProgressReport"]
 

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
-from broker.errors import (
+from jobbroker.broker.errors import (
     AuthenticationFailed,
     BrokerUnreachable,
     ConfigError,
@@ -27,10 +27,10 @@ from broker.errors import (
     TlsMismatch,
     broker_error,
 )
-from broker.protocol.auth import DEFAULT_CREDENTIAL, resolve_secret
-from broker.protocol.connection import ClientConnection, State
-from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
-from broker.protocol.messages import (
+from jobbroker.broker.protocol.auth import DEFAULT_CREDENTIAL, resolve_secret
+from jobbroker.broker.protocol.connection import ClientConnection, State
+from jobbroker.broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from jobbroker.broker.protocol.messages import (
     Deliver,
     ErrorReply,
     Heartbeat,

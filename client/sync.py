@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from client.client import Client, ProgressReport
+from jobbroker.client.client import Client, ProgressReport
 
 __all__ = ["SyncClient"]
 

@@ -23,12 +23,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import msgpack
-
-from broker.errors import UnencodablePayload, UsageError
+from jobbroker.broker.errors import UnencodablePayload, UsageError
 
 if TYPE_CHECKING:
-    from client.client import Client
-    from client.serializers import Serializer
+    from jobbroker.client.client import Client
+    from jobbroker.client.serializers import Serializer
 
 __all__ = ["DEFAULT_QUEUE", "Task", "TaskOptions", "task", "task_payload", "tasks_of_module"]
 

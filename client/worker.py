@@ -23,9 +23,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
-from broker.errors import ConnectionClosed, Fail, FrameTooLarge, Retry, TimeLimitExceeded, UsageError, broker_error
-from broker.protocol import messages
-from broker.protocol.messages import (
+from jobbroker.broker.errors import (
+    ConnectionClosed,
+    Fail,
+    FrameTooLarge,
+    Retry,
+    TimeLimitExceeded,
+    UsageError,
+    broker_error,
+)
+from jobbroker.broker.protocol import messages
+from jobbroker.broker.protocol.messages import (
     Complete,
     Deliver,
     Progress,
@@ -37,10 +45,10 @@ from broker.protocol.messages import (
     Started,
     Touch,
 )
-from client.connection import Connection, Link
-from client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadSlot
-from client.serializers import Serializer
-from client.tasks import Task
+from jobbroker.client.connection import Connection, Link
+from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadSlot
+from jobbroker.client.serializers import Serializer
+from jobbroker.client.tasks import Task
 
 _T = TypeVar("_T")
 

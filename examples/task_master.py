@@ -6,7 +6,7 @@ Run the broker (`make run`), one or more workers (`python examples/task_worker.p
 import asyncio
 import random
 
-from client import Client
+from jobbroker import Client
 
 
 async def main() -> None:

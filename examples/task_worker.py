@@ -6,7 +6,7 @@ cleanly (jobs it holds are finished or handed back).
 
 import asyncio
 
-from client import Worker
+from jobbroker import Worker
 
 
 def square(n: int) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from broker.errors import InvalidTransition
+from jobbroker.broker.errors import InvalidTransition
 
 __all__ = ["FINAL_STATES", "TRANSITIONS", "Job", "JobEvent", "JobState", "transition"]
 

@@ -28,9 +28,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.core.deadlines import Deadlines, OrderedDeadlines
-from broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
-from broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
+from jobbroker.broker.core.deadlines import Deadlines, OrderedDeadlines
+from jobbroker.broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
+from jobbroker.broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
 
 __all__ = [
     "Changes",

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.errors import ConfigError, IntegrityError
+from jobbroker.broker.errors import ConfigError, IntegrityError
 
 __all__ = [
     "ALGORITHM",

@@ -17,7 +17,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from broker.errors import (
+from jobbroker.broker.errors import (
     AuthenticationFailed,
     ConnectionClosed,
     FrameTooLarge,
@@ -26,9 +26,9 @@ from broker.errors import (
     TlsMismatch,
     UsageError,
 )
-from broker.protocol import auth
-from broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
-from broker.protocol.messages import (
+from jobbroker.broker.protocol import auth
+from jobbroker.broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from jobbroker.broker.protocol.messages import (
     Authenticate,
     Challenge,
     Deliver,

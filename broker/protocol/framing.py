@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from broker.errors import FrameTooLarge
+from jobbroker.broker.errors import FrameTooLarge
 
 __all__ = ["DEFAULT_MAX_FRAME_SIZE", "HEADER_SIZE", "FrameDecoder", "encode_frame"]
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import msgpack
-
-from broker.errors import MalformedMessage
+from jobbroker.broker.errors import MalformedMessage
 
 __all__ = [
     "MESSAGE_TYPES",

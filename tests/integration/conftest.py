@@ -1,5 +1,5 @@
-"""Real processes over loopback: the broker as `python -m broker serve` on port 0, workers as
-`python -m broker worker`. Every process a test starts is stopped by its PID at teardown."""
+"""Real processes over loopback: the broker as `python -m jobbroker serve` on port 0, workers as
+`python -m jobbroker worker`. Every process a test starts is stopped by its PID at teardown."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from client import Client
+from jobbroker import Client
 from tests.helpers import SECRET, TIME_UNIT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ def start_broker(tmp_path: Path, secret_file: Path, processes: list[Process]) ->
         with `faults`, one whose commits that file slows down or fails (faults.py)."""
         nonlocal count
         count += 1
-        module = "broker" if faults is None else "faults"
+        module = "jobbroker" if faults is None else "faults"
         argv = [sys.executable, "-m", module, "serve", "--port", str(port), "--secret-file", str(secret_file)]
         argv += ["--heartbeat", str(HEARTBEAT * TIME_UNIT)]
         if "--memory" not in args:
@@ -134,7 +134,7 @@ def start_worker(tmp_path: Path, secret_file: Path, processes: list[Process]) ->
     ) -> Process:
         nonlocal count
         count += 1
-        argv = [sys.executable, "-m", "broker", "worker", handler, "--connect", address, "--queue", queue]
+        argv = [sys.executable, "-m", "jobbroker", "worker", handler, "--connect", address, "--queue", queue]
         argv += ["--secret-file", str(secret_file), "--name", f"worker-{count}", *args]
         worker = Process(argv, tmp_path / f"worker-{count}.log", env)
         processes.append(worker)

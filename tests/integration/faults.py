@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from broker.cli import main
-from broker.store import SqliteStore
+from jobbroker.broker.cli import main
+from jobbroker.broker.store import SqliteStore
 
 SQLITE_FULL = 13
 SQLITE_IOERR_FSYNC = 10 | (4 << 8)

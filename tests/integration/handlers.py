@@ -29,7 +29,7 @@ def whoami(payload: Any) -> list[Any]:
 
 def halfway(payload: Any) -> Any:
     """Reports half its progress, then runs until the file named by $HANDLER_RELEASE exists."""
-    from client import current_job
+    from jobbroker import current_job
 
     current_job().report_progress(0.5, f"half of {payload}")
     release = os.environ.get("HANDLER_RELEASE", "")
@@ -51,7 +51,7 @@ def sleepy_square_told(n: int) -> int:
     """Works $HANDLER_SLEEP seconds in steps of 0.1 s (of running time: a frozen process does
     not advance), stopping early once its lease is lost, then appends "job attempt lease_lost"
     to $HANDLER_LOG."""
-    from client import current_job
+    from jobbroker import current_job
 
     job = current_job()
     for _ in range(int(float(os.environ.get("HANDLER_SLEEP", "0")) * 10)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from client import Fail, Retry, current_job, task
+from jobbroker import Fail, Retry, current_job, task
 
 
 @task(queue="math")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client import Client
+from jobbroker import Client
 from tests.helpers import TIME_UNIT
 from tests.integration.conftest import REPO, BrokerProcess, Process, wait_until
 
@@ -61,12 +61,12 @@ def test_submit_wait_and_stats_from_the_shell(
 ) -> None:
     start_worker(broker.address)
     common = ["--connect", broker.address, "--secret-file", str(secret_file)]
-    output = run([sys.executable, "-m", "broker", "submit", "squares", "3", "4", "--wait", *common], {})
+    output = run([sys.executable, "-m", "jobbroker", "submit", "squares", "3", "4", "--wait", *common], {})
     assert [line.split("\t")[1:] for line in output.strip().splitlines()] == [["3", "9"], ["4", "16"]]
-    table = run([sys.executable, "-m", "broker", "stats", *common], {})
+    table = run([sys.executable, "-m", "jobbroker", "stats", *common], {})
     assert re.search(r"^squares\s+0\s+0\s+0\s+0\s+2\s", table, re.MULTILINE), table
     assert "worker-1" in table
-    stats = json.loads(run([sys.executable, "-m", "broker", "stats", "--json", *common], {}))
+    stats = json.loads(run([sys.executable, "-m", "jobbroker", "stats", "--json", *common], {}))
     assert stats["queues"]["squares"]["done"] == 2
 
 
@@ -75,7 +75,7 @@ async def test_serve_generates_a_private_secret_on_first_start(
 ) -> None:
     env = {"XDG_DATA_HOME": str(tmp_path / "data"), "JOBBROKER_SECRET_FILE": "", "JOBBROKER_SECRET": ""}
     broker = Process(
-        [sys.executable, "-m", "broker", "serve", "--port", "0"],
+        [sys.executable, "-m", "jobbroker", "serve", "--port", "0"],
         tmp_path / "fresh-broker.log",
         {**env, "PYTHONPATH": str(REPO)},
     )
@@ -99,7 +99,7 @@ def test_bad_secret_file_is_a_clear_error(tmp_path: Path, content: str, mode: in
     secret_file.write_text(content)
     secret_file.chmod(mode)
     result = subprocess.run(
-        [sys.executable, "-m", "broker", "stats", "--secret-file", str(secret_file)],
+        [sys.executable, "-m", "jobbroker", "stats", "--secret-file", str(secret_file)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -112,7 +112,7 @@ def test_dead_letters_and_jobs_from_the_shell(
     broker: BrokerProcess, secret_file: Path, start_worker: Callable[..., Process]
 ) -> None:
     common = ["--connect", broker.address, "--secret-file", str(secret_file)]
-    jobbroker = [sys.executable, "-m", "broker"]
+    jobbroker = [sys.executable, "-m", "jobbroker"]
     start_worker(broker.address, "fragile", "handlers:fail_always")
     (job_id,) = map(int, run([*jobbroker, "submit", "fragile", '{"n": 1}', "--max-attempts", "1", *common], {}).split())
     output = run(
@@ -147,7 +147,7 @@ def test_drain_stops_deliveries_until_resumed(
     broker: BrokerProcess, secret_file: Path, start_worker: Callable[..., Process]
 ) -> None:
     common = ["--connect", broker.address, "--secret-file", str(secret_file)]
-    jobbroker = [sys.executable, "-m", "broker"]
+    jobbroker = [sys.executable, "-m", "jobbroker"]
     assert "deliveries stopped; 0 jobs in flight" in run([*jobbroker, "drain", "--wait", *common], {})
     ids = run([*jobbroker, "submit", "squares", "5", "6", *common], {}).split()
     start_worker(broker.address)
@@ -190,7 +190,7 @@ async def test_top_refreshes_until_told_and_shows_progress(
         return (await client.job(job_id))["progress"] is not None
 
     await wait_until(reported, what="the progress report")
-    argv = [sys.executable, "-m", "broker", "top", "--iterations", "2", "--interval", "0.1", *common]
+    argv = [sys.executable, "-m", "jobbroker", "top", "--iterations", "2", "--interval", "0.1", *common]
     screen = await asyncio.to_thread(run, argv, {})
     release.touch()
     assert screen.count(f"jobbroker at {broker.address}") == 2
@@ -206,7 +206,7 @@ def test_submit_from_json_lines_with_progress(
     lines = tmp_path / "numbers.jsonl"
     lines.write_text("".join(f"{n}\n" for n in range(2500)))
     common = ["--connect", broker.address, "--secret-file", str(secret_file)]
-    argv = [sys.executable, "-m", "broker", "submit", "squares", "--file", str(lines), "--wait", *common]
+    argv = [sys.executable, "-m", "jobbroker", "submit", "squares", "--file", str(lines), "--wait", *common]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60 * TIME_UNIT, cwd=REPO)
     assert result.returncode == 0, result.stderr
     rows = [line.split("\t") for line in result.stdout.splitlines()]

@@ -17,7 +17,7 @@ from tests.integration.conftest import REPO, BrokerProcess, Process
 
 def jobbroker(*argv: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker", *argv],
+        [sys.executable, "-m", "jobbroker", *argv],
         capture_output=True,
         text=True,
         timeout=timeout * TIME_UNIT,
@@ -70,7 +70,7 @@ def test_exit_statuses_of_submit_wait(
 
 def test_a_closed_pipe_ends_quietly(broker: BrokerProcess, secret_file: Path) -> None:
     script = (
-        f"{sys.executable} -m broker stats --json --connect {broker.address} --secret-file {secret_file} | head -c 1"
+        f"{sys.executable} -m jobbroker stats --json --connect {broker.address} --secret-file {secret_file} | head -c 1"
     )
     result = subprocess.run(
         ["bash", "-o", "pipefail", "-c", script],

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import trustme
+from jobbroker.broker.cli import _metrics_token
+from jobbroker.broker.config import BrokerConfig
+from jobbroker.broker.errors import ConfigError
+from jobbroker.broker.server import Broker
+from jobbroker.broker.web import SESSION_COOKIE
 
-from broker.cli import _metrics_token
-from broker.config import BrokerConfig
-from broker.errors import ConfigError
-from broker.server import Broker
-from broker.web import SESSION_COOKIE
-from client import Client, JobDead
+from jobbroker import Client, JobDead
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import BrokerProcess, Process, wait_until
 from tests.integration.test_metrics import free_port

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from client import Client, ConnectionClosed, StorageUnavailable, Worker, current_job
+from jobbroker import Client, ConnectionClosed, StorageUnavailable, Worker, current_job
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import REPO, STUCK, BrokerProcess, Faults, Process, wait_until
 
@@ -145,7 +145,7 @@ def test_unusable_data_dir_is_a_clear_error(tmp_path: Path, secret_file: Path) -
 
 
 def _serve_once(data_dir: Path, secret_file: Path) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--data-dir", str(data_dir)]
+    argv = [sys.executable, "-m", "jobbroker", "serve", "--port", "0", "--data-dir", str(data_dir)]
     argv += ["--secret-file", str(secret_file)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30 * TIME_UNIT, cwd=REPO)
 
@@ -188,7 +188,7 @@ async def test_a_running_worker_reconnects_when_the_broker_comes_back(
 
 def _serve_briefly(data_dir: Path, secret_file: Path) -> subprocess.CompletedProcess[str]:
     """`serve` on a data directory it must refuse: bounded, in case it starts after all."""
-    argv = [sys.executable, "-m", "broker", "serve", "--port", "0", "--data-dir", str(data_dir)]
+    argv = [sys.executable, "-m", "jobbroker", "serve", "--port", "0", "--data-dir", str(data_dir)]
     argv += ["--secret-file", str(secret_file)]
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=10 * TIME_UNIT, cwd=REPO)
@@ -197,7 +197,7 @@ def _serve_briefly(data_dir: Path, secret_file: Path) -> subprocess.CompletedPro
 
 
 def _recover(data_dir: Path) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "broker", "recover", "--data-dir", str(data_dir)]
+    argv = [sys.executable, "-m", "jobbroker", "recover", "--data-dir", str(data_dir)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30 * TIME_UNIT, cwd=REPO)
 
 

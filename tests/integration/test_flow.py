@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import trustme
+from jobbroker.broker.protocol.messages import JobInfo, Reserve, Watch
+from jobbroker.client.connection import Connection, parse_address
 
-from broker.protocol.messages import JobInfo, Reserve, Watch
-from client import Client, LimitExceeded, ReplyTooLarge, TlsMismatch, Worker
-from client.connection import Connection, parse_address
+from jobbroker import Client, LimitExceeded, ReplyTooLarge, TlsMismatch, Worker
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import REPO, BrokerProcess, wait_until
 
@@ -243,7 +243,7 @@ async def test_a_plaintext_client_at_a_tls_port_fails_at_once_saying_so(
     with pytest.raises(TlsMismatch):
         await asyncio.wait_for(worker.run(), 20 * TIME_UNIT)
     assert time.monotonic() - started < 5 * TIME_UNIT
-    argv = [sys.executable, "-m", "broker", "stats", "--connect", broker.address, "--secret-file", str(secret_file)]
+    argv = [sys.executable, "-m", "jobbroker", "stats", "--connect", broker.address, "--secret-file", str(secret_file)]
     cli = await asyncio.to_thread(subprocess.run, argv, cwd=REPO, capture_output=True, text=True, timeout=20)
     assert cli.returncode == 3 and "speaks TLS only" in cli.stderr and "--tls-ca" in cli.stderr  # could not reach
 

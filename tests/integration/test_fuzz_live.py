@@ -14,12 +14,12 @@ from typing import Any
 
 import msgpack
 import pytest
+from jobbroker.broker.protocol.connection import ClientConnection, State
+from jobbroker.broker.protocol.framing import encode_frame
+from jobbroker.broker.protocol.messages import MESSAGE_TYPES
+from jobbroker.client.connection import parse_address
 
-from broker.protocol.connection import ClientConnection, State
-from broker.protocol.framing import encode_frame
-from broker.protocol.messages import MESSAGE_TYPES
-from client import Client, Worker
-from client.connection import parse_address
+from jobbroker import Client, Worker
 from tests.helpers import TIME_UNIT
 from tests.integration.conftest import BrokerProcess
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobbroker.broker.errors import JobCancelled, JobDead
 
-from broker.errors import JobCancelled, JobDead
-from client import Client
+from jobbroker import Client
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import HEARTBEAT, REPO, BrokerProcess, Process, wait_until
 
@@ -170,7 +170,7 @@ async def test_a_failing_handler_leaves_its_traceback_and_a_log_line(
     worker.wait_for_output(rf"job {job_id} \(queue fragile\) attempt 1 failed: ValueError: cannot handle 'bad input'")
     shown = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "broker", "job", "show", str(job_id), "--connect", broker.address],
+        [sys.executable, "-m", "jobbroker", "job", "show", str(job_id), "--connect", broker.address],
         capture_output=True,
         text=True,
         timeout=30,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from client import (
+from jobbroker import (
     Client,
     InvalidState,
     JobCancelled,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from client import AuthenticationFailed, Client, JobDead
+from jobbroker import AuthenticationFailed, Client, JobDead
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import BrokerProcess, Process
 

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import trustme
+from jobbroker.broker.protocol.connection import ClientConnection, State
+from jobbroker.broker.protocol.framing import FrameDecoder
+from jobbroker.broker.protocol.messages import ErrorReply, JobInfo, Release, Reserve, Stats, Submit, decode
+from jobbroker.client.connection import Connection, parse_address
 
-from broker.protocol.connection import ClientConnection, State
-from broker.protocol.framing import FrameDecoder
-from broker.protocol.messages import ErrorReply, JobInfo, Release, Reserve, Stats, Submit, decode
-from client import (
+from jobbroker import (
     AuthenticationFailed,
     Client,
     ConnectionClosed,
@@ -30,7 +31,6 @@ from client import (
     TlsMismatch,
     Worker,
 )
-from client.connection import Connection, parse_address
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import BrokerProcess
 

@@ -10,9 +10,9 @@ import uuid
 from typing import Any
 
 import pytest
+from jobbroker.client.serializers import MsgpackSerializer
 
-from client import Client, SyncClient, UnencodablePayload, Worker, task
-from client.serializers import MsgpackSerializer
+from jobbroker import Client, SyncClient, UnencodablePayload, Worker, task
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import BrokerProcess
 
@@ -80,7 +80,7 @@ async def test_a_task_names_the_argument_it_cannot_send(broker: BrokerProcess) -
 
 def test_sync_client_follows_progress(broker: BrokerProcess) -> None:
     async def halfway(payload: str) -> str:
-        from client import current_job
+        from jobbroker import current_job
 
         current_job().report_progress(0.5, "half")
         await asyncio.sleep(0.2)

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobbroker.broker import Broker, BrokerConfig
+from jobbroker.broker.core.scheduler import Scheduler
+from jobbroker.broker.errors import StorageError, StorageFailed
+from jobbroker.broker.store import IdCeilings, Recovered, SqliteStore, WriteBatch, serialize
 
-from broker import Broker, BrokerConfig
-from broker.core.scheduler import Scheduler
-from broker.errors import StorageError, StorageFailed
-from broker.store import IdCeilings, Recovered, SqliteStore, WriteBatch, serialize
-from client import Client, ConnectionClosed, StorageUnavailable, Worker, current_job
+from jobbroker import Client, ConnectionClosed, StorageUnavailable, Worker, current_job
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import BrokerProcess, Faults, wait_until
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client import Client, JobDead, task
+from jobbroker import Client, JobDead, task
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration import mytasks
 from tests.integration.conftest import BrokerProcess, Process

@@ -10,11 +10,21 @@ from typing import Any
 
 import msgpack
 import pytest
+from jobbroker.broker.protocol.framing import FrameDecoder, encode_frame
+from jobbroker.broker.protocol.messages import (
+    Complete,
+    Deliver,
+    ErrorReply,
+    Reserve,
+    Results,
+    Revoked,
+    Started,
+    Submit,
+    decode,
+)
+from jobbroker.client.connection import Connection, parse_address
 
-from broker.protocol.framing import FrameDecoder, encode_frame
-from broker.protocol.messages import Complete, Deliver, ErrorReply, Reserve, Results, Revoked, Started, Submit, decode
-from client import AuthenticationFailed, Client
-from client.connection import Connection, parse_address
+from jobbroker import AuthenticationFailed, Client
 from tests.helpers import SECRET, TIME_UNIT
 from tests.integration.conftest import BrokerProcess
 

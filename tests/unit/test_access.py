@@ -1,6 +1,6 @@
 """The access rules' pure parts: the warning limiter (the throttle is tested in test_auth)."""
 
-from broker.access import WarningLimiter
+from jobbroker.broker.access import WarningLimiter
 
 
 def test_one_warning_line_per_source_per_interval_with_a_count() -> None:

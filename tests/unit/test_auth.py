@@ -2,10 +2,9 @@ import os
 from pathlib import Path
 
 import pytest
-
-from broker.config import ensure_secret_file
-from broker.errors import ConfigError, IntegrityError
-from broker.protocol import auth
+from jobbroker.broker.config import ensure_secret_file
+from jobbroker.broker.errors import ConfigError, IntegrityError
+from jobbroker.broker.protocol import auth
 
 SECRET = b"k" * 32
 

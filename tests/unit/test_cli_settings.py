@@ -3,9 +3,8 @@
 from pathlib import Path
 
 import pytest
-
-from broker.cli import parse_args
-from broker.errors import ConfigError
+from jobbroker.broker.cli import parse_args
+from jobbroker.broker.errors import ConfigError
 
 
 def test_defaults() -> None:
@@ -63,7 +62,7 @@ def test_other_commands_are_untouched_by_serve_settings() -> None:
 
 def test_every_serve_setting_is_in_the_readme_table() -> None:
     """README's one table of settings: a row per flag, with its variable and config key."""
-    from broker.cli import _parser
+    from jobbroker.broker.cli import _parser
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     _, serve = _parser()

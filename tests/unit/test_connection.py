@@ -1,12 +1,11 @@
 import struct
 
 import msgpack
-
-from broker.errors import AuthenticationFailed, FrameTooLarge, IntegrityError, TlsMismatch
-from broker.protocol import auth
-from broker.protocol.connection import Authenticated, ClientConnection, ServerConnection, State
-from broker.protocol.framing import FrameDecoder, encode_frame
-from broker.protocol.messages import (
+from jobbroker.broker.errors import AuthenticationFailed, FrameTooLarge, IntegrityError, TlsMismatch
+from jobbroker.broker.protocol import auth
+from jobbroker.broker.protocol.connection import Authenticated, ClientConnection, ServerConnection, State
+from jobbroker.broker.protocol.framing import FrameDecoder, encode_frame
+from jobbroker.broker.protocol.messages import (
     Deliver,
     ErrorReply,
     Hello,
@@ -16,6 +15,7 @@ from broker.protocol.messages import (
     decode,
     encode,
 )
+
 from tests.helpers import SECRET, connected_pair, credentials, exchange
 
 

@@ -1,4 +1,4 @@
-from broker.core.deadlines import Deadlines, OrderedDeadlines
+from jobbroker.broker.core.deadlines import Deadlines, OrderedDeadlines
 
 
 def test_expire_in_order_and_cancel() -> None:

@@ -1,9 +1,8 @@
 import struct
 
 import pytest
-
-from broker.errors import FrameTooLarge
-from broker.protocol.framing import FrameDecoder, encode_frame
+from jobbroker.broker.errors import FrameTooLarge
+from jobbroker.broker.protocol.framing import FrameDecoder, encode_frame
 
 
 def test_round_trip_many_frames_in_one_feed() -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jobbroker.broker.errors import ProtocolError
+from jobbroker.broker.protocol.connection import ServerConnection, State
+from jobbroker.broker.protocol.framing import HEADER_SIZE, FrameDecoder, encode_frame
+from jobbroker.broker.protocol.messages import decode
 
-from broker.errors import ProtocolError
-from broker.protocol.connection import ServerConnection, State
-from broker.protocol.framing import HEADER_SIZE, FrameDecoder, encode_frame
-from broker.protocol.messages import decode
 from tests.helpers import connected_pair, credentials
 
 LIMIT = 4096

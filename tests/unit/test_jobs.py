@@ -1,7 +1,6 @@
 import pytest
-
-from broker.core.jobs import TRANSITIONS, Job, JobEvent, JobState, transition
-from broker.errors import InvalidTransition
+from jobbroker.broker.core.jobs import TRANSITIONS, Job, JobEvent, JobState, transition
+from jobbroker.broker.errors import InvalidTransition
 
 
 def make_job(state: JobState) -> Job:

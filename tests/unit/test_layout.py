@@ -3,21 +3,22 @@
 import subprocess
 import sys
 
+import jobbroker.broker as broker
+import jobbroker.client as client
 import pytest
 
-import broker
-import client
+import jobbroker
 
 
 @pytest.mark.parametrize(
     "module",
     [
-        "broker.protocol.framing",
-        "broker.protocol.messages",
-        "broker.protocol.auth",
-        "broker.protocol.connection",
-        "broker.core.scheduler",
-        "broker.core.clock",
+        "jobbroker.broker.protocol.framing",
+        "jobbroker.broker.protocol.messages",
+        "jobbroker.broker.protocol.auth",
+        "jobbroker.broker.protocol.connection",
+        "jobbroker.broker.core.scheduler",
+        "jobbroker.broker.core.clock",
     ],
 )
 def test_pure_layers_import_no_asyncio_or_sockets(module: str) -> None:
@@ -27,10 +28,12 @@ def test_pure_layers_import_no_asyncio_or_sockets(module: str) -> None:
 
 
 def test_client_imports_only_the_protocol_and_errors_of_the_broker() -> None:
-    code = "import sys, client; print(sorted(m for m in sys.modules if m.startswith('broker.')))"
+    code = "import sys, jobbroker.client; print(sorted(m for m in sys.modules if m.startswith('jobbroker.broker.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = eval(out)
-    assert loaded and all(m == "broker.errors" or m.startswith("broker.protocol") for m in loaded), loaded
+    assert loaded and all(
+        m == "jobbroker.broker.errors" or m.startswith("jobbroker.broker.protocol") for m in loaded
+    ), loaded
 
 
 @pytest.mark.parametrize(
@@ -38,6 +41,7 @@ def test_client_imports_only_the_protocol_and_errors_of_the_broker() -> None:
     [
         (broker, {"Broker", "BrokerConfig", "SchedulerConfig", "serve"}),
         (client, {"Client", "Worker", "JobbrokerError", "QueueFull", "JobDead", "ResultTimeout"}),
+        (jobbroker, {"Client", "Worker", "SyncClient", "task", "current_job", "Retry", "Fail", "Broker", "serve"}),
     ],
 )
 def test_public_names_are_listed_once_and_resolve(package: object, expected: set[str]) -> None:
@@ -48,3 +52,20 @@ def test_public_names_are_listed_once_and_resolve(package: object, expected: set
         assert getattr(package, name) is not None
     public = {n for n in vars(package) if not n.startswith("_") and not isinstance(getattr(package, n), type(sys))}
     assert public - {"annotations", "importlib", "TYPE_CHECKING", "Any"} <= set(names)
+
+
+def test_one_import_name_and_no_generic_top_level_packages() -> None:
+    """`import jobbroker` is the API; the repository's broker/ and client/ folders are its
+    subpackages, never importable as `broker` or `client` from an installed copy."""
+    code = (
+        "import sys, jobbroker, jobbroker.broker.server, jobbroker.broker.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'broker', 'client'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
+    assert out.strip() == "[]"
+    errors = {name for name in jobbroker.__all__ if name.endswith(("Error", "Exceeded", "Closed", "Failed"))}
+    assert {"JobbrokerError", "BrokerError", "TimeLimitExceeded", "ConnectionClosed", "AuthenticationFailed"} <= errors
+
+
+def test_the_top_level_names_are_the_clients() -> None:
+    assert set(client.__all__) <= set(jobbroker.__all__)

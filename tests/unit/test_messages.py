@@ -1,8 +1,7 @@
 import msgpack
 import pytest
-
-from broker.errors import MalformedMessage
-from broker.protocol.messages import (
+from jobbroker.broker.errors import MalformedMessage
+from jobbroker.broker.protocol.messages import (
     MESSAGE_TYPES,
     Complete,
     Deliver,
@@ -86,7 +85,7 @@ def test_deeply_nested_garbage_is_a_protocol_error_not_a_crash() -> None:
 
 
 def test_encode_items_cuts_a_push_to_size_and_matches_encode() -> None:
-    from broker.protocol.messages import Results, encode_items
+    from jobbroker.broker.protocol.messages import Results, encode_items
 
     items = [[i, "done", "r" * 1000] for i in range(10)]
     body, count = encode_items(Results, items, 1_000_000)

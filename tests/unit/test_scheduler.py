@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from broker.core.clock import FakeClock
-from broker.core.scheduler import (
+from jobbroker.broker.core.clock import FakeClock
+from jobbroker.broker.core.scheduler import (
     WORKER_JOBS_SHOWN,
     Deliver,
     JobBuried,
@@ -20,7 +19,7 @@ from broker.core.scheduler import (
     TimeLimitHit,
     WorkerLost,
 )
-from broker.errors import InvalidRequest, JobNotFound, LimitExceeded, QueueFull
+from jobbroker.broker.errors import InvalidRequest, JobNotFound, LimitExceeded, QueueFull
 
 PRODUCER, WORKER_A, WORKER_B = 1, 2, 3
 

@@ -10,8 +10,7 @@ import uuid
 from typing import Any
 
 import pytest
-
-from client.serializers import MsgpackSerializer
+from jobbroker.client.serializers import MsgpackSerializer
 
 
 class Color(enum.StrEnum):

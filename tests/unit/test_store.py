@@ -9,12 +9,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
-from broker.core.clock import FakeClock
-from broker.core.jobs import Job, JobState
-from broker.core.scheduler import Deliver, Scheduler, SchedulerConfig
-from broker.errors import StorageError, StorageFailed
-from broker.store import (
+from jobbroker.broker.core.clock import FakeClock
+from jobbroker.broker.core.jobs import Job, JobState
+from jobbroker.broker.core.scheduler import Deliver, Scheduler, SchedulerConfig
+from jobbroker.broker.errors import StorageError, StorageFailed
+from jobbroker.broker.store import (
     SESSION_BLOCK,
     TOKEN_BLOCK,
     FsyncMode,

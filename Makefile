@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test browser lint format bench clean
+.PHONY: run test browser lint typecheck format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) tests/typecheck.py
 	$(PY) -m pytest
 
 # The dashboard's browser test drives Debian's chromium through chromedriver: installed here when
@@ -29,6 +30,9 @@ browser:
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(PY) tests/typecheck.py
 
 format: $(VENV)/.installed
 	$(PY) -m ruff check --fix .

@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if args.log_format == "json" else logging.Formatter(_TEXT_LOG_FORMAT))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
+    status: int | None
+    message: str | None
     try:
         status, message = int(args.run(args) or 0), None
     except BrokenPipeError:
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
     if message:
         print(f"jobbroker: {message}", file=sys.stderr)
-    return status
+    return status or 0
 
 
 def exit_status(exc: BaseException) -> tuple[int | None, str]:
@@ -200,7 +202,7 @@ def _setting(action: argparse.Action, value: Any, source: str) -> Any:
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{flag}: {value!r} is not true or false")
-    if action.type is not None:
+    if callable(action.type):
         try:
             value = action.type(value)
         except (TypeError, ValueError):
@@ -554,7 +556,7 @@ def _load_handler(spec: str) -> Any:
         raise ConfigError(f"cannot load handler {spec!r}: {exc}") from exc
     if not callable(handler):
         raise ConfigError(f"handler {spec!r} is not callable")
-    return handler  # type: ignore[no-any-return]
+    return handler
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -609,7 +611,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     long_submit = len(payloads) > _SUBMIT_BATCH
 
-    async def go(client: Any) -> None:
+    async def go(client: Any) -> int:
         ids: list[int] = []
         for start in range(0, len(payloads), _SUBMIT_BATCH):
             ids += await client.submit_many(

@@ -68,10 +68,10 @@ class MetricsCollector:
                 family.add_metric([queue], counts[name])
             yield family
         for name, help_text in _QUEUE_COUNTERS.items():
-            family = CounterMetricFamily(f"jobbroker_jobs_{name}", help_text, labels=["queue"])
+            counter = CounterMetricFamily(f"jobbroker_jobs_{name}", help_text, labels=["queue"])
             for queue, counts in queues.items():
-                family.add_metric([queue], counts[name])
-            yield family
+                counter.add_metric([queue], counts[name])
+            yield counter
         run_time = HistogramMetricFamily(
             "jobbroker_job_run_seconds", "Time from delivery to completion", labels=["queue"]
         )

@@ -348,7 +348,7 @@ class _BrokerProtocol(asyncio.Protocol):
                 waiting.progress = {}
                 self._pushes.append(waiting)
             for item in items:
-                waiting.progress[item[0]] = item  # type: ignore[index]
+                waiting.progress[item[0]] = item
         else:
             self._pushes.append(_Pushes(message_type, items, needs_commit))
         self.pump()
@@ -867,9 +867,9 @@ class Broker:
         kind = type(request)
         if kind is Submit:
             return self._unwritten(data["job_ids"])
-        if kind is Cancel or kind is Watch:
+        if isinstance(request, Cancel | Watch):
             return self._unwritten(request.job_ids)
-        if kind is JobInfo:
+        if isinstance(request, JobInfo):
             return self._unwritten([request.job_id])
         if kind is DeadList or kind is JobList:
             return self._unwritten([job["id"] for job in data["jobs"]])

@@ -444,7 +444,7 @@ class SqliteStore:
         singles: list[Update] = []
         for values, ids in alike.items():
             if len(ids) == 1:
-                singles.append((*values, ids[0]))  # type: ignore[arg-type]
+                singles.append((*values, ids[0]))
             else:
                 self._db.execute(_UPDATE_MANY, (*values, json.dumps(ids)))
         if singles:

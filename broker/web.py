@@ -79,7 +79,7 @@ class WebApp:
         token: bytes | None,
     ) -> None:
         registry = CollectorRegistry()
-        registry.register(MetricsCollector(metrics))  # type: ignore[arg-type]
+        registry.register(MetricsCollector(metrics))
         self._prometheus = make_wsgi_app(registry)
         self._overview = overview
         self._token = token
@@ -103,7 +103,7 @@ class WebApp:
             headers = [("WWW-Authenticate", 'Bearer realm="jobbroker"')]
             return _reply(start_response, "401 Unauthorized", "a token is needed: see docs/security.md\n", headers)
         if path == "/metrics":
-            return self._prometheus(environ, start_response)  # type: ignore[no-any-return]
+            return self._prometheus(environ, start_response)
         if path == "/api/overview":
             body = json.dumps(self._overview(), default=str).encode()
             return _reply(start_response, "200 OK", body, [("Content-Type", "application/json")])

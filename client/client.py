@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import msgpack
@@ -110,7 +110,7 @@ class Client:
         self._waiters: dict[int, asyncio.Future[list[Any]]] = {}  # job id -> its outcome
         self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
         self._to_watch: list[int] = []  # result() calls of this loop turn, watched together
-        self._submit_groups: dict[tuple[Any, ...], _SubmitGroup] = {}  # submit() calls of this turn
+        self._submit_groups: dict[_SubmitOptions, _SubmitGroup] = {}  # submit() calls of this turn
         self._submitting: set[asyncio.Task[None]] = set()
         self._followers: dict[int, list[asyncio.Queue[ProgressReport]]] = {}  # progress() iterators
 
@@ -334,7 +334,7 @@ class Client:
             self._watch_soon(job_id)
         return future
 
-    async def progress(self, job_id: int) -> AsyncIterator[ProgressReport]:
+    async def progress(self, job_id: int) -> AsyncGenerator[ProgressReport, None]:
         """Follow a job's progress reports (`Job.report_progress` in its handler) until it
         ends. Ends without error whatever the outcome: `result()` says how it ended.
 
@@ -462,7 +462,8 @@ class Client:
         if not isinstance(message, Results):
             return
         waiters = self._waiters
-        for outcome in message.items:
+        for item in message.items:
+            outcome = list(item)  # a row of the wire: [job_id, state, value]
             future = waiters.pop(outcome[0], None)
             if future is None:
                 self._unclaimed[outcome[0]] = outcome

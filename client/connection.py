@@ -231,7 +231,8 @@ class Connection:
             return future
         request_id = self._next_id
         self._next_id += 1
-        self._protocol.send(request_type(id=request_id, **fields))  # raises if unencodable
+        request: Message = request_type(id=request_id, **fields)  # type: ignore[call-arg]
+        self._protocol.send(request)  # raises if unencodable
         self._pending[request_id] = future
         self._schedule_write()
         return future

@@ -17,7 +17,7 @@ import datetime
 import decimal
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgpack
 
@@ -86,7 +86,7 @@ class MsgpackSerializer:
             return msgpack.ExtType(_SET, self.dumps(list(value)))
         for base in (bool, int, float, str, bytes, dict, list):  # subclasses (enums...): as their base
             if isinstance(value, base):
-                return base(value)
+                return cast(Any, base)(value)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
         if self._encode is not None:

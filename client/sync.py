@@ -73,10 +73,14 @@ class SyncClient:
             print(f"{report.fraction:.0%} {report.message}")
         """
         reports = self._client.progress(job_id)
+
+        async def next_report() -> ProgressReport:
+            return await anext(reports)
+
         try:
             while True:
                 try:
-                    yield self._run(reports.__anext__())
+                    yield self._run(next_report())
                 except StopAsyncIteration:
                     return
         finally:

@@ -87,7 +87,7 @@ class Task(Generic[_P, _R]):
         self.default_options = options
         self.is_coroutine = inspect.iscoroutinefunction(func)
         self.signature = inspect.signature(func)
-        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+        functools.update_wrapper(self, func)
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         return self.func(*args, **kwargs)
@@ -97,7 +97,7 @@ class Task(Generic[_P, _R]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # By reference, as functions are pickled: a process pool's child imports the module.
-        return (_task_named, (self.func.__module__, self.__qualname__))
+        return (_task_named, (self.func.__module__, self.func.__qualname__))
 
     @property
     def queue(self) -> str:

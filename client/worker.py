@@ -87,7 +87,7 @@ class Job:
         "token",
     )
 
-    def __init__(self, item: list[Any], worker: Worker, received_at: float = 0.0) -> None:
+    def __init__(self, item: Sequence[Any], worker: Worker, received_at: float = 0.0) -> None:
         self.id, self.token, self.queue, self.payload, self.attempt, self.lease = item[:6]
         self.timeout: float | None = item[6] if len(item) > 6 else None
         self.lost_reason: str | None = None  # why this worker no longer holds the job
@@ -369,7 +369,7 @@ class Worker:
         return SharedSlot(choice)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
-        installed = []
+        installed: list[int] = []
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(signum, self.stop)
@@ -470,6 +470,9 @@ class Worker:
         self._schedule_flush()
         limit = job.timeout if job.timeout is not None else self.timeout
         task: Task[Any, Any] | None = None
+        function: Callable[..., Any]
+        args: Sequence[Any]
+        kwargs: dict[str, Any]
         try:
             async with asyncio.timeout(limit) as deadline:
                 if self.serializer is not None and isinstance(job.payload, bytes):
@@ -662,7 +665,7 @@ class Worker:
         if self._starts:
             # Jobs started this turn and still running (a job answered in the same turn needs none).
             starts, self._starts = list(self._starts.values()), {}
-            connection.send(Started(items=starts))
+            connection.send(Started(items=starts))  # type: ignore[arg-type]  # rows travel as lists
         if self._completions:
             completions, self._completions = self._completions, []
             try:

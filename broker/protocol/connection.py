@@ -329,8 +329,8 @@ class ServerConnection(_Connection):
                     self._secret = secret
                     break
             else:
-                known = "wrong secret" if credential is not None else "unknown credential"
-                raise AuthenticationFailed(f"{known} for credential {self._credential!r}")
+                reason = "wrong secret" if credential is not None else "unknown credential"
+                raise AuthenticationFailed(f"{reason} for credential {self._credential!r}")
             self.credential = credential
             self._start_session(self._peer_nonce, self._nonce)
             self._queue(

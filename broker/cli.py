@@ -624,10 +624,10 @@ def _submit(args: argparse.Namespace) -> int:
             )
             if long_submit:
                 show_progress("submitted", len(ids), len(payloads))
+        await _warn_if_unserved(client, args.queue)
         if not args.wait:
             print("\n".join(map(str, ids)))
             return EXIT_OK
-        await _warn_if_unserved(client, args.queue)
         outcomes = await asyncio.gather(*(client.result(i, timeout=args.timeout) for i in ids), return_exceptions=True)
         status = EXIT_OK
         for job_id, payload, outcome in zip(ids, payloads, outcomes, strict=True):
@@ -646,13 +646,15 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 async def _warn_if_unserved(client: Any, queue: str) -> None:
-    """Say so when no worker takes from the queue (an admin can tell; others cannot)."""
+    """Say so when no worker takes from the queue, and which served queue looks meant (a
+    typo creates a queue of its own). An admin can tell; others cannot."""
     try:
         workers = (await client.stats())["workers"]
     except BrokerError:
         return
-    if not any(queue in worker["queues"] for worker in workers):
-        print(f"jobbroker: no worker serves queue {queue!r} yet; waiting for one", file=sys.stderr)
+    served = {name for worker in workers for name in worker["queues"]}
+    if queue not in served:
+        print(f"jobbroker: no worker serves queue {queue!r} yet{_did_you_mean(queue, served)}", file=sys.stderr)
 
 
 def _read_json_lines(path: str) -> list[Any]:

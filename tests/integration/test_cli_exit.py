@@ -58,8 +58,13 @@ def test_exit_statuses_of_submit_wait(
     common = ["--connect", broker.address, "--secret-file", str(secret_file)]
     nobody = jobbroker("submit", "nobody", "1", "--wait", "--timeout", "0.5", *common)
     assert nobody.returncode == 5
-    assert "no worker serves queue 'nobody'" in nobody.stderr
+    assert "no worker serves queue 'nobody' yet" in nobody.stderr
     start_worker(broker.address, "fragile", "handlers:fail_always")
+    deadline = time.monotonic() + 10 * TIME_UNIT
+    while "fragile" not in jobbroker("stats", "--json", *common).stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+    typo = jobbroker("submit", "fragil", "1", *common)
+    assert typo.returncode == 0 and "no worker serves queue 'fragil' yet (did you mean 'fragile'?)" in typo.stderr
     dead = jobbroker("submit", "fragile", '"x"', "--max-attempts", "1", "--wait", *common)
     assert dead.returncode == 1
     assert "error: job" in dead.stdout and "is dead: ValueError: cannot handle 'x'" in dead.stdout

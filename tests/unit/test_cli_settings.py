@@ -71,3 +71,11 @@ def test_every_serve_setting_is_in_the_readme_table() -> None:
             continue
         row = f"| `{action.option_strings[0]}` | `JOBBROKER_{action.dest.upper()}` | `{action.dest}` |"
         assert row in readme, f"README's settings table lacks {action.option_strings[0]}"
+
+
+def test_clients_follow_the_brokers_port_variable() -> None:
+    from jobbroker.client.connection import default_address
+
+    assert default_address({}) == "127.0.0.1:7878"
+    assert default_address({"JOBBROKER_PORT": "9000"}) == "127.0.0.1:9000"
+    assert default_address({"JOBBROKER_PORT": "9000", "JOBBROKER_CONNECT": "h:1"}) == "h:1"

@@ -1,8 +1,9 @@
-"""Where a worker's plain-function handlers run: one executor per runner slot.
+"""Where a worker's plain-function handlers run, seen from one runner slot.
 
-A slot of its own per runner is what lets the worker end one runaway attempt without touching
-the others: a process slot kills its process and starts a fresh one, a thread slot abandons
-its thread (Python cannot stop a thread) and takes a fresh one for the next job.
+A runaway attempt must end without touching the others: a process slot has a process of its
+own, which it kills and replaces; thread slots share one pool (a thread that finishes a job
+takes the next queued one without a wake-up: the cheap path), and abandoning a thread (Python
+cannot stop one) moves every slot to a fresh pool while the old one finishes what it runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["InlineSlot", "ProcessSlot", "SharedSlot", "Slot", "ThreadSlot"]
+__all__ = ["InlineSlot", "ProcessSlot", "SharedSlot", "Slot", "ThreadPool", "ThreadSlot"]
 
 
 class Slot(Protocol):
@@ -50,24 +51,42 @@ class InlineSlot:
         pass
 
 
-class ThreadSlot:
-    """A thread of its own; current_job() works inside (the runner's context is copied)."""
+class ThreadPool:
+    """The thread pool that a worker's thread slots share, replaced when a thread is abandoned."""
 
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-worker")
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.executor = self._new()
+
+    def _new(self) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(self.size, thread_name_prefix="jobbroker-worker")
+
+    def replace(self) -> None:
+        # The abandoned thread runs on until its handler returns (nothing can stop it), as do
+        # the other jobs of the old pool; new jobs go to a fresh pool with every thread free.
+        self.executor.shutdown(wait=False)
+        self.executor = self._new()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ThreadSlot:
+    """A thread of the worker's shared pool; current_job() works inside (the runner's context
+    is copied)."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self._pool = pool
 
     async def run(self, call: Callable[[], Any]) -> Any:
         in_context = functools.partial(contextvars.copy_context().run, call)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, in_context)
+        return await asyncio.get_running_loop().run_in_executor(self._pool.executor, in_context)
 
     def abandon(self) -> None:
-        # The thread runs on until the handler returns (nothing can stop it); its result is
-        # ignored and the next job gets a fresh thread.
-        self._pool.shutdown(wait=False)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-worker")
+        self._pool.replace()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
 
 class ProcessSlot:

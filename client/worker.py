@@ -46,7 +46,7 @@ from jobbroker.broker.protocol.messages import (
     Touch,
 )
 from jobbroker.client.connection import Connection, Link
-from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadSlot
+from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadPool, ThreadSlot
 from jobbroker.client.serializers import Serializer
 from jobbroker.client.tasks import Task
 
@@ -58,6 +58,7 @@ log = logging.getLogger("jobbroker.worker")
 
 Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
 MAX_TRACEBACK = 8192  # characters of a failure's traceback sent to the broker
+START_REPORT_DELAY = 0.05  # seconds: a job still running this long after its start is reported
 ExecutorChoice = Literal["thread", "process", "inline"] | concurrent.futures.Executor
 
 
@@ -256,6 +257,7 @@ class Worker:
         self._runners: list[asyncio.Task[None]] = []
         self._idle: deque[asyncio.Future[None]] = deque()  # runners waiting for a job
         self._starts: dict[int, list[Any]] = {}  # job id -> [job_id, token]: started, not yet told
+        self._starts_timer: asyncio.TimerHandle | None = None
         self._completions: list[list[Any]] = []
         self._failures: list[list[Any]] = []
         self._reports: list[list[Any]] = []
@@ -275,7 +277,8 @@ class Worker:
         jobs, finish or hand back those held, and return."""
         loop = self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._slots = [self._make_slot() for _ in range(self.concurrency)]
+        threads = ThreadPool(self.concurrency) if self._executor_choice == "thread" else None
+        self._slots = [self._make_slot(threads) for _ in range(self.concurrency)]
         installed = self._install_signals(loop) if self.handle_signals else []
         # A fixed set of runners takes jobs from _waiting: no task is made per job, and a
         # handler that finishes without suspending runs start to end in one step.
@@ -357,12 +360,12 @@ class Worker:
         if self._answers:
             await asyncio.wait(set(self._answers), timeout=10.0)
 
-    def _make_slot(self) -> Slot:
+    def _make_slot(self, threads: ThreadPool | None) -> Slot:
         choice = self._executor_choice
         if self._is_coroutine or choice == "inline":
             return InlineSlot()
-        if choice == "thread":
-            return ThreadSlot()
+        if threads is not None:
+            return ThreadSlot(threads)
         if choice == "process":
             return ProcessSlot()
         assert isinstance(choice, concurrent.futures.Executor)
@@ -467,41 +470,53 @@ class Worker:
     async def _run_one(self, slot: int, job: Job) -> None:
         _current_job.set(job)  # each runner is a task with its own context
         self._starts[job.id] = [job.id, job.token]
-        self._schedule_flush()
+        if self._starts_timer is None:
+            self._starts_timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY, self._report_starts)
         limit = job.timeout if job.timeout is not None else self.timeout
-        task: Task[Any, Any] | None = None
-        function: Callable[..., Any]
-        args: Sequence[Any]
-        kwargs: dict[str, Any]
+        task = self._task_of(job) if self.tasks else None
         try:
-            async with asyncio.timeout(limit) as deadline:
-                if self.serializer is not None and isinstance(job.payload, bytes):
-                    job.payload = self._decoded(job.payload)
-                if self.handler is not None:
-                    function, args, kwargs = self.handler, (job.payload,), {}
-                    on_loop = self._is_coroutine
-                else:
-                    task, args, kwargs = self._task_call(job)
-                    function, on_loop = task.func, task.is_coroutine
-                if on_loop:
-                    result = function(*args, **kwargs)
-                    if inspect.isawaitable(result):
-                        result = await result
-                else:
-                    call = functools.partial(task if task is not None else function, *args, **kwargs)
-                    result = await self._call(slot, call)
-                if self.serializer is not None:
-                    result = self._encoded(result)
+            if limit is None:  # most jobs: no timer to arm
+                result = await self._attempt(slot, job, task)
+            else:
+                async with asyncio.timeout(limit) as deadline:
+                    result = await self._attempt(slot, job, task)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline.expired():
+            if limit is not None and isinstance(exc, TimeoutError) and deadline.expired():
                 exc = TimeLimitExceeded(f"attempt {job.attempt} ran over its time limit of {limit:g} s")
             final = isinstance(exc, Fail | _BadCall) or (task is not None and task.default_options.is_final(exc))
             self._fail(job, exc, final=final)
         else:
             self._complete(job, result)
         self._schedule_flush()
+
+    def _task_of(self, job: Job) -> Task[Any, Any] | None:
+        """The task a job names, if the payload can be read (for its retry rules)."""
+        name = job.payload.get("task") if isinstance(job.payload, dict) else None
+        return self.tasks.get(name) if isinstance(name, str) else None
+
+    async def _attempt(self, slot: int, job: Job, task: Task[Any, Any] | None) -> Any:
+        """Run the job's handler (or task) once, where it runs; returns what it returned, as
+        the serializer encodes it."""
+        if self.serializer is not None and isinstance(job.payload, bytes):
+            job.payload = self._decoded(job.payload)
+        function: Callable[..., Any]
+        args: Sequence[Any]
+        kwargs: dict[str, Any]
+        if self.handler is not None:
+            function, args, kwargs, on_loop = self.handler, (job.payload,), {}, self._is_coroutine
+        else:
+            task, args, kwargs = self._task_call(job)
+            function, on_loop = task.func, task.is_coroutine
+        if on_loop:
+            result = function(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        else:
+            call = functools.partial(task if task is not None else function, *args, **kwargs)
+            result = await self._call(slot, call)
+        return result if self.serializer is None else self._encoded(result)
 
     def _task_call(self, job: Job) -> tuple[Task[Any, Any], Sequence[Any], dict[str, Any]]:
         """The task a payload names and its arguments (docs/protocol.md, "Tasks").
@@ -644,6 +659,16 @@ class Worker:
 
     # --- answers, one frame per turn --------------------------------------------------
 
+    def _report_starts(self) -> None:
+        """Tell the broker which jobs started (docs/protocol.md, "Leases and attempts"): those
+        still running START_REPORT_DELAY after their start. A job answered sooner needs no
+        notice (its answer says it started), which spares most short jobs a message each."""
+        self._starts_timer = None
+        connection = self._link.current
+        if self._starts and connection is not None:
+            connection.send(Started(items=list(self._starts.values())))  # type: ignore[arg-type]  # rows are lists
+        self._starts.clear()
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -660,12 +685,7 @@ class Worker:
                     len(self._completions) + len(self._failures),
                 )
             self._completions, self._failures, self._reports = [], [], []
-            self._starts.clear()
             return
-        if self._starts:
-            # Jobs started this turn and still running (a job answered in the same turn needs none).
-            starts, self._starts = list(self._starts.values()), {}
-            connection.send(Started(items=starts))  # type: ignore[arg-type]  # rows travel as lists
         if self._completions:
             completions, self._completions = self._completions, []
             try:

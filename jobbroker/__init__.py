@@ -24,43 +24,8 @@ if TYPE_CHECKING:
     from jobbroker.client.serializers import MsgpackSerializer as MsgpackSerializer
     from jobbroker.client.serializers import Serializer as Serializer
 
-_CLIENT_NAMES = (
-    "AuthenticationFailed",
-    "BrokerError",
-    "BrokerUnreachable",
-    "Client",
-    "ConfigError",
-    "ConnectionClosed",
-    "Fail",
-    "Forbidden",
-    "InvalidRequest",
-    "InvalidState",
-    "Job",
-    "JobCancelled",
-    "JobDead",
-    "JobError",
-    "JobNotFound",
-    "JobbrokerError",
-    "LeaseLost",
-    "LimitExceeded",
-    "ProgressReport",
-    "QueueFull",
-    "ReplyTooLarge",
-    "ResultTimeout",
-    "Retry",
-    "StorageUnavailable",
-    "SyncClient",
-    "Task",
-    "TimeLimitExceeded",
-    "TlsMismatch",
-    "UnencodablePayload",
-    "UsageError",
-    "Worker",
-    "current_job",
-    "task",
-)
-_HOMES: dict[str, str] = {
-    **dict.fromkeys(_CLIENT_NAMES, "jobbroker.client"),
+# Names that live elsewhere than in jobbroker.client, whose __all__ gives the rest.
+_HOMES = {
     "MsgpackSerializer": "jobbroker.client.serializers",
     "Serializer": "jobbroker.client.serializers",
     "Broker": "jobbroker.broker.server",
@@ -68,17 +33,23 @@ _HOMES: dict[str, str] = {
     "BrokerConfig": "jobbroker.broker.config",
 }
 
-__all__ = sorted(_HOMES)
-
 
 def __getattr__(name: str) -> Any:
+    if name == "__all__":  # `from jobbroker import *`, dir(): the client's names and ours
+        client = importlib.import_module("jobbroker.client")
+        names = sorted({*client.__all__, *_HOMES})
+        globals()["__all__"] = names
+        return names
     home = _HOMES.get(name)
     if home is None:
-        raise AttributeError(f"module 'jobbroker' has no attribute {name!r}")
+        client = importlib.import_module("jobbroker.client")
+        if name not in client.__all__:
+            raise AttributeError(f"module 'jobbroker' has no attribute {name!r}")
+        home = "jobbroker.client"
     value = getattr(importlib.import_module(home), name)
     globals()[name] = value  # once found, an ordinary attribute
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *__getattr__("__all__")})

@@ -30,6 +30,7 @@ from jobbroker.broker.protocol.messages import (
     JobList,
     Progress,
     QueuePurge,
+    QueueSet,
     Release,
     Reserve,
     Started,
@@ -52,7 +53,9 @@ _PRODUCER_OPS = frozenset({Submit.op, Watch.op, Cancel.op, JobInfo.op, JobList.o
 # `started` is a notice (no reply), allowed like the requests of the same role.
 _WORKER_OPS = frozenset({Reserve.op, Complete.op, Fail.op, Touch.op, Release.op, Progress.op, Started.op})
 _ADMIN_OPS = (
-    _PRODUCER_OPS | _WORKER_OPS | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op, Drain.op, QueuePurge.op}
+    _PRODUCER_OPS
+    | _WORKER_OPS
+    | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op, Drain.op, QueuePurge.op, QueueSet.op}
 )
 
 # The requests each role may make; anything else is answered `forbidden`.

@@ -173,6 +173,9 @@ def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Ma
             raise ConfigError(f"cannot read config file {config_path}: {exc}") from exc
         for key, value in table.items():
             dest = key.replace("-", "_")
+            if dest == "queues":  # [queues.NAME] tables: queue controls set at every start
+                settings[dest] = (_queue_tables(value, config_path), config_path)
+                continue
             if dest not in options:
                 raise ConfigError(f"{config_path}: unknown setting {key!r}{_did_you_mean(dest, options)}")
             settings[dest] = (value, f"{config_path}: {key}")
@@ -180,7 +183,50 @@ def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Ma
         name = f"JOBBROKER_{dest.upper()}"
         if environ.get(name) and dest not in ("secret_file",):  # $JOBBROKER_SECRET_FILE: resolve_secret's
             settings[dest] = (environ[name], f"${name}")
-    return {dest: _setting(options[dest], value, source) for dest, (value, source) in settings.items()}
+    return {
+        dest: value if dest == "queues" else _setting(options[dest], value, source)
+        for dest, (value, source) in settings.items()
+    }
+
+
+_QUEUE_SETTINGS = ("paused", "concurrency", "rate")
+
+
+def _queue_tables(tables: Any, source: str) -> dict[str, dict[str, Any]]:
+    """The config file's [queues.NAME] tables, checked: paused (bool), concurrency (jobs held
+    at once, 0: none), rate (deliveries a second, or "20/s")."""
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: queues is a table of [queues.NAME] tables")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [queues.{name}] is a table of {', '.join(_QUEUE_SETTINGS)}")
+        settings: dict[str, Any] = {}
+        for key, value in table.items():
+            where = f"{source}: queues.{name}.{key}"
+            if key not in _QUEUE_SETTINGS:
+                raise ConfigError(f"{source}: unknown queue setting {key!r}{_did_you_mean(key, _QUEUE_SETTINGS)}")
+            if key == "paused" and not isinstance(value, bool):
+                raise ConfigError(f"{where}: {value!r} is not true or false")
+            if key == "concurrency" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{where}: {value!r} is not a number of jobs (0: no limit)")
+            settings[key] = parse_rate(value, where) if key == "rate" else value
+        checked[name] = settings
+    return checked
+
+
+def parse_rate(value: Any, where: str = "--rate") -> float:
+    """A rate limit: a number of deliveries a second, or "20/s" (0: no limit)."""
+    text = str(value).strip()
+    if text.endswith("/s"):
+        text = text[:-2]
+    try:
+        rate = float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not a rate (deliveries a second, like 20 or 20/s)") from None
+    if not 0.0 <= rate <= 1_000_000.0:
+        raise ConfigError(f"{where}: {value!r} is out of range (0 to 1000000 a second; 0: no limit)")
+    return rate
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -373,10 +419,14 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     cancel = client_command("cancel", _cancel, "cancel jobs (running ones too: their workers are told)")
     cancel.add_argument("job_ids", nargs="+", type=int)
 
-    queue = client_command("queue", _queue, "list queues, show one, or purge its waiting jobs")
-    queue.add_argument("action", choices=["list", "show", "purge"])
-    queue.add_argument("queue", nargs="?", help="show, purge: the queue")
+    queue = client_command(
+        "queue", _queue, "list queues, show one, purge its waiting jobs, pause or resume it, set its limits"
+    )
+    queue.add_argument("action", choices=["list", "show", "purge", "pause", "resume", "set"])
+    queue.add_argument("queue", nargs="?", help="the queue (all but list)")
     queue.add_argument("--json", action="store_true", help="list, show: print JSON")
+    queue.add_argument("--concurrency", type=int, default=None, help="set: jobs held by workers at once (0: no limit)")
+    queue.add_argument("--rate", default=None, help="set: deliveries a second, like 20 or 20/s (0: no limit)")
     return parser, serve
 
 
@@ -430,6 +480,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         metrics_token=_metrics_token(args.metrics_token_file, args.metrics_port, args.metrics_host),
+        queues=getattr(args, "queues", {}),
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         handshake_timeout=args.handshake_timeout,
@@ -812,6 +863,22 @@ def _queue(args: argparse.Namespace) -> int:
         purged = _with_client(args, lambda c: c.purge_queue(args.queue))
         print(f"cancelled {purged} waiting jobs of {args.queue}")
         return EXIT_OK
+    if args.action in ("pause", "resume", "set"):
+        if args.action == "set" and args.concurrency is None and args.rate is None:
+            raise ConfigError("queue set takes --concurrency N and/or --rate R")
+        rate = None if args.rate is None else parse_rate(args.rate)
+        settings = _with_client(
+            args,
+            lambda c: (
+                c.pause(args.queue)
+                if args.action == "pause"
+                else c.resume(args.queue)
+                if args.action == "resume"
+                else c.set_queue(args.queue, concurrency=args.concurrency, rate=rate)
+            ),
+        )
+        print(f"queue {args.queue}: {_controls_text(settings)}")
+        return EXIT_OK
     queues = _with_client(args, lambda c: c.stats())["queues"]
     if args.action == "list":
         shown: Any = sorted(queues)
@@ -828,11 +895,30 @@ def _queue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _controls_text(settings: Mapping[str, Any]) -> str:
+    parts = ["paused" if settings.get("paused") else "delivering"]
+    if settings.get("concurrency") is not None:
+        parts.append(f"at most {settings['concurrency']} held at once")
+    if settings.get("rate") is not None:
+        parts.append(f"at most {settings['rate']:g} a second")
+    return ", ".join(parts)
+
+
+def _controls_brief(queue: Mapping[str, Any]) -> str:
+    """A queue's controls in a stats column: "paused", "max 2", "20/s" ("-": none)."""
+    parts = ["paused"] if queue.get("paused") else []
+    if queue.get("concurrency") is not None:
+        parts.append(f"max {queue['concurrency']}")
+    if queue.get("rate") is not None:
+        parts.append(f"{queue['rate']:g}/s")
+    return " ".join(parts) or "-"
+
+
 def format_stats(info: dict[str, Any]) -> str:
     """Stats as readable tables: queues, workers, then running jobs that report progress."""
     from jobbroker.client.progress import progress_bar
 
-    columns = ["queue", "pending", "delayed", "in_flight", "dead", "done", "failed", "done/s", "workers"]
+    columns = ["queue", "pending", "delayed", "in_flight", "dead", "done", "failed", "done/s", "workers", "controls"]
     rows = [
         [
             name,
@@ -844,6 +930,7 @@ def format_stats(info: dict[str, Any]) -> str:
             q["failed"],
             q["done_per_second"],
             q["workers"],
+            _controls_brief(q),
         ]
         for name, q in sorted(info["queues"].items())
     ]

@@ -9,6 +9,7 @@ import secrets
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from jobbroker.broker.core.scheduler import SchedulerConfig
 from jobbroker.broker.errors import ConfigError
@@ -45,6 +46,9 @@ class BrokerConfig:
         tls_cert, tls_key: PEM files; with them the broker speaks TLS only.
         metrics_port, metrics_host: serve Prometheus /metrics and the dashboard there (off: None).
         metrics_token: required of every request to that port when set; needed off loopback.
+        queues: queue controls set at every start (the config file's [queues.NAME] tables):
+            name -> {"paused": bool, "concurrency": int, "rate": float}; changes made while
+            the broker runs last until the next start.
     """
 
     host: str = DEFAULT_HOST
@@ -64,6 +68,7 @@ class BrokerConfig:
     metrics_port: int | None = None
     metrics_host: str = DEFAULT_HOST
     metrics_token: bytes | None = field(default=None, repr=False)
+    queues: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server's TLS context, or None without a certificate.

@@ -67,6 +67,22 @@ class MetricsCollector:
             for queue, counts in queues.items():
                 family.add_metric([queue], counts[name])
             yield family
+        paused = GaugeMetricFamily("jobbroker_queue_paused", "1 if the queue's deliveries are paused", labels=["queue"])
+        limits = GaugeMetricFamily(
+            "jobbroker_queue_concurrency_limit",
+            "Jobs of the queue held by workers at most (set limits only)",
+            labels=["queue"],
+        )
+        rates = GaugeMetricFamily(
+            "jobbroker_queue_rate_limit", "Deliveries a second at most (set limits only)", labels=["queue"]
+        )
+        for queue, counts in queues.items():
+            paused.add_metric([queue], 1.0 if counts["paused"] else 0.0)
+            if counts["concurrency"] is not None:
+                limits.add_metric([queue], counts["concurrency"])
+            if counts["rate"] is not None:
+                rates.add_metric([queue], counts["rate"])
+        yield from (paused, limits, rates)
         for name, help_text in _QUEUE_COUNTERS.items():
             counter = CounterMetricFamily(f"jobbroker_jobs_{name}", help_text, labels=["queue"])
             for queue, counts in queues.items():

@@ -70,6 +70,7 @@ from jobbroker.broker.protocol.messages import (
     Progressed,
     PushType,
     QueuePurge,
+    QueueSet,
     Release,
     Reply,
     Request,
@@ -552,6 +553,7 @@ class Broker:
             JobInfo: self._on_job_info,
             JobList: self._on_job_list,
             QueuePurge: self._on_queue_purge,
+            QueueSet: self._on_queue_set,
             DeadList: self._on_dead_list,
             DeadRequeue: self._on_dead_requeue,
             DeadPurge: self._on_dead_purge,
@@ -590,6 +592,7 @@ class Broker:
                 self.store.close()
                 raise
             self.scheduler.restore(recovered.jobs, recovered.next_job_id, loop.time(), next_token=recovered.next_token)
+            self.scheduler.restore_controls(recovered.controls, loop.time())
             self._next_session = recovered.next_session
             self._ceilings = recovered.ceilings
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-store")
@@ -608,6 +611,8 @@ class Broker:
             self._compact_handle = loop.call_later(COMPACT_EVERY, self._compact)
         else:
             log.info("in memory only (--memory): jobs are lost when the broker stops")
+        for name, settings in self.config.queues.items():  # the config file's, at every start
+            self.scheduler.configure_queue(name, loop.time(), **settings)
         self._closed = loop.create_future()
         try:
             tls = self.config.tls_context()
@@ -967,6 +972,13 @@ class Broker:
         )
         return {"jobs": jobs}
 
+    def _on_queue_set(self, client: _BrokerProtocol, request: QueueSet, now: float) -> dict[str, Any]:
+        settings = self.scheduler.configure_queue(
+            request.queue, now, paused=request.paused, concurrency=request.concurrency, rate=request.rate
+        )
+        log.warning("queue %s set by session %d: %s", request.queue, client.session, settings)
+        return settings
+
     def _on_queue_purge(self, client: _BrokerProtocol, request: QueuePurge, now: float) -> dict[str, Any]:
         purged = self.scheduler.purge_queue(request.queue, now)
         if purged:
@@ -1235,7 +1247,7 @@ class Broker:
 # Replies that wait for the commit of what the request changed (see Broker._flush_now); submit,
 # cancel, watch, job and dead_list replies wait if the jobs they name have unwritten changes
 # (Broker._reflects_unwritten).
-_DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge, QueuePurge})
+_DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge, QueuePurge, QueueSet})
 
 # The push message that carries each kind of effect to its session.
 _PUSHES: dict[type[Effect], PushType] = {

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import msgpack
+from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
 from jobbroker.broker.core.scheduler import Changes
 from jobbroker.broker.errors import StorageError, StorageFailed
@@ -71,6 +72,9 @@ Row = tuple[
     str | None,
     float | None,
 ]
+_ROW_COLUMNS = 16
+ControlsRow = tuple[bool, int | None, float | None]  # a queue's paused, concurrency, rate
+
 # A change of a stored job: state, attempts, result, error, not_before, expires_at, id.
 Update = tuple[str, int, bytes | None, bytes | None, float, float, int]
 
@@ -103,6 +107,7 @@ class Recovered:
     next_token: int = 1
     next_session: int = 1
     ceilings: IdCeilings = field(default_factory=IdCeilings)
+    controls: dict[str, QueueControls] = field(default_factory=dict)  # queue name -> what is set
 
 
 class Store(Protocol):
@@ -171,9 +176,11 @@ class WriteBatch:
     updates: list[Update] = field(default_factory=list)
     deletes: list[int] = field(default_factory=list)
     ceilings: IdCeilings | None = None  # new id ceilings to store, if raised
+    # queue name -> (paused, concurrency, rate), or None: nothing set any more
+    controls: dict[str, ControlsRow | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.inserts or self.updates or self.deletes or self.ceilings)
+        return bool(self.inserts or self.updates or self.deletes or self.ceilings or self.controls)
 
     def then(self, later: WriteBatch) -> WriteBatch:
         ceilings = later.ceilings or self.ceilings
@@ -182,7 +189,11 @@ class WriteBatch:
                 max(self.ceilings.token, later.ceilings.token), max(self.ceilings.session, later.ceilings.session)
             )
         return WriteBatch(
-            self.inserts + later.inserts, self.updates + later.updates, self.deletes + later.deletes, ceilings
+            self.inserts + later.inserts,
+            self.updates + later.updates,
+            self.deletes + later.deletes,
+            ceilings,
+            {**self.controls, **later.controls},
         )
 
     def job_ids(self) -> set[int]:
@@ -197,7 +208,8 @@ def serialize(changes: Changes, now: float, wall: float) -> WriteBatch:
     offset = wall - now
     inserts = [_insert_row(job, offset) for job in changes.created.values()]
     updates = [(*_state_and_attempts(job), *_mutable_columns(job, offset), job.id) for job in changes.updated.values()]
-    return WriteBatch(inserts, updates, changes.forgotten)
+    controls = {name: None if c is None else (c.paused, c.concurrency, c.rate) for name, c in changes.controls.items()}
+    return WriteBatch(inserts, updates, changes.forgotten, controls=controls)
 
 
 def _insert_row(job: Job, offset: float) -> Row:
@@ -349,6 +361,10 @@ class SqliteStore:
                 expires_at REAL NOT NULL, owner TEXT, timeout REAL)"""
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS queue_controls "
+            "(name TEXT PRIMARY KEY, paused INTEGER NOT NULL, concurrency INTEGER, rate REAL)"
+        )
         version = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
         if version is not None and version[0] == 1:  # before owners: jobs belong to nobody
             db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
@@ -375,6 +391,10 @@ class SqliteStore:
             for row in cursor:
                 jobs.append(_job_from_row(row, offset, shared))
             meta = self._db.execute("SELECT value FROM meta WHERE name = 'next_job_id'").fetchone()
+            controls = {
+                name: QueueControls(paused=bool(paused), concurrency=concurrency, rate=rate)
+                for name, paused, concurrency, rate in self._db.execute("SELECT * FROM queue_controls")
+            }
         except (sqlite3.Error, ValueError, msgpack.UnpackException) as exc:
             raise StorageError(
                 f"cannot read {self.database}: {exc}; `jobbroker recover --data-dir {self.path}` salvages "
@@ -388,7 +408,7 @@ class SqliteStore:
         next_session = max(_meta(self._db, "session_ceiling"), known.session_ceiling, 1)
         ceilings = IdCeilings(next_token + TOKEN_BLOCK, next_session + SESSION_BLOCK)
         self.write(WriteBatch(ceilings=ceilings), next_job_id)
-        return Recovered(jobs, next_job_id, next_token, next_session, ceilings)
+        return Recovered(jobs, next_job_id, next_token, next_session, ceilings, controls)
 
     def write(self, batch: WriteBatch, next_job_id: int) -> None:
         db = self._db
@@ -405,6 +425,11 @@ class SqliteStore:
                     self._update(batch.updates)
                 if batch.deletes:
                     db.executemany("DELETE FROM jobs WHERE id = ?", ((i,) for i in batch.deletes))
+                for name, controls in batch.controls.items():
+                    if controls is None:
+                        db.execute("DELETE FROM queue_controls WHERE name = ?", (name,))
+                    else:
+                        db.execute("INSERT OR REPLACE INTO queue_controls VALUES (?, ?, ?, ?)", (name, *controls))
                 meta = [("next_job_id", next_job_id), ("commits", commits)]
                 if batch.ceilings is not None:
                     meta += [("token_ceiling", batch.ceilings.token), ("session_ceiling", batch.ceilings.session)]
@@ -600,6 +625,7 @@ def recover(data_dir: str | os.PathLike[str]) -> RecoveryReport:
             if len(data) == _CommitFile._FORMAT.size:
                 known = _Acknowledged(*_CommitFile._FORMAT.unpack(data))
         rows, dropped, unreadable, meta = _salvage(database) if database.exists() else ([], [], [], {})
+        controls = _salvage_controls(database) if database.exists() else {}
         moved_to = None
         old_files = [p for p in (database, path / "jobs.sqlite3-wal", path / "jobs.sqlite3-shm", side) if p.exists()]
         if old_files:
@@ -622,10 +648,22 @@ def recover(data_dir: str | os.PathLike[str]) -> RecoveryReport:
     )
     store = SqliteStore(path)
     try:
-        store.write(WriteBatch(inserts=rows, ceilings=ceilings), next_job_id)
+        store.write(WriteBatch(inserts=rows, ceilings=ceilings, controls=controls), next_job_id)
     finally:
         store.close()
     return RecoveryReport(len(rows), dropped, unreadable, meta.get("commits", 0), known.commits, moved_to, next_job_id)
+
+
+def _salvage_controls(database: Path) -> dict[str, ControlsRow | None]:
+    """The queue controls of `database`, as far as they read (a small table: all or nothing)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return {
+                str(name): (bool(paused), concurrency, rate)
+                for name, paused, concurrency, rate in db.execute("SELECT * FROM queue_controls")
+            }
+    except sqlite3.Error:
+        return {}
 
 
 def _salvage(database: Path) -> tuple[list[Row], list[int], list[str], dict[str, int]]:
@@ -647,8 +685,8 @@ def _salvage(database: Path) -> tuple[list[Row], list[int], list[str], dict[str,
         shared: dict[Any, Any] = {}
 
         def take(row: Any) -> None:
-            if len(row) == 14:  # schema 1, before owners
-                row = (*row, None)
+            if len(row) < _ROW_COLUMNS:  # an older schema: before owners (1), before time limits (2)
+                row = (*row, *[None] * (_ROW_COLUMNS - len(row)))
             try:
                 _job_from_row(row, 0.0, shared)
             except (ValueError, TypeError, KeyError, msgpack.UnpackException):

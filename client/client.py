@@ -33,6 +33,7 @@ from jobbroker.broker.protocol.messages import (
     JobList,
     Progressed,
     QueuePurge,
+    QueueSet,
     Results,
     Revoked,
     Stats,
@@ -516,6 +517,28 @@ class Client:
         """
         reply = await self._link.call(JobList, queue=queue, state=state, after=after, limit=limit)
         return list(reply["jobs"])
+
+    async def pause(self, queue: str) -> dict[str, Any]:
+        """Stop delivering the queue's jobs, on every worker (submits are still taken); jobs
+        already delivered run on. Admins only; durable. Returns the queue's settings."""
+        return await self._link.call(QueueSet, queue=queue, paused=True)
+
+    async def resume(self, queue: str) -> dict[str, Any]:
+        """Deliver the queue's jobs again after pause(). Returns the queue's settings."""
+        return await self._link.call(QueueSet, queue=queue, paused=False)
+
+    async def set_queue(
+        self, queue: str, *, concurrency: int | None = None, rate: float | None = None
+    ) -> dict[str, Any]:
+        """Limit a queue, across every worker: at most `concurrency` of its jobs held by
+        workers at once, at most `rate` deliveries a second (0: no limit; None: unchanged).
+        Admins only; durable. Returns the queue's settings (paused, concurrency, rate)."""
+        return await self._link.call(
+            QueueSet,
+            queue=queue,
+            concurrency=concurrency,
+            rate=None if rate is None else float(rate),
+        )
 
     async def purge_queue(self, queue: str) -> int:
         """Cancel every pending and delayed job of a queue (admins only). Returns how many."""

@@ -34,8 +34,9 @@ class SyncClient:
             print([client.result(job_id, timeout=30) for job_id in job_ids])
 
     Takes the same arguments as Client and has the same methods, blocking: submit,
-    submit_many, result, map, stats, cancel, cancel_many, job, dead_letters, requeue_dead,
-    purge_dead, drain. Safe to call from one thread at a time.
+    submit_many, result, map, progress (an iterator), stats, cancel, cancel_many, job, jobs,
+    purge_queue, pause, resume, set_queue, dead_letters, requeue_dead, purge_dead, drain.
+    Safe to call from one thread at a time.
     """
 
     def __init__(self, address: str | None = None, **options: Any) -> None:
@@ -103,6 +104,9 @@ class SyncClient:
     job = _blocking("job")
     jobs = _blocking("jobs")
     purge_queue = _blocking("purge_queue")
+    pause = _blocking("pause")
+    resume = _blocking("resume")
+    set_queue = _blocking("set_queue")
     dead_letters = _blocking("dead_letters")
     requeue_dead = _blocking("requeue_dead")
     purge_dead = _blocking("purge_dead")

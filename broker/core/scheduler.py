@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.deadlines import Deadlines, OrderedDeadlines
 from jobbroker.broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
 from jobbroker.broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
@@ -178,9 +179,11 @@ class Changes:
     created: dict[int, Job] = field(default_factory=dict)
     updated: dict[int, Job] = field(default_factory=dict)
     forgotten: list[int] = field(default_factory=list)
+    # queue name -> its controls as they are now (None: none set any more)
+    controls: dict[str, QueueControls | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.created or self.updated or self.forgotten)
+        return bool(self.created or self.updated or self.forgotten or self.controls)
 
     def forget(self, job_id: int) -> None:
         self.updated.pop(job_id, None)
@@ -210,6 +213,7 @@ class _Queue:
     __slots__ = (
         "buried",
         "completed",
+        "controls",
         "dead",
         "delayed_count",
         "failed",
@@ -234,6 +238,7 @@ class _Queue:
         self.delayed_count = 0
         self.leased_count = 0
         self.finished_count = 0  # done and cancelled jobs kept for the result TTL
+        self.controls: QueueControls | None = None  # paused, concurrency, rate: see controls.py
         self.dead: dict[int, Job] = {}  # dead-letter list, oldest first
         self.waiters: deque[_Session] = deque()  # workers with credit, round robin
         self.submitted = 0
@@ -259,8 +264,16 @@ class _Queue:
 
     @property
     def idle(self) -> bool:
-        """No job of any kind refers to this queue (workers naming it are checked apart)."""
-        return not (self.pending_count or self.delayed_count or self.leased_count or self.finished_count or self.dead)
+        """No job of any kind refers to this queue and nothing is set on it (workers naming it
+        are checked apart)."""
+        return not (
+            self.pending_count
+            or self.delayed_count
+            or self.leased_count
+            or self.finished_count
+            or self.dead
+            or self.controls is not None
+        )
 
     def pop(self) -> Job | None:
         """The next pending job: highest priority, then oldest. Skips cancelled ones."""
@@ -339,6 +352,7 @@ class Scheduler:
         # job id of a started job with a time limit: when the broker takes it back if the
         # worker has not ended it (its own limit plus the grace the worker has to report it)
         self._run_deadlines: Deadlines[int] = Deadlines()
+        self._rate_deadlines: Deadlines[str] = Deadlines()  # queue name: its next rate token
         self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
         # job id of a finished job; TTLs are all alike, so these come in time order
         self._expiry_deadlines: OrderedDeadlines[int] = OrderedDeadlines()
@@ -750,6 +764,52 @@ class Scheduler:
         )
         return [_summary(job) for job in page]
 
+    def configure_queue(
+        self,
+        queue_name: str,
+        now: float,
+        *,
+        paused: bool | None = None,
+        concurrency: int | None = None,
+        rate: float | None = None,
+    ) -> dict[str, Any]:
+        """Set a queue's controls, enforced across every worker: `paused` (deliveries stop;
+        submits are still taken), `concurrency` (at most N of its jobs held by workers at once;
+        0: no limit), `rate` (at most R deliveries a second; 0: no limit). None leaves a
+        setting as it is. Durable. Returns the queue's settings now.
+
+        Raises:
+            InvalidRequest: a limit out of range.
+            LimitExceeded: a new queue past max_queues.
+        """
+        _check_queue_name(queue_name)
+        if concurrency is not None and not 0 <= concurrency <= 1_000_000:
+            raise InvalidRequest("concurrency must be between 0 (no limit) and 1000000")
+        if rate is not None and not (0.0 <= rate <= 1_000_000.0):  # NaN fails too
+            raise InvalidRequest("rate must be between 0 (no limit) and 1000000 a second")
+        queue = self._queues.get(queue_name) or self._new_queue(queue_name, now)
+        controls = queue.controls or QueueControls(refilled_at=now)
+        if paused is not None:
+            controls.paused = paused
+        if concurrency is not None:
+            controls.concurrency = concurrency or None
+        if rate is not None:
+            controls.rate = rate or None
+            controls.tokens, controls.refilled_at = 1.0, now
+        queue.controls = controls if controls.configured else None
+        if self.track_changes:
+            self._changes.controls[queue_name] = queue.controls
+        self._ready[queue_name] = None  # resumed, or a limit raised: deliver what may go
+        return controls.settings()
+
+    def restore_controls(self, controls: dict[str, QueueControls], now: float) -> None:
+        """Queue controls recovered from storage (after restore())."""
+        for name, settings in controls.items():
+            queue = self._queues.get(name) or self._new_queue(name, now)
+            settings.tokens, settings.refilled_at = 1.0, now
+            queue.controls = settings if settings.configured else None
+            self._ready[name] = None
+
     def purge_queue(self, queue_name: str, now: float) -> list[int]:
         """Cancel every pending and delayed job of a queue (running and dead ones stay).
         Returns the ids cancelled."""
@@ -820,6 +880,7 @@ class Scheduler:
                 "requeued": q.requeued,
                 "run_time_counts": list(q.run_times.counts),
                 "run_time_sum": q.run_times.total,
+                **(q.controls or _NO_CONTROLS).settings(),
             }
             for name, q in self._queues.items()
         }
@@ -853,6 +914,7 @@ class Scheduler:
                 "submitted_per_second": round(submitted_rate, 1),
                 "done_per_second": round(completed_rate, 1),
                 "workers": len({s.id for s in self._sessions.values() if name in s.queues}),
+                **(queue.controls or _NO_CONTROLS).settings(),
             }
         workers = [
             {
@@ -897,6 +959,7 @@ class Scheduler:
                 self._due_deadlines.next_deadline(),
                 self._expiry_deadlines.next_deadline(),
                 self._session_deadlines.next_deadline(),
+                self._rate_deadlines.next_deadline(),
             )
             if d is not None
         ]
@@ -929,6 +992,9 @@ class Scheduler:
             self._outbox.notices.append(TimeLimitHit(job_id, job.queue, holder, buried))
         for job_id in self._expiry_deadlines.expire(now):
             self._forget(self._jobs[job_id])
+        for name in self._rate_deadlines.expire(now):  # a rate-limited queue may deliver again
+            if name in self._queues:
+                self._ready[name] = None
         for session_id in self._session_deadlines.expire(now):
             session = self._sessions[session_id]
             alive_until = session.last_seen + self.session_timeout
@@ -1094,7 +1160,9 @@ class Scheduler:
         for name in ready:
             queue = self._queues[name]
             waiters = queue.waiters
-            while queue.pending_count and waiters:
+            controls = queue.controls
+            allowed = None if controls is None else controls.allowance(queue.leased_count, now)
+            while queue.pending_count and waiters and allowed != 0:
                 session = waiters.popleft()
                 if session.closed or session.credit <= 0:
                     session.waiting.discard(name)
@@ -1122,6 +1190,14 @@ class Scheduler:
                     waiters.append(session)
                 else:
                     session.waiting.discard(name)
+                if allowed is not None:
+                    allowed -= 1
+                    assert controls is not None
+                    controls.spend()
+            if controls is not None and queue.pending_count:
+                token_at = controls.next_token_at(now)  # a concurrency limit waits for a lease to end
+                if token_at is not None:
+                    self._rate_deadlines.add(name, token_at)
 
     def _offer_credit(self, session: _Session) -> None:
         """Put a worker with free credit back in line on each of its queues."""
@@ -1162,7 +1238,10 @@ class Scheduler:
     def _end_lease(self, job: Job) -> None:
         """The worker is done with the job (completed, failed, handed back, or taken from it)."""
         self._run_deadlines.cancel(job.id)
-        self._queues[job.queue].leased_count -= 1
+        queue = self._queues[job.queue]
+        queue.leased_count -= 1
+        if queue.controls is not None:  # under a concurrency limit another job may go now
+            self._ready[job.queue] = None
         session = self._sessions.get(job.worker) if job.worker is not None else None
         job.worker = None
         if session is not None:
@@ -1177,6 +1256,8 @@ class Scheduler:
         such losses they count too. Returns True if buried."""
         self._run_deadlines.cancel(job.id)
         self._queues[job.queue].leased_count -= 1
+        if self._queues[job.queue].controls is not None:  # room under a concurrency limit
+            self._ready[job.queue] = None
         job.worker = None
         counted = job.started_at is not None
         if not counted:
@@ -1309,6 +1390,7 @@ def _progress(job: Job) -> dict[str, Any] | None:
 
 
 MAX_LISTED = 1000  # jobs in one page of job_list
+_NO_CONTROLS = QueueControls()
 _LISTED_STATES = {
     "pending": JobState.PENDING,
     "delayed": JobState.DELAYED,

@@ -27,6 +27,15 @@ function seconds(value) {
   return `${Math.floor(value / 3600)} h ${Math.floor((value % 3600) / 60)} min`;
 }
 
+// A queue's controls: "paused", "max 2" (held at once), "20/s"; "-" when none is set.
+function controls(q) {
+  const parts = [];
+  if (q.paused) parts.push("paused");
+  if (q.concurrency != null) parts.push(`max ${q.concurrency}`);
+  if (q.rate != null) parts.push(`${q.rate}/s`);
+  return parts.join(" ") || "-";
+}
+
 function queueRow([name, q]) {
   const tr = document.createElement("tr");
   tr.dataset.queue = name;
@@ -41,6 +50,7 @@ function queueRow([name, q]) {
     cell(q.submitted_per_second.toFixed(1), "submitted_per_second"),
     cell(q.done_per_second.toFixed(1), "done_per_second"),
     cell(number(q.workers), "workers"),
+    cell(controls(q), "controls"),
   );
   if (q.dead > 0) tr.classList.add("has-dead");
   return tr;

@@ -39,6 +39,7 @@ __all__ = [
     "Progress",
     "Progressed",
     "QueuePurge",
+    "QueueSet",
     "Release",
     "Reply",
     "Request",
@@ -246,6 +247,18 @@ class JobList(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class QueueSet(Request):
+    """Set a queue's controls (docs/protocol.md, "queue_set"); nil leaves a setting as it is."""
+
+    op: ClassVar[str] = "queue_set"
+    id: int
+    queue: str
+    paused: bool | None = None
+    concurrency: int | None = None
+    rate: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class QueuePurge(Request):
     """Cancel every pending and delayed job of a queue."""
 
@@ -356,6 +369,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Stats,
         JobInfo,
         JobList,
+        QueueSet,
         QueuePurge,
         DeadList,
         DeadRequeue,

@@ -558,3 +558,71 @@ def test_rates_count_a_burst_for_ten_seconds_after_it_ends() -> None:
     h.jump(2.0)  # the burst is now more than 10 s old (give or take the 1 s sampling interval)
     assert h.stats()["submitted_per_second"] == 0.0 and h.stats()["done_per_second"] == 0.0
     assert len(jobs) == 1000
+
+
+# --- queue controls (issue 14) ------------------------------------------------------------
+
+
+def test_a_paused_queue_takes_submits_and_delivers_nothing_until_resumed() -> None:
+    h = Harness()
+    h.scheduler.configure_queue("q", h.now, paused=True)
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    submitted = h.submit([1, 2, 3])
+    assert h.deliveries() == {} and h.stats()["paused"] is True and h.stats()["pending"] == 3
+    assert h.jump(60.0) == []
+    h.scheduler.configure_queue("q", h.now, paused=False)
+    assert ids(h.deliveries()[WORKER_A]) == submitted
+
+
+def test_a_concurrency_limit_holds_across_workers() -> None:
+    h = Harness()
+    h.scheduler.configure_queue("q", h.now, concurrency=1)
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    h.scheduler.reserve(WORKER_B, ["q"], 10, h.now)
+    h.submit(list(range(5)))
+    held: list[tuple[int, list[Any]]] = []
+    for _ in range(5):
+        delivered = h.deliveries()
+        assert sum(len(jobs) for jobs in delivered.values()) == 1  # one at a time, whoever takes it
+        ((session, (job,)),) = delivered.items()
+        held.append((session, job))
+        assert h.deliveries() == {}
+        h.scheduler.complete(session, [[job[0], job[1], None]], h.now)
+    assert {session for session, _ in held} == {WORKER_A, WORKER_B}  # still round robin
+    h.scheduler.configure_queue("q", h.now, concurrency=0)  # no limit any more
+    h.submit(list(range(4)))
+    assert sum(len(jobs) for jobs in h.deliveries().values()) == 4
+
+
+def test_a_rate_limit_spreads_deliveries_over_time() -> None:
+    h = Harness()
+    h.scheduler.configure_queue("q", h.now, rate=20.0)
+    h.scheduler.reserve(WORKER_A, ["q"], 10_000, h.now)
+    h.submit(list(range(1000)))
+    delivered = len(h.deliveries().get(WORKER_A, []))
+    for _ in range(500):  # 5 s in steps of 10 ms, each step acting on the deadlines that came
+        h.clock.jump(0.01)
+        h.scheduler.seen(WORKER_A, h.now)
+        h.scheduler.tick(h.now)
+        delivered += sum(len(e.jobs) for e in h.flush() if isinstance(e, Deliver))
+    assert 100 <= delivered <= 102  # 20 a second for 5 s, and at most the bucket's burst
+
+
+def test_queue_controls_are_changes_to_store_and_keep_the_queue() -> None:
+    h = Harness()
+    h.scheduler = Scheduler(SchedulerConfig(), track_changes=True)
+    h.scheduler.open_session(PRODUCER, h.now)
+    settings = h.scheduler.configure_queue("limited", h.now, concurrency=3, rate=5.0)
+    assert settings == {"paused": False, "concurrency": 3, "rate": 5.0}
+    changes = h.scheduler.take_changes()
+    assert changes.controls["limited"] is not None and changes.controls["limited"].concurrency == 3
+    assert h.scheduler.free_unused_queues(h.now) == []  # set up, though empty: kept
+    h.scheduler.configure_queue("limited", h.now, concurrency=0, rate=0.0)
+    assert h.scheduler.take_changes().controls == {"limited": None}
+    assert h.scheduler.free_unused_queues(h.now) == ["limited"]
+
+
+@pytest.mark.parametrize("options", [{"concurrency": -1}, {"rate": -1.0}, {"rate": float("nan")}])
+def test_bad_queue_controls_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest):
+        Harness().scheduler.configure_queue("q", 0.0, **options)

@@ -359,3 +359,23 @@ def test_recover_salvages_the_readable_pages_of_a_damaged_file(tmp_path: Path) -
     store.close()
     assert {job.id for job in salvaged.jobs} < set(ids) and salvaged.next_job_id == 2001
     assert all(job.payload["pad"] == "x" * 300 for job in salvaged.jobs)
+
+
+def test_queue_controls_survive_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    scheduler = Scheduler(track_changes=True)
+    scheduler.configure_queue("slow", clock.now(), paused=True, concurrency=2, rate=7.5)
+    scheduler.configure_queue("gone", clock.now(), paused=True)
+    scheduler.configure_queue("gone", clock.now(), paused=False)
+    store = SqliteStore(tmp_path / "data")
+    store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
+    store.close()
+    reopened = SqliteStore(tmp_path / "data")
+    recovered = reopened.load(0.0, WALL)
+    reopened.close()
+    assert set(recovered.controls) == {"slow"}
+    restored = Scheduler()
+    restored.restore(recovered.jobs, recovered.next_job_id, 0.0)
+    restored.restore_controls(recovered.controls, 0.0)
+    queue = restored.stats(0.0)["queues"]["slow"]
+    assert (queue["paused"], queue["concurrency"], queue["rate"]) == (True, 2, 7.5)

@@ -272,4 +272,4 @@ def _cookies(header: str) -> dict[str, str]:
 
 
 def _read_asset(name: str) -> bytes:
-    return importlib.resources.files("broker").joinpath("dashboard", name).read_bytes()
+    return importlib.resources.files("jobbroker.broker").joinpath("dashboard", name).read_bytes()

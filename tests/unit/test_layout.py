@@ -58,7 +58,8 @@ def test_one_import_name_and_no_generic_top_level_packages() -> None:
     """`import jobbroker` is the API; the repository's broker/ and client/ folders are its
     subpackages, never importable as `broker` or `client` from an installed copy."""
     code = (
-        "import sys, jobbroker, jobbroker.broker.server, jobbroker.broker.cli; "
+        "import sys, jobbroker, jobbroker.broker.server, jobbroker.broker.cli, jobbroker.broker.web; "
+        "jobbroker.broker.web._read_asset('index.html'); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'broker', 'client'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout

@@ -639,7 +639,28 @@ def _worker(args: argparse.Namespace) -> int:
     log.info("worker on %s taking from %s", args.connect, ", ".join(worker.queues))
     _run(worker.run())
     log.info("worker stopped: %d completed, %d failed", worker.completed, worker.failed)
+    _exit_past_abandoned_threads()
     return 0
+
+
+def _exit_past_abandoned_threads() -> None:
+    """Handler threads abandoned at their time limit run on, and Python would wait for them
+    at exit: a stopped worker exits without them (after a moment for those about to end)."""
+    import threading
+
+    deadline = time.monotonic() + 1.0
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith("jobbroker-worker"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    running = [t for t in threading.enumerate() if t.name.startswith("jobbroker-worker") and t.is_alive()]
+    if running:
+        log.warning(
+            "%d handler threads still running (abandoned at their time limit); exiting without them", len(running)
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _parse_payload(text: str) -> Any:
@@ -847,10 +868,11 @@ def _error_text(error: dict[str, Any] | None) -> str:
 
 def _cancel(args: argparse.Namespace) -> int:
     refused = _with_client(args, lambda c: c.cancel_many(args.job_ids))
-    reasons = {"not_found": "no such job", "invalid_state": "finished already"}
+    reasons = {"not_found": "no such job (or its result expired)", "invalid_state": "it has ended already"}
     for job_id in args.job_ids:
         if job_id in refused:
-            print(f"job {job_id}: not cancelled: {reasons.get(refused[job_id], refused[job_id])}")
+            reason = reasons.get(refused[job_id], refused[job_id])
+            print(f"jobbroker: job {job_id} not cancelled: {reason}", file=sys.stderr)
         else:
             print(f"job {job_id}: cancelled")
     return EXIT_REFUSED if refused else EXIT_OK

@@ -14,6 +14,7 @@ import contextvars
 import functools
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -93,7 +94,7 @@ class ProcessSlot:
     """A process of its own, killed and replaced when its call is abandoned or when it dies."""
 
     def __init__(self) -> None:
-        self._pool = concurrent.futures.ProcessPoolExecutor(1)
+        self._pool = _process_pool()
         self._pid: int | None = None
 
     async def run(self, call: Callable[[], Any]) -> Any:
@@ -116,11 +117,32 @@ class ProcessSlot:
 
     def _replace(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = concurrent.futures.ProcessPoolExecutor(1)
+        self._pool = _process_pool()
         self._pid = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _process_pool() -> concurrent.futures.ProcessPoolExecutor:
+    return concurrent.futures.ProcessPoolExecutor(1, initializer=_handler_process_setup)
+
+
+def _handler_process_setup() -> None:
+    """In a handler's process, first: take the default signal handlers back (a forked child
+    inherits the worker's, which only the worker's event loop acts on) and, on Linux, die with
+    the worker, so that a worker killed with -9 leaves no handler process behind."""
+    for name in ("SIGTERM", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # not fatal: the process still ends with its pool
 
 
 class SharedSlot:

@@ -34,6 +34,9 @@ from jobbroker.broker.errors import (
 )
 from jobbroker.broker.protocol import messages
 from jobbroker.broker.protocol.messages import (
+    MAX_ERROR_MESSAGE,
+    MAX_ERROR_TYPE,
+    MAX_TRACEBACK,
     Complete,
     Deliver,
     Progress,
@@ -44,6 +47,7 @@ from jobbroker.broker.protocol.messages import (
     Revoked,
     Started,
     Touch,
+    bounded,
 )
 from jobbroker.client.connection import Connection, Link
 from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadPool, ThreadSlot
@@ -57,7 +61,7 @@ __all__ = ["Handler", "Job", "Worker", "current_job"]
 log = logging.getLogger("jobbroker.worker")
 
 Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
-MAX_TRACEBACK = 8192  # characters of a failure's traceback sent to the broker
+_TRACEBACK_LINE = 1000  # characters of one traceback line kept
 START_REPORT_DELAY = 0.05  # seconds: a job still running this long after its start is reported
 ExecutorChoice = Literal["thread", "process", "inline"] | concurrent.futures.Executor
 
@@ -88,7 +92,7 @@ class Job:
         "token",
     )
 
-    def __init__(self, item: Sequence[Any], worker: Worker, received_at: float = 0.0) -> None:
+    def __init__(self, item: Sequence[Any], worker: Worker | None, received_at: float = 0.0) -> None:
         self.id, self.token, self.queue, self.payload, self.attempt, self.lease = item[:6]
         self.timeout: float | None = item[6] if len(item) > 6 else None
         self.lost_reason: str | None = None  # why this worker no longer holds the job
@@ -101,10 +105,15 @@ class Job:
 
     def report_progress(self, fraction: float, message: str = "") -> None:
         """Tell the producers following this job how far it has got: `fraction` from 0.0 to
-        1.0 and a short message. From any handler, coroutine or thread; returns at once (the
-        reports of one loop turn travel together). Dropped once the lease is lost."""
-        if self.lost_reason is None:
+        1.0 and a short message. From a coroutine or thread handler; returns at once (the
+        reports of one loop turn travel together). Dropped once the lease is lost, and in a
+        process handler (which has no way to the broker)."""
+        if self.lost_reason is None and self._worker is not None:
             self._worker._report(self, float(fraction), str(message)[:200])
+
+    def row(self) -> list[Any]:
+        """The job as delivered (a process handler's current_job() is made from it)."""
+        return [self.id, self.token, self.queue, self.payload, self.attempt, self.lease, self.timeout]
 
     async def touch(self, seconds: float = 0.0) -> None:
         """Check that this worker still holds the job. Leases follow the worker's session
@@ -114,6 +123,8 @@ class Job:
         Raises:
             LeaseLost: the job is no longer this worker's.
         """
+        if self._worker is None:
+            raise UsageError("touch() is not available in a process handler")
         await self._worker.touch(self.id, self.token, seconds)
 
 
@@ -474,19 +485,28 @@ class Worker:
             self._starts_timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY, self._report_starts)
         limit = job.timeout if job.timeout is not None else self.timeout
         task = self._task_of(job) if self.tasks else None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             if limit is None:  # most jobs: no timer to arm
                 result = await self._attempt(slot, job, task)
             else:
                 async with asyncio.timeout(limit) as deadline:
                     result = await self._attempt(slot, job, task)
+                # A handler that swallowed its cancellation, or one that blocked the loop (inline)
+                # past its limit, does not complete the job: the limit is the limit.
+                if deadline.expired() or loop.time() - started > limit:
+                    raise TimeoutError
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if limit is not None and isinstance(exc, TimeoutError) and deadline.expired():
+            timed_out = limit is not None and isinstance(exc, TimeoutError) and loop.time() - started >= limit
+            if timed_out:
                 exc = TimeLimitExceeded(f"attempt {job.attempt} ran over its time limit of {limit:g} s")
             final = isinstance(exc, Fail | _BadCall) or (task is not None and task.default_options.is_final(exc))
             self._fail(job, exc, final=final)
+            if timed_out:
+                job.lost_reason = "time limit"  # an abandoned thread handler can see it and stop
         else:
             self._complete(job, result)
         self._schedule_flush()
@@ -515,6 +535,8 @@ class Worker:
                 result = await result
         else:
             call = functools.partial(task if task is not None else function, *args, **kwargs)
+            if isinstance(self._slots[slot], ProcessSlot):  # current_job() there: a copy of the job
+                call = functools.partial(_as_current_job, job.row(), call)
             result = await self._call(slot, call)
         return result if self.serializer is None else self._encoded(result)
 
@@ -577,8 +599,8 @@ class Worker:
             log.debug("failure of job %d discarded: %s", job.id, job.lost_reason)
             return
         self.failed += 1
-        error_type = exc.error_type if isinstance(exc, _BadCall) else type(exc).__name__
-        message = _text(exc)
+        error_type = bounded(exc.error_type if isinstance(exc, _BadCall) else type(exc).__name__, MAX_ERROR_TYPE)
+        message = bounded(_text(exc), MAX_ERROR_MESSAGE)  # valid UTF-8 too: the broker must get it
         log.warning(
             "job %d (queue %s) attempt %d failed%s: %s: %s",
             job.id,
@@ -586,12 +608,12 @@ class Worker:
             job.attempt,
             " for good" if final else "",
             error_type,
-            message,
+            bounded(message, 500),
         )
         log.debug("job %d traceback", job.id, exc_info=exc)
         trace = "" if isinstance(exc, _BadCall) else handler_traceback(exc)
         retry_delay = float(exc.delay) if isinstance(exc, Retry) and exc.delay is not None else None
-        self._failures.append([job.id, job.token, error_type, message[:2000], trace, final, retry_delay])
+        self._failures.append([job.id, job.token, error_type, message, trace, final, retry_delay])
 
     async def _watch_buffer(self) -> None:
         """Hand buffered jobs back when every slot has been busy for hand_back_after seconds
@@ -707,8 +729,9 @@ class Worker:
             except (TypeError, ValueError, OverflowError) as exc:
                 self.completed -= 1
                 self.failed += 1
-                failure = [item[0], item[1], "UnencodableResult", f"result cannot be sent: {exc}"]
-                self._send(connection, messages.Fail, [failure])
+                reason = bounded(f"result cannot be sent: {exc}", MAX_ERROR_MESSAGE)
+                log.warning("job %d failed: UnencodableResult: %s", item[0], reason)
+                self._send(connection, messages.Fail, [[item[0], item[1], "UnencodableResult", reason]])
 
     def _send(
         self, connection: Connection, request_type: type[Complete] | type[messages.Fail], items: list[list[Any]]
@@ -723,9 +746,9 @@ class Worker:
             self._send(connection, request_type, items[half:])
             return
         self._answers.add(future)
-        future.add_done_callback(functools.partial(self._answered, items))
+        future.add_done_callback(functools.partial(self._answered, request_type is Complete, items))
 
-    def _answered(self, items: list[list[Any]], future: asyncio.Future[dict[str, Any]]) -> None:
+    def _answered(self, completions: bool, items: list[list[Any]], future: asyncio.Future[dict[str, Any]]) -> None:
         self._answers.discard(future)
         if future.cancelled():
             return
@@ -734,7 +757,17 @@ class Worker:
             log.warning("answers for %d jobs not delivered: %s", len(items), exc)
             return
         for index, code in future.result()["refused"]:
-            log.warning("broker refused the answer for job %d: %s", items[index][0], code)
+            job_id = items[index][0]
+            if code == "result_too_large":  # the broker failed the attempt instead
+                log.warning("job %d failed: ResultTooLarge: its result is over the broker's limit", job_id)
+                self.completed -= 1
+                self.failed += 1
+            else:
+                log.info("job %d: answer refused (%s): it was taken from this worker meanwhile", job_id, code)
+                if completions:
+                    self.completed -= 1
+                else:
+                    self.failed -= 1
 
 
 # Frames of the machinery between the runner and the handler, left out of stored tracebacks.
@@ -749,10 +782,15 @@ def handler_traceback(exc: BaseException) -> str:
     formatted = traceback.TracebackException.from_exception(exc)
     kept = [frame for frame in formatted.stack if not frame.filename.startswith(_MACHINERY)]
     formatted.stack = traceback.StackSummary.from_list(kept)
-    trace = "".join(formatted.format())
-    if len(trace) > MAX_TRACEBACK:
-        trace = f"[... {len(trace) - MAX_TRACEBACK} characters cut ...]\n" + trace[-MAX_TRACEBACK:]
-    return trace
+    # Each line bounded first: a huge message must not push every frame out of the end kept.
+    trace = "".join(_bounded_line(line) for line in formatted.format())
+    return bounded(trace, MAX_TRACEBACK, keep_end=True)
+
+
+def _bounded_line(line: str) -> str:
+    if len(line) <= _TRACEBACK_LINE:
+        return line
+    return bounded(line.rstrip("\n"), _TRACEBACK_LINE) + "\n"
 
 
 class _BadCall(Exception):
@@ -769,6 +807,14 @@ def _text(exc: BaseException) -> str:
         return str(exc)
     except Exception:
         return f"<{type(exc).__name__}: str() failed>"
+
+
+def _as_current_job(row: list[Any], call: Callable[[], Any]) -> Any:
+    """In a handler's process: make current_job() this job, then call. (A forked process
+    starts with a copy of its parent's context: without this it would show the job that
+    was current when the process was made.)"""
+    _current_job.set(Job(row, None))
+    return call()
 
 
 def _reason(closed: ConnectionClosed) -> str:

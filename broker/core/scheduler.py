@@ -32,6 +32,7 @@ from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.deadlines import Deadlines, OrderedDeadlines
 from jobbroker.broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
 from jobbroker.broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
+from jobbroker.broker.protocol.messages import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE, MAX_TRACEBACK, bounded
 
 __all__ = [
     "Changes",
@@ -1335,25 +1336,16 @@ def _check_queue_name(name: str) -> None:
         )
 
 
-MAX_ERROR_MESSAGE = 2000
 MAX_RETRY_DELAY = 86400.0 * 7  # a retry asked for by the handler comes within a week
-MAX_TRACEBACK = 8192  # characters of a failure's traceback kept (the last ones: the raise site)
 
 
 def _error(error_type: str, message: str, traceback: str | None = None) -> dict[str, str]:
     """A failure as stored and reported: type, message and, when the worker sent one, the
     formatted traceback, each bounded (a cut says so)."""
-    error = {"type": error_type[:200], "message": _cut(message, MAX_ERROR_MESSAGE, keep_end=False)}
+    error = {"type": bounded(error_type, MAX_ERROR_TYPE), "message": bounded(message, MAX_ERROR_MESSAGE)}
     if traceback:
-        error["traceback"] = _cut(traceback, MAX_TRACEBACK, keep_end=True)
+        error["traceback"] = bounded(traceback, MAX_TRACEBACK, keep_end=True)
     return error
-
-
-def _cut(text: str, limit: int, *, keep_end: bool) -> str:
-    if len(text) <= limit:
-        return text
-    marker = f"[... {len(text) - limit} characters cut ...]"
-    return marker + "\n" + text[-limit:] if keep_end else text[:limit] + " " + marker
 
 
 def _outcome(job: Job) -> list[Any]:
@@ -1407,7 +1399,7 @@ def _summary(job: Job) -> dict[str, Any]:
         "priority": job.priority,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
-        "started": job.started_at is not None,
+        "started": job.state is JobState.LEASED and job.started_at is not None,
         "error": None if job.error is None else {"type": job.error["type"], "message": job.error["message"]},
         "key": job.key,
     }
@@ -1423,7 +1415,7 @@ def _describe(job: Job) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "lease": job.lease_seconds,
         "timeout": job.timeout,
-        "started": job.started_at is not None,
+        "started": job.state is JobState.LEASED and job.started_at is not None,
         "payload": job.payload,
         "result": job.result,
         "error": job.error,

@@ -578,6 +578,27 @@ def encode_items(message_type: PushType, items: list[Any], max_size: int) -> tup
     return b"".join((head, packer.pack_array_header(len(parts)), *parts)), len(parts)
 
 
+# The bounds of a failure as stored and reported (docs/protocol.md, "fail"): both sides cut
+# with bounded(), so that a cut is made once and says how much it took.
+MAX_ERROR_TYPE = 200
+MAX_ERROR_MESSAGE = 2000
+MAX_TRACEBACK = 8192
+
+
+def bounded(text: str, limit: int, *, keep_end: bool = False) -> str:
+    """`text` in at most `limit` characters, marker included, and valid UTF-8 (a lone
+    surrogate, which msgpack cannot encode, becomes an escape). A cut says how many
+    characters it took; `keep_end` keeps the end (a traceback's frames nearest the raise)."""
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    widest = len(f"[... {len(text)} characters cut ...]")  # the count has at most these digits
+    kept = max(0, limit - widest - 1)
+    marker = f"[... {len(text) - kept} characters cut ...]"
+    return marker + "\n" + text[len(text) - kept :] if keep_end else text[:kept] + " " + marker
+
+
 def request_id(body: bytes) -> int | None:
     """The `id` of a frame body, if it is a msgpack map with an integer id; else None. For
     errors about messages that decode() took but that may not be sent here (their type has

@@ -103,3 +103,43 @@ def record_span(payload: Any) -> Any:
     with open(os.environ["HANDLER_LOG"], "a") as log:
         log.write(f"{started} {time.time()}\n")
     return payload
+
+
+def job_identity(_: Any) -> list[int]:
+    """[id, attempt] as current_job() sees them (in a process handler too)."""
+    from jobbroker import current_job
+
+    job = current_job()
+    return [job.id, job.attempt]
+
+
+def raise_surrogate(_: Any) -> None:
+    raise ValueError("bad \udcff surrogate")  # not valid UTF-8: msgpack cannot encode it as is
+
+
+async def swallow_cancel(_: Any) -> str:
+    import asyncio
+
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        pass  # a handler that ignores its cancellation
+    return "returned after its time limit"
+
+
+def notice_lost(path: str) -> None:
+    """Runs until its job is taken from it (lease_lost), then writes "noticed" to `path`."""
+    from jobbroker import current_job
+
+    job = current_job()
+    deadline = time.monotonic() + 30
+    while not job.lease_lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(path, "w") as out:
+        out.write("noticed" if job.lease_lost else "never")
+
+
+def pid_then_sleep(path: str) -> None:
+    with open(path, "w") as out:
+        out.write(str(os.getpid()))
+    time.sleep(60)

@@ -235,3 +235,79 @@ async def test_a_worker_with_every_slot_stuck_hands_its_buffered_jobs_back(
 
 async def _has_worker(client: Client) -> bool:
     return bool((await client.stats())["workers"])
+
+
+# --- found by an outside review of the promises above ---------------------------------------
+
+
+async def test_current_job_in_a_process_handler_is_the_running_job(
+    broker: BrokerProcess, start_worker: Callable[..., Process]
+) -> None:
+    start_worker(broker.address, "who", "handlers:job_identity", "--executor", "process", "--concurrency", "1")
+    async with Client(broker.address, secret=SECRET) as client:
+        ids = [await client.submit("who", n) for n in range(4)]
+        assert [await client.result(i, timeout=20 * TIME_UNIT) for i in ids] == [[i, 1] for i in ids]
+
+
+async def test_a_failure_whose_text_is_not_utf8_still_fails_the_job(
+    broker: BrokerProcess, start_worker: Callable[..., Process]
+) -> None:
+    start_worker(broker.address, "odd", "handlers:raise_surrogate")
+    async with Client(broker.address, secret=SECRET) as client:
+        job_id = await client.submit("odd", 1, max_attempts=1)
+        with pytest.raises(JobDead) as dead:
+            await client.result(job_id, timeout=20 * TIME_UNIT)
+    assert dead.value.error["message"] == "bad \\udcff surrogate"
+
+
+async def test_a_coroutine_that_swallows_its_time_limit_does_not_complete(
+    broker: BrokerProcess, start_worker: Callable[..., Process]
+) -> None:
+    start_worker(broker.address, "stubborn", "handlers:swallow_cancel")
+    async with Client(broker.address, secret=SECRET) as client:
+        job_id = await client.submit("stubborn", 1, timeout=0.5, max_attempts=1)
+        with pytest.raises(JobDead) as dead:
+            await client.result(job_id, timeout=20 * TIME_UNIT)
+    assert dead.value.error["type"] == "TimeLimitExceeded"
+
+
+async def test_an_abandoned_thread_handler_sees_its_job_is_lost(
+    broker: BrokerProcess, start_worker: Callable[..., Process], tmp_path: Path
+) -> None:
+    noticed = tmp_path / "noticed"
+    start_worker(broker.address, "abandoned", "handlers:notice_lost")
+    async with Client(broker.address, secret=SECRET) as client:
+        job_id = await client.submit("abandoned", str(noticed), timeout=0.5, max_attempts=1)
+        with pytest.raises(JobDead):
+            await client.result(job_id, timeout=20 * TIME_UNIT)
+        await wait_until(lambda: _exists(noticed), what="the handler to notice")
+    assert noticed.read_text() == "noticed"
+
+
+async def _exists(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+async def test_a_worker_killed_with_9_leaves_no_handler_process(
+    broker: BrokerProcess, start_worker: Callable[..., Process], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    worker = start_worker(broker.address, "doomed", "handlers:pid_then_sleep", "--executor", "process")
+    async with Client(broker.address, secret=SECRET) as client:
+        await client.submit("doomed", str(pid_file))
+        await wait_until(lambda: _exists(pid_file), what="the handler process")
+    handler_pid = int(pid_file.read_text())
+    worker.signal(signal.SIGKILL)
+    await wait_until(lambda: _gone(handler_pid), what=f"handler process {handler_pid} to die with its worker")
+
+
+async def test_a_stopped_worker_exits_without_waiting_for_an_abandoned_thread(
+    broker: BrokerProcess, start_worker: Callable[..., Process], tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran-once"
+    worker = start_worker(broker.address, "runaway", "handlers:runaway_once", "--grace", "1")
+    async with Client(broker.address, secret=SECRET) as client:
+        job_id = await client.submit("runaway", str(marker), timeout=0.5, backoff=0.1)
+        assert await client.result(job_id, timeout=20 * TIME_UNIT) == "second attempt"
+    worker.signal(signal.SIGTERM)  # the first attempt's thread sleeps on for a minute
+    assert await asyncio.to_thread(worker.wait, 10) == 0

@@ -94,3 +94,17 @@ def test_encode_items_cuts_a_push_to_size_and_matches_encode() -> None:
     assert count == 3 and body == encode(Results(items[:3])) and len(body) <= 3500
     assert decode(body) == Results(items[:3])
     assert encode_items(Results, items, 500) == (b"", 0)  # not even one fits
+
+
+def test_bounded_text_says_how_much_it_cut_and_stays_within_its_limit() -> None:
+    from jobbroker.broker.protocol.messages import bounded
+
+    text = "x" * 100_000 + "END"
+    kept = bounded(text, 8192, keep_end=True)
+    assert len(kept) <= 8192 and kept.endswith("END")
+    cut = int(kept.split()[1])
+    assert cut + len(kept.split("\n", 1)[1]) == len(text)  # the count is what was taken
+    assert bounded("short", 10) == "short"
+    assert bounded("a\udcffb", 10) == "a\\udcffb"  # valid UTF-8, for msgpack
+    head = bounded("y" * 3000, 2000)
+    assert len(head) <= 2000 and head.startswith("yyy") and "characters cut" in head

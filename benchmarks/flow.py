@@ -34,6 +34,7 @@ from jobbroker.broker.protocol.messages import JobInfo, Watch  # noqa: E402
 from jobbroker.client.connection import Connection, parse_address  # noqa: E402
 
 from jobbroker import Client, ResultTimeout, Worker  # noqa: E402
+from tests.proxy import ThrottledProxy  # noqa: E402
 
 MiB = 1024 * 1024
 RESULT_SIZE = 128 * 1024
@@ -100,56 +101,6 @@ async def watch_request(address: str, secret: bytes, pid: int) -> None:
             f"one watch naming a 1 MiB result 300 times: RSS {before:.0f} MiB before, "
             f"peak {peak_rss_mib(pid):.0f} MiB; {outcome}"
         )
-
-
-class ThrottledProxy:
-    """Relays to the broker; the broker-to-client direction carries at most `rate` bytes/s."""
-
-    def __init__(self, target: str, rate: float) -> None:
-        self.target = parse_address(target)
-        self.rate = rate
-        self.connections = 0
-        self._tasks: set[asyncio.Future[None]] = set()
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        broker_reader, broker_writer = await asyncio.open_connection(*self.target)
-        tasks = [
-            asyncio.ensure_future(self._pipe(client_reader, broker_writer, None)),
-            asyncio.ensure_future(self._pipe(broker_reader, client_writer, self.rate)),
-        ]
-        self._tasks.update(tasks)
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        client_writer.close()
-        broker_writer.close()
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        started, sent = loop.time(), 0
-        try:
-            while data := await reader.read(16384):
-                writer.write(data)
-                await writer.drain()
-                if rate is not None:
-                    sent += len(data)
-                    ahead = started + sent / rate - loop.time()
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
-        except (ConnectionError, OSError):
-            pass
-
-    async def close(self) -> None:
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def slow_reader(address: str, secret: bytes, jobs: int, rate_mib: float, timeout: float) -> None:

@@ -494,13 +494,14 @@ def _rows_checker(columns: tuple[Any, ...]) -> Checker:
     typed = [(index, kind, optional[index]) for index, kind in enumerate(kinds) if kind is not Any]
     if any(kind not in (int, str, float, bool) for _, kind, _ in typed):
         raise TypeError(f"no row checker for {columns!r}")
-    shape = f"an array of arrays of {size}" if minimum == size else f"an array of arrays of {minimum} to {size}"
+    # Rows may carry columns past those listed (a later version's): they are ignored.
+    shape = f"an array of arrays of at least {minimum}"
 
     def check_rows(value: Any) -> list[Any]:
         if type(value) is not list:
             raise _Invalid(shape)
         for row in value:
-            if type(row) is not list or not minimum <= len(row) <= size:
+            if type(row) is not list or len(row) < minimum:
                 raise _Invalid(shape)
             length = len(row)
             for index, kind, may_be_nil in typed:

@@ -285,6 +285,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     serve.add_argument("--max-attempts", type=int, default=3, help="default deliveries before a job is dead (3)")
     serve.add_argument("--result-ttl", type=float, default=300.0, help="seconds results are kept (300)")
+    serve.add_argument(
+        "--max-result-ttl", type=float, default=7 * 86400.0, help="the longest result TTL a job may ask for (a week)"
+    )
     serve.add_argument("--max-pending", type=int, default=1_000_000, help="waiting jobs per queue (1000000)")
     serve.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE, help="bytes (16 MiB)")
     serve.add_argument("--handshake-timeout", type=float, default=5.0, help="seconds to authenticate (5)")
@@ -386,6 +389,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     submit.add_argument("--delay", type=float, default=0.0)
     submit.add_argument("--max-attempts", type=int, default=None)
     submit.add_argument("--job-timeout", type=float, default=None, help="seconds each attempt may run (no limit)")
+    submit.add_argument("--result-ttl", type=float, default=None, help="seconds the results are kept (the broker's)")
     submit.add_argument("--wait", action="store_true", help="wait for the results and print them")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: seconds to wait")
 
@@ -489,6 +493,7 @@ def _serve(args: argparse.Namespace) -> int:
             default_lease=args.lease,
             default_max_attempts=args.max_attempts,
             result_ttl=args.result_ttl,
+            max_result_ttl=args.max_result_ttl,
             max_pending_per_queue=args.max_pending,
             max_queues=args.max_queues,
         ),
@@ -693,6 +698,7 @@ def _submit(args: argparse.Namespace) -> int:
                 delay=args.delay,
                 max_attempts=args.max_attempts,
                 timeout=args.job_timeout,
+                result_ttl=args.result_ttl,
             )
             if long_submit:
                 show_progress("submitted", len(ids), len(payloads))

@@ -913,6 +913,8 @@ class Broker:
             watch=request.watch,
             owner=client.owner,
             timeout=request.timeout,
+            result_ttl=request.result_ttl,
+            max_backoff=request.max_backoff,
         )
         return {"job_ids": ids}
 

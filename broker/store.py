@@ -50,10 +50,11 @@ __all__ = [
     "serialize",
 ]
 
-SCHEMA_VERSION = 3  # 2: jobs.owner; 3: jobs.timeout
+SCHEMA_VERSION = 4  # 2: jobs.owner; 3: jobs.timeout; 4: jobs.result_ttl, jobs.max_backoff
 
 # A job as created: id, queue, state, priority, payload, attempts, max_attempts, lease,
-# backoff, key, result, error, not_before (wall clock), expires_at (wall clock), owner, timeout.
+# backoff, key, result, error, not_before (wall clock), expires_at (wall clock), owner, timeout,
+# result_ttl, max_backoff.
 Row = tuple[
     int,
     str,
@@ -71,8 +72,10 @@ Row = tuple[
     float,
     str | None,
     float | None,
+    float | None,
+    float | None,
 ]
-_ROW_COLUMNS = 16
+_ROW_COLUMNS = 18
 ControlsRow = tuple[bool, int | None, float | None]  # a queue's paused, concurrency, rate
 
 # A change of a stored job: state, attempts, result, error, not_before, expires_at, id.
@@ -228,6 +231,8 @@ def _insert_row(job: Job, offset: float) -> Row:
         *_mutable_columns(job, offset),
         job.owner,
         job.timeout,
+        job.result_ttl,
+        job.max_backoff,
     )
 
 
@@ -358,7 +363,7 @@ class SqliteStore:
                 id INTEGER PRIMARY KEY, queue TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL,
                 payload BLOB, attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL, lease REAL NOT NULL,
                 backoff REAL NOT NULL, key TEXT, result BLOB, error BLOB, not_before REAL NOT NULL,
-                expires_at REAL NOT NULL, owner TEXT, timeout REAL)"""
+                expires_at REAL NOT NULL, owner TEXT, timeout REAL, result_ttl REAL, max_backoff REAL)"""
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         db.execute(
@@ -374,6 +379,11 @@ class SqliteStore:
             db.execute("ALTER TABLE jobs ADD COLUMN timeout REAL")
             db.execute("UPDATE meta SET value = 3 WHERE name = 'schema'")
             version = (3,)
+        if version is not None and version[0] == 3:  # before per-job result TTLs and backoff caps
+            db.execute("ALTER TABLE jobs ADD COLUMN result_ttl REAL")
+            db.execute("ALTER TABLE jobs ADD COLUMN max_backoff REAL")
+            db.execute("UPDATE meta SET value = 4 WHERE name = 'schema'")
+            version = (4,)
         if version is None:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
@@ -419,7 +429,7 @@ class SqliteStore:
                 if batch.inserts:
                     # OR REPLACE: a batch written again after a failure reported late is harmless.
                     db.executemany(
-                        "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts
+                        "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts
                     )
                 if batch.updates:
                     self._update(batch.updates)
@@ -757,6 +767,8 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
         expires_at,
         owner,
         timeout,
+        result_ttl,
+        max_backoff,
     ) = row
     job = Job(
         job_id,
@@ -769,6 +781,8 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
         key=key,
         state=JobState(state),
         timeout=timeout,
+        result_ttl=result_ttl,
+        max_backoff=max_backoff,
     )
     job.attempts = attempts
     job.owner = owner

@@ -152,6 +152,8 @@ class Client:
         backoff: float | None = None,
         key: str | None = None,
         timeout: float | None = None,
+        result_ttl: float | None = None,
+        max_backoff: float | None = None,
     ) -> int:
         """Submit one job.
 
@@ -169,6 +171,9 @@ class Client:
                 and a submit lost with its connection is retried safely.
             timeout: seconds one attempt may run (None: the worker's default, else no
                 limit); an attempt over it fails with TimeLimitExceeded and is retried.
+            result_ttl: seconds the result is kept once the job ends (None: the broker's
+                --result-ttl; at most its --max-result-ttl).
+            max_backoff: the longest retry delay (None: the broker's, 300 s).
 
         Returns:
             The job id.
@@ -179,7 +184,9 @@ class Client:
         """
         if self.serializer is not None:
             payload = self._serialized([payload])[0]
-        options = _SubmitOptions(queue, priority, float(delay), max_attempts, lease, backoff, timeout)
+        options = _SubmitOptions(
+            queue, priority, float(delay), max_attempts, lease, backoff, timeout, result_ttl, max_backoff
+        )
         group = self._submit_groups.get(options)
         if group is None:
             if not self._submit_groups:
@@ -235,6 +242,8 @@ class Client:
         backoff: float | None = None,
         keys: Sequence[str | None] | None = None,
         timeout: float | None = None,
+        result_ttl: float | None = None,
+        max_backoff: float | None = None,
     ) -> list[int]:
         """Submit many jobs in one frame, all or none. Options as submit(); `keys` gives each
         job an idempotency key (or None). Returns the job ids in order.
@@ -242,7 +251,9 @@ class Client:
         Raises:
             UnencodablePayload: a payload cannot be encoded (nothing was submitted).
         """
-        options = _SubmitOptions(queue, priority, float(delay), max_attempts, lease, backoff, timeout)
+        options = _SubmitOptions(
+            queue, priority, float(delay), max_attempts, lease, backoff, timeout, result_ttl, max_backoff
+        )
         return await self._submit(options, self._serialized(list(payloads)), keys)
 
     def _serialized(self, payloads: list[Any]) -> list[Any]:
@@ -285,6 +296,8 @@ class Client:
                 keys=None if keys is None else list(keys),
                 watch=watch,
                 timeout=None if options.timeout is None else float(options.timeout),
+                result_ttl=None if options.result_ttl is None else float(options.result_ttl),
+                max_backoff=None if options.max_backoff is None else float(options.max_backoff),
             )
         except FrameTooLarge as exc:
             raise LimitExceeded(
@@ -387,7 +400,7 @@ class Client:
         payloads = list(payloads)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[list[Any]]] = []
-        options = _SubmitOptions(queue, priority, 0.0, max_attempts, lease, None, job_timeout)
+        options = _SubmitOptions(queue, priority, 0.0, max_attempts, lease, None, job_timeout, None, None)
         try:
             async with asyncio.timeout(timeout):
                 submits = [
@@ -602,6 +615,8 @@ class _SubmitOptions(NamedTuple):
     lease: float | None
     backoff: float | None
     timeout: float | None
+    result_ttl: float | None
+    max_backoff: float | None
 
 
 class _SubmitGroup:

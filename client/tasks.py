@@ -53,6 +53,8 @@ class TaskOptions:
     max_attempts: int | None = None
     backoff: float | None = None
     timeout: float | None = None
+    result_ttl: float | None = None
+    max_backoff: float | None = None
     retry_on: tuple[type[BaseException], ...] | None = None
     no_retry: tuple[type[BaseException], ...] = ()
 
@@ -64,6 +66,8 @@ class TaskOptions:
             "max_attempts": self.max_attempts,
             "backoff": self.backoff,
             "timeout": self.timeout,
+            "result_ttl": self.result_ttl,
+            "max_backoff": self.max_backoff,
         }
 
     def is_final(self, exc: BaseException) -> bool:
@@ -176,6 +180,8 @@ def task(
     max_attempts: int | None = None,
     backoff: float | None = None,
     timeout: float | None = None,
+    result_ttl: float | None = None,
+    max_backoff: float | None = None,
     retry_on: tuple[type[BaseException], ...] | None = None,
     no_retry: tuple[type[BaseException], ...] = (),
 ) -> Callable[[Callable[_P, _R]], Task[_P, _R]]: ...
@@ -191,6 +197,8 @@ def task(
     max_attempts: int | None = None,
     backoff: float | None = None,
     timeout: float | None = None,
+    result_ttl: float | None = None,
+    max_backoff: float | None = None,
     retry_on: tuple[type[BaseException], ...] | None = None,
     no_retry: tuple[type[BaseException], ...] = (),
 ) -> Any:
@@ -200,7 +208,8 @@ def task(
     Args:
         name: the name producers submit it by (default: the function's __name__).
         queue: the queue its jobs go to (default "default").
-        priority, max_attempts, backoff, timeout: defaults of its submits (see Client.submit).
+        priority, max_attempts, backoff, timeout, result_ttl, max_backoff: defaults of its
+            submits (see Client.submit).
         retry_on, no_retry: which exceptions are retried (see TaskOptions).
     """
     options = TaskOptions(
@@ -209,6 +218,8 @@ def task(
         max_attempts=max_attempts,
         backoff=backoff,
         timeout=timeout,
+        result_ttl=result_ttl,
+        max_backoff=max_backoff,
         retry_on=retry_on,
         no_retry=no_retry,
     )

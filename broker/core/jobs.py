@@ -61,6 +61,7 @@ class Job:
         "key",
         "lease_seconds",
         "max_attempts",
+        "max_backoff",
         "not_before",
         "owner",
         "payload",
@@ -68,6 +69,7 @@ class Job:
         "progress",
         "queue",
         "result",
+        "result_ttl",
         "started_at",
         "state",
         "timeout",
@@ -90,6 +92,8 @@ class Job:
         key: str | None,
         state: JobState,
         timeout: float | None = None,
+        result_ttl: float | None = None,
+        max_backoff: float | None = None,
     ) -> None:
         self.id = job_id
         self.queue = queue
@@ -98,6 +102,8 @@ class Job:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.timeout = timeout  # seconds of run time one attempt may take; None: no limit
+        self.result_ttl = result_ttl  # seconds its result is kept; None: the broker's default
+        self.max_backoff = max_backoff  # the cap of its retry delays; None: the broker's
         self.backoff = backoff
         self.key = key
         self.state = state

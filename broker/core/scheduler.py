@@ -74,7 +74,8 @@ class SchedulerConfig:
         default_max_attempts: deliveries before a failing job goes dead.
         default_backoff: first retry delay; doubles each attempt.
         max_backoff: cap of the retry delay.
-        result_ttl: how long results (and finished jobs) are kept.
+        result_ttl: how long results (and finished jobs) are kept, unless a job says otherwise.
+        max_result_ttl: the longest result TTL a job may ask for.
         max_pending_per_queue: pending plus delayed jobs a queue may hold (backpressure).
         max_prefetch: the largest prefetch a worker may ask for: its in-flight jobs at most.
         max_batch: jobs (or job ids) one request may carry.
@@ -87,6 +88,7 @@ class SchedulerConfig:
     default_backoff: float = 1.0
     max_backoff: float = 300.0
     result_ttl: float = 300.0
+    max_result_ttl: float = 7 * 86400.0
     max_pending_per_queue: int = 1_000_000
     max_prefetch: int = 10_000
     max_batch: int = 10_000
@@ -357,6 +359,7 @@ class Scheduler:
         self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
         # job id of a finished job; TTLs are all alike, so these come in time order
         self._expiry_deadlines: OrderedDeadlines[int] = OrderedDeadlines()
+        self._own_ttl_deadlines: Deadlines[int] = Deadlines()  # job id of a job with its own TTL
         self._session_deadlines: Deadlines[int] = Deadlines()  # session id
         self._ready: dict[str, None] = {}  # queues that may have work for waiters (ordered set)
         self._outbox = _Outbox()
@@ -433,6 +436,8 @@ class Scheduler:
         watch: bool = False,
         owner: str | None = None,
         timeout: float | None = None,
+        result_ttl: float | None = None,
+        max_backoff: float | None = None,
     ) -> list[int]:
         """Add jobs to a queue, all or none. Returns their ids, in order; a job whose
         idempotency key this owner already used on this queue gets the first job's id.
@@ -463,6 +468,10 @@ class Scheduler:
             raise InvalidRequest("backoff must be between 0 and a day")
         if timeout is not None and not 0.0 < timeout <= 86400 * 7:
             raise InvalidRequest("timeout must be more than 0 and at most a week (or nil: no limit)")
+        if result_ttl is not None and not 0.0 <= result_ttl <= config.max_result_ttl:
+            raise InvalidRequest(f"result_ttl must be between 0 and the broker's maximum, {config.max_result_ttl:g} s")
+        if max_backoff is not None and not 0.0 <= max_backoff <= 86400 * 7:
+            raise InvalidRequest("max_backoff must be between 0 and a week")
         if keys is not None:
             if len(keys) != len(payloads):
                 raise InvalidRequest(f"{len(keys)} idempotency keys for {len(payloads)} payloads")
@@ -507,6 +516,8 @@ class Scheduler:
                 key=key,
                 state=state,
                 timeout=timeout,
+                result_ttl=result_ttl,
+                max_backoff=max_backoff,
             )
             job.owner = owner
             self._next_job_id += 1
@@ -959,6 +970,7 @@ class Scheduler:
                 self._run_deadlines.next_deadline(),
                 self._due_deadlines.next_deadline(),
                 self._expiry_deadlines.next_deadline(),
+                self._own_ttl_deadlines.next_deadline(),
                 self._session_deadlines.next_deadline(),
                 self._rate_deadlines.next_deadline(),
             )
@@ -991,7 +1003,7 @@ class Scheduler:
             )
             buried = self._failed(job, now)
             self._outbox.notices.append(TimeLimitHit(job_id, job.queue, holder, buried))
-        for job_id in self._expiry_deadlines.expire(now):
+        for job_id in itertools.chain(self._expiry_deadlines.expire(now), self._own_ttl_deadlines.expire(now)):
             self._forget(self._jobs[job_id])
         for name in self._rate_deadlines.expire(now):  # a rate-limited queue may deliver again
             if name in self._queues:
@@ -1097,7 +1109,7 @@ class Scheduler:
                 finished.append(job)
             self._ready[job.queue] = None
         for job in sorted(finished, key=lambda job: job.expires_at):
-            self._expiry_deadlines.add(job.id, job.expires_at)
+            self._keep_until(job, job.expires_at)
         self._next_job_id = max(self._next_job_id, next_job_id)
         self._stored_below = self._next_job_id
         self._next_token = max(self._next_token, next_token)
@@ -1279,7 +1291,8 @@ class Scheduler:
     def _retry(self, job: Job, now: float, delay: float | None = None) -> None:
         self._move(job, JobEvent.RETRY)
         if delay is None:
-            delay = min(job.backoff * 2 ** (job.attempts - 1), self.config.max_backoff)
+            cap = self.config.max_backoff if job.max_backoff is None else job.max_backoff
+            delay = min(job.backoff * 2 ** (job.attempts - 1), cap)
         self._queues[job.queue].delayed_count += 1
         job.not_before = now + delay
         self._due_deadlines.add(job.id, job.not_before)
@@ -1298,8 +1311,16 @@ class Scheduler:
             job.payload = None  # finished jobs are kept for their result only: free the rest
         self._notify_watchers(job)
         self._queues[job.queue].finished_count += 1
-        job.expires_at = now + self.config.result_ttl
-        self._expiry_deadlines.add(job.id, job.expires_at)
+        self._keep_until(job, now + (self.config.result_ttl if job.result_ttl is None else job.result_ttl))
+
+    def _keep_until(self, job: Job, expires_at: float) -> None:
+        """Forget a finished job at `expires_at`. Default TTLs come in time order (a cheap
+        FIFO); a job's own TTL goes to a heap."""
+        job.expires_at = expires_at
+        if job.result_ttl is None:
+            self._expiry_deadlines.add(job.id, expires_at)
+        else:
+            self._own_ttl_deadlines.add(job.id, expires_at)
 
     def _notify_watchers(self, job: Job) -> None:
         if not job.watchers:
@@ -1415,6 +1436,8 @@ def _describe(job: Job) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "lease": job.lease_seconds,
         "timeout": job.timeout,
+        "result_ttl": job.result_ttl,
+        "max_backoff": job.max_backoff,
         "started": job.state is JobState.LEASED and job.started_at is not None,
         "payload": job.payload,
         "result": job.result,

@@ -162,6 +162,8 @@ class Submit(Request):
     keys: list[str | None] | None = None
     watch: bool = False
     timeout: float | None = None
+    result_ttl: float | None = None
+    max_backoff: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

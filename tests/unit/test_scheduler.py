@@ -626,3 +626,36 @@ def test_queue_controls_are_changes_to_store_and_keep_the_queue() -> None:
 def test_bad_queue_controls_are_refused(options: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest):
         Harness().scheduler.configure_queue("q", 0.0, **options)
+
+
+def test_a_jobs_own_result_ttl_and_backoff_cap() -> None:
+    h = Harness(result_ttl=60.0, max_result_ttl=3600.0)
+    short, default, long = (h.submit([n], result_ttl=ttl)[0] for n, ttl in ((1, 10.0), (2, None), (3, 600.0)))
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    for job_id, token, *_ in h.deliveries()[WORKER_A]:
+        h.scheduler.complete(WORKER_A, [[job_id, token, job_id]], h.now)
+    h.jump(11.0)
+    with pytest.raises(JobNotFound):
+        h.scheduler.job_info(short)
+    h.jump(50.0)
+    with pytest.raises(JobNotFound):
+        h.scheduler.job_info(default)
+    assert h.scheduler.job_info(long)["result"] == long  # outlives the default 60 s
+    with pytest.raises(InvalidRequest, match="maximum"):
+        h.submit([4], result_ttl=7200.0)
+    (capped,) = h.submit(["x"], backoff=10.0, max_backoff=15.0, max_attempts=5)
+    h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
+    delivered = h.deliveries()[WORKER_A]
+    waits = []
+    for _ in range(3):
+        ((job_id, token, *_),) = delivered
+        assert job_id == capped
+        h.scheduler.fail(WORKER_A, [[job_id, token, "E", "m"]], h.now)
+        waited = 0.0
+        while h.scheduler.job_info(capped)["state"] == "delayed":
+            effects = h.jump(0.5)
+            waited += 0.5
+        waits.append(waited)
+        (deliver,) = [e for e in effects if isinstance(e, Deliver)]
+        delivered = deliver.jobs
+    assert waits == [10.0, 15.0, 15.0]  # 10, then 20 and 40 capped at 15

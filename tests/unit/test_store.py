@@ -379,3 +379,17 @@ def test_queue_controls_survive_a_restart(tmp_path: Path) -> None:
     restored.restore_controls(recovered.controls, 0.0)
     queue = restored.stats(0.0)["queues"]["slow"]
     assert (queue["paused"], queue["concurrency"], queue["rate"]) == (True, 2, 7.5)
+
+
+def test_a_jobs_own_options_survive_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    scheduler = Scheduler(track_changes=True)
+    scheduler.open_session(1, clock.now())
+    (job_id,) = scheduler.submit(1, "q", ["x"], clock.now(), timeout=9.0, result_ttl=1234.0, max_backoff=7.0)
+    store = SqliteStore(tmp_path / "data")
+    store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
+    store.close()
+    reopened = SqliteStore(tmp_path / "data")
+    (job,) = reopened.load(0.0, WALL).jobs
+    reopened.close()
+    assert (job.id, job.timeout, job.result_ttl, job.max_backoff) == (job_id, 9.0, 1234.0, 7.0)

@@ -3,7 +3,9 @@ errors, quiet on a closed pipe, and the commands to manage queues and jobs."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -110,3 +112,47 @@ def test_cancel_queue_and_job_list_commands(broker: BrokerProcess, secret_file: 
     purged = jobbroker("queue", "purge", "backlog", *common)
     assert purged.stdout.strip() == "cancelled 4 waiting jobs of backlog"
     assert "(no pending jobs in backlog)" in jobbroker("job", "list", "backlog", *common).stdout
+
+
+def test_job_show_names_the_worker_and_says_a_done_payload_is_not_kept(
+    broker: BrokerProcess, secret_file: Path, start_worker: Callable[..., Process], tmp_path: Path
+) -> None:
+    common = ["--connect", broker.address, "--secret-file", str(secret_file)]
+    start_worker(broker.address, "squares")
+    (line,) = jobbroker("submit", "squares", "3", "--wait", *common).stdout.splitlines()
+    job_id = line.split("\t")[0]
+    shown = jobbroker("job", "show", job_id, *common).stdout
+    assert "(not kept once the job is done)" in shown and "payload  null" not in shown
+    slow = jobbroker("submit", "slow", '"x"', *common).stdout.strip()
+    start_worker(broker.address, "slow", "handlers:halfway", env={"HANDLER_RELEASE": str(tmp_path / "never")})
+    deadline = time.monotonic() + 20 * TIME_UNIT
+    while "worker-2" not in (shown := jobbroker("job", "show", slow, *common).stdout) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert re.search(r"^worker\s+worker-2 \(127\.0\.0\.1:\d+\), session \d+$", shown, re.MULTILINE), shown
+
+
+def test_the_listening_line_follows_the_json_log_format(secret_file: Path, tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "jobbroker", "serve", "--port", "0", "--memory", "--secret-file", str(secret_file)]
+    process = subprocess.Popen(
+        [*argv, "--log-format", "json"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert process.stderr is not None
+        lines = []
+        deadline = time.monotonic() + 20 * TIME_UNIT
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            lines.append(line)
+            if "listening on" in line:
+                break
+        for line in lines:
+            if line.strip():
+                json.loads(line)  # every line an object, the listening line included
+        assert "listening on 127.0.0.1:" in json.loads(lines[-1])["message"]
+    finally:
+        process.kill()
+        process.wait(10)

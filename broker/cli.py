@@ -183,6 +183,10 @@ def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Ma
         name = f"JOBBROKER_{dest.upper()}"
         if environ.get(name) and dest not in ("secret_file",):  # $JOBBROKER_SECRET_FILE: resolve_secret's
             settings[dest] = (environ[name], f"${name}")
+    known = {f"JOBBROKER_{dest.upper()}" for dest in options} | _OTHER_VARIABLES
+    for name in environ:
+        if name.startswith("JOBBROKER_") and name not in known:  # a typo would go unnoticed
+            print(f"jobbroker: ignoring ${name}: no such setting{_did_you_mean(name, known)}", file=sys.stderr)
     return {
         dest: value if dest == "queues" else _setting(options[dest], value, source)
         for dest, (value, source) in settings.items()
@@ -190,6 +194,20 @@ def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Ma
 
 
 _QUEUE_SETTINGS = ("paused", "concurrency", "rate")
+# The JOBBROKER_* variables that are not `serve` settings (README, "Command line"): clients'
+# and the tests'.
+_OTHER_VARIABLES = frozenset(
+    {
+        "JOBBROKER_CONFIG",
+        "JOBBROKER_CONNECT",
+        "JOBBROKER_CREDENTIAL",
+        "JOBBROKER_SECRET",
+        "JOBBROKER_TLS_CA",
+        "JOBBROKER_TEST_TIME_UNIT",
+        "JOBBROKER_REQUIRE_BROWSER",
+        "JOBBROKER_TEST_FAULTS",
+    }
+)
 
 
 def _queue_tables(tables: Any, source: str) -> dict[str, dict[str, Any]]:

@@ -177,6 +177,10 @@ class BrokerUnreachable(ConnectionClosed):
 
 
 def _describe_os_error(error: BaseException) -> str:
+    if isinstance(error, ProtocolError):
+        return f"what answers there does not speak jobbroker's protocol ({error})"
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror.lower() if error.strerror[:1].isupper() else error.strerror
     return str(error) or type(error).__name__

@@ -170,7 +170,6 @@ class _BrokerProtocol(asyncio.Protocol):
         self._resume_scheduled = False
         self._bytes_written = 0
         self._bytes_taken = 0  # bytes the peer had taken at the last progress check
-        self._buffered_at_check = 0  # bytes waiting in the transport at the last progress check
         self._stalled_checks = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -398,10 +397,12 @@ class _BrokerProtocol(asyncio.Protocol):
         buffered = transport.get_write_buffer_size()
         taken = self._bytes_written - buffered
         if taken != self._bytes_taken:
-            # Bytes left a buffer that was waiting on a full socket: the peer read them. (Bytes
-            # that merely went into an empty socket buffer prove nothing: a frozen peer's
-            # kernel takes them too.)
-            if self._buffered_at_check and self._reading_paused and self.authenticated:
+            # The peer took output since the last check. While we read nothing from it (its
+            # heartbeats wait unread behind its requests), that is the only sign of life we
+            # can see: a slow reader is alive. A frozen peer's kernel takes bytes too, but only
+            # until its buffers fill (a few MiB): then nothing moves, and it is cut off below or
+            # expires like any silent session.
+            if self._reading_paused and self.authenticated:
                 self.broker.scheduler.seen(self.session, now)
             self._bytes_taken = taken
             self._stalled_checks = 0
@@ -412,15 +413,18 @@ class _BrokerProtocol(asyncio.Protocol):
                 transport.abort()
         else:
             self._stalled_checks = 0
-        self._buffered_at_check = buffered
 
     def send_reply(self, request_id: int, data: dict[str, Any]) -> None:
         """Answer a request; a reply over the frame limit, or over what the broker holds for one
         connection above the mark, is refused (reply_too_large) rather than built further."""
-        body = encode(Reply(id=request_id, data=data))
         limit = min(self.connection.peer_max_frame_size - MAC_SIZE, self.broker.reply_budget)
-        if len(body) > limit:
-            error = ReplyTooLarge(f"the reply would take {len(body)} bytes; the limit is {limit}: ask for less")
+        # A list of jobs (dead_list, job_list) is measured job by job first: one over the limit
+        # is refused before the whole reply is built.
+        jobs = data.get("jobs")
+        size = _measured(jobs, limit) if isinstance(jobs, list) else 0
+        body = b"" if size > limit else encode(Reply(id=request_id, data=data))
+        if size > limit or len(body) > limit:
+            error = ReplyTooLarge(f"the reply would take over {limit} bytes, the limit: ask for less")
             self.send(ErrorReply(id=request_id, code=error.code, message=str(error)))
         elif self.connection.state is State.OPEN:
             self.connection.send_encoded(body)
@@ -1258,6 +1262,16 @@ _PUSHES: dict[type[Effect], PushType] = {
     ProgressReady: Progressed,
     Revoke: Revoked,
 }
+
+
+def _measured(items: list[Any], limit: int) -> int:
+    """The encoded size of `items`, counted one by one and no further than past `limit`."""
+    size = 0
+    for item in items:
+        size += len(msgpack.packb(item, use_bin_type=True))
+        if size > limit:
+            break
+    return size
 
 
 def _release(held: list[tuple[_BrokerProtocol, bytes]]) -> None:

@@ -339,6 +339,10 @@ class Connection:
         self.closed.set_result(exc)
 
 
+FIRST_CONNECT_PATIENCE = 2.0  # seconds of retries for a broker never reached that hangs up
+FIRST_CONNECT_TIMEOUT = 5.0  # seconds for a broker never reached to answer the handshake
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The OS-level reason under a ConnectionClosed (refused, reset...), for messages."""
     while isinstance(error, ConnectionClosed) and error.cause is not None:
@@ -463,6 +467,9 @@ class Link:
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.reconnect_timeout
+        first = not (self._reached or self.wait_for_broker)
+        if first:  # a broker never reached: a wrong address should say so in seconds
+            give_up_at = loop.time() + FIRST_CONNECT_PATIENCE
         delays = backoff_delays()
         while True:
             if self._closed:
@@ -476,16 +483,16 @@ class Link:
                     tls=self._tls,
                     client=self._client,
                     on_push=self._on_push,
-                    timeout=self.connect_timeout,
+                    timeout=min(self.connect_timeout, FIRST_CONNECT_TIMEOUT) if first else self.connect_timeout,
                 )
             except Exception as exc:
                 if not is_retryable(exc):
                     raise
-                # Nothing listens there (refused, no such host, no answer): say so now. A broker
-                # that answered and then hung up (at its connection limit, restarting) is worth
-                # the retries.
-                never_answered = not isinstance(exc, ConnectionClosed)
-                if (never_answered and not (self._reached or self.wait_for_broker)) or loop.time() >= give_up_at:
+                # Nothing listens there (refused, no such host, no answer) or what answers does
+                # not speak our protocol: say so now. A broker that answered and then hung up
+                # (at its connection limit, restarting) is worth a few more tries.
+                hung_up = isinstance(exc, ConnectionClosed) and not isinstance(_root_cause(exc), ProtocolError)
+                if (first and not hung_up) or loop.time() >= give_up_at:
                     raise BrokerUnreachable(self.address, _root_cause(exc)) from exc
                 self._complain(exc, loop.time())
                 await asyncio.sleep(min(next(delays), max(0.0, give_up_at - loop.time())))

@@ -10,12 +10,11 @@ The code lives in two subpackages: `jobbroker.client` (the client, the worker, t
 `jobbroker.broker` (the daemon; its `protocol` subpackage is shared with the client).
 """
 
-from __future__ import annotations
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     # For type checkers and editors: the names, as __getattr__ finds them at run time.
     from jobbroker.broker.config import BrokerConfig as BrokerConfig
     from jobbroker.broker.server import Broker as Broker
@@ -34,19 +33,19 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name == "__all__":  # `from jobbroker import *`, dir(): the client's names and ours
-        client = importlib.import_module("jobbroker.client")
+        client = _importlib.import_module("jobbroker.client")
         names = sorted({*client.__all__, *_HOMES})
         globals()["__all__"] = names
         return names
     home = _HOMES.get(name)
     if home is None:
-        client = importlib.import_module("jobbroker.client")
+        client = _importlib.import_module("jobbroker.client")
         if name not in client.__all__:
             raise AttributeError(f"module 'jobbroker' has no attribute {name!r}")
         home = "jobbroker.client"
-    value = getattr(importlib.import_module(home), name)
+    value = getattr(_importlib.import_module(home), name)
     globals()[name] = value  # once found, an ordinary attribute
     return value
 

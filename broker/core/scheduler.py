@@ -747,6 +747,8 @@ class Scheduler:
         """
         if not 1 <= limit <= MAX_LISTED:
             raise InvalidRequest(f"limit must be between 1 and {MAX_LISTED}")
+        if state not in _LISTED_STATES:
+            raise InvalidRequest(f"state must be pending, delayed, running or dead, not {state!r}")
         queue = self._queues.get(queue_name)
         if queue is None:
             return []

@@ -79,3 +79,10 @@ def test_clients_follow_the_brokers_port_variable() -> None:
     assert default_address({}) == "127.0.0.1:7878"
     assert default_address({"JOBBROKER_PORT": "9000"}) == "127.0.0.1:9000"
     assert default_address({"JOBBROKER_PORT": "9000", "JOBBROKER_CONNECT": "h:1"}) == "h:1"
+
+
+def test_a_misspelt_variable_is_said_not_silently_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+    parse_args(["serve"], {"JOBBROKER_HEARTBEET": "1", "JOBBROKER_CONNECT": "h:1"})
+    assert "ignoring $JOBBROKER_HEARTBEET: no such setting (did you mean 'JOBBROKER_HEARTBEAT'?)" in (
+        capsys.readouterr().err
+    )

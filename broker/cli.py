@@ -433,7 +433,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     job = client_command("job", _job, "show one job, or list a queue's jobs in one state")
     job.add_argument("action", choices=["show", "list"])
     job.add_argument("target", help="show: a job id; list: a queue")
-    job.add_argument("--state", default="pending", choices=["pending", "delayed", "running", "dead"], help="list")
+    job.add_argument(
+        "--state", default="pending", choices=["pending", "waiting", "delayed", "running", "dead"], help="list"
+    )
     job.add_argument("--after", type=int, default=0, help="list: jobs after this id (the last of the previous page)")
     job.add_argument("--limit", type=int, default=100, help="list: at most this many (100, at most 1000)")
     job.add_argument("--json", action="store_true", help="list: print JSON")
@@ -964,11 +966,24 @@ def format_stats(info: dict[str, Any]) -> str:
     """Stats as readable tables: queues, workers, then running jobs that report progress."""
     from jobbroker.client.progress import progress_bar
 
-    columns = ["queue", "pending", "delayed", "in_flight", "dead", "done", "failed", "done/s", "workers", "controls"]
+    columns = [
+        "queue",
+        "pending",
+        "waiting",
+        "delayed",
+        "in_flight",
+        "dead",
+        "done",
+        "failed",
+        "done/s",
+        "workers",
+        "controls",
+    ]
     rows = [
         [
             name,
             q["pending"],
+            q.get("waiting", 0),
             q["delayed"],
             q["in_flight"],
             q["dead"],

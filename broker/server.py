@@ -919,6 +919,8 @@ class Broker:
             timeout=request.timeout,
             result_ttl=request.result_ttl,
             max_backoff=request.max_backoff,
+            after=request.after,
+            run_anyway=_run_anyway(request.after_policy),
         )
         return {"job_ids": ids}
 
@@ -1262,6 +1264,13 @@ _PUSHES: dict[type[Effect], PushType] = {
     ProgressReady: Progressed,
     Revoke: Revoked,
 }
+
+
+def _run_anyway(policy: str) -> bool:
+    """after_policy: "done" (every job it runs after must succeed) or "always"."""
+    if policy not in ("done", "always"):
+        raise InvalidRequest(f"after_policy is 'done' or 'always', not {policy!r}")
+    return policy == "always"
 
 
 def _measured(items: list[Any], limit: int) -> int:

@@ -50,11 +50,11 @@ __all__ = [
     "serialize",
 ]
 
-SCHEMA_VERSION = 4  # 2: jobs.owner; 3: jobs.timeout; 4: jobs.result_ttl, jobs.max_backoff
+SCHEMA_VERSION = 5  # 2: jobs.owner; 3: jobs.timeout; 4: result_ttl, max_backoff; 5: dependencies
 
 # A job as created: id, queue, state, priority, payload, attempts, max_attempts, lease,
 # backoff, key, result, error, not_before (wall clock), expires_at (wall clock), owner, timeout,
-# result_ttl, max_backoff.
+# result_ttl, max_backoff, parents, parent_results, run_anyway.
 Row = tuple[
     int,
     str,
@@ -74,12 +74,16 @@ Row = tuple[
     float | None,
     float | None,
     float | None,
+    bytes | None,
+    bytes | None,
+    int,
 ]
-_ROW_COLUMNS = 18
+_ROW_COLUMNS = 21
 ControlsRow = tuple[bool, int | None, float | None]  # a queue's paused, concurrency, rate
 
-# A change of a stored job: state, attempts, result, error, not_before, expires_at, id.
-Update = tuple[str, int, bytes | None, bytes | None, float, float, int]
+# A change of a stored job: state, attempts, result, error, not_before, expires_at,
+# parent_results, id.
+Update = tuple[str, int, bytes | None, bytes | None, float, float, bytes | None, int]
 
 
 class FsyncMode(enum.StrEnum):
@@ -210,7 +214,10 @@ def serialize(changes: Changes, now: float, wall: float) -> WriteBatch:
     writes only the columns that can change, not the payload again."""
     offset = wall - now
     inserts = [_insert_row(job, offset) for job in changes.created.values()]
-    updates = [(*_state_and_attempts(job), *_mutable_columns(job, offset), job.id) for job in changes.updated.values()]
+    updates = [
+        (*_state_and_attempts(job), *_mutable_columns(job, offset), _parent_results(job), job.id)
+        for job in changes.updated.values()
+    ]
     controls = {name: None if c is None else (c.paused, c.concurrency, c.rate) for name, c in changes.controls.items()}
     return WriteBatch(inserts, updates, changes.forgotten, controls=controls)
 
@@ -233,6 +240,9 @@ def _insert_row(job: Job, offset: float) -> Row:
         job.timeout,
         job.result_ttl,
         job.max_backoff,
+        None if job.parents is None else _pack(job.parents),
+        _parent_results(job),
+        int(job.run_anyway),
     )
 
 
@@ -243,6 +253,10 @@ def _state_and_attempts(job: Job) -> tuple[str, int]:
     if job.state is JobState.LEASED:
         return JobState.PENDING.value, job.attempts - (job.started_at is not None)
     return job.state.value, job.attempts
+
+
+def _parent_results(job: Job) -> bytes | None:
+    return None if job.parent_results is None else _pack(job.parent_results)
 
 
 def _mutable_columns(job: Job, offset: float) -> tuple[bytes | None, bytes | None, float, float]:
@@ -257,7 +271,7 @@ def _mutable_columns(job: Job, offset: float) -> tuple[bytes | None, bytes | Non
     )
 
 
-_SET_CHANGES = "UPDATE jobs SET state=?, attempts=?, result=?, error=?, not_before=?, expires_at=?"
+_SET_CHANGES = "UPDATE jobs SET state=?, attempts=?, result=?, error=?, not_before=?, expires_at=?, parent_results=?"
 _UPDATE_ONE = _SET_CHANGES + " WHERE id=?"
 _UPDATE_MANY = _SET_CHANGES + " WHERE id IN (SELECT value FROM json_each(?))"
 
@@ -363,7 +377,8 @@ class SqliteStore:
                 id INTEGER PRIMARY KEY, queue TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL,
                 payload BLOB, attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL, lease REAL NOT NULL,
                 backoff REAL NOT NULL, key TEXT, result BLOB, error BLOB, not_before REAL NOT NULL,
-                expires_at REAL NOT NULL, owner TEXT, timeout REAL, result_ttl REAL, max_backoff REAL)"""
+                expires_at REAL NOT NULL, owner TEXT, timeout REAL, result_ttl REAL, max_backoff REAL,
+                parents BLOB, parent_results BLOB, run_anyway INTEGER NOT NULL DEFAULT 0)"""
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         db.execute(
@@ -384,6 +399,12 @@ class SqliteStore:
             db.execute("ALTER TABLE jobs ADD COLUMN max_backoff REAL")
             db.execute("UPDATE meta SET value = 4 WHERE name = 'schema'")
             version = (4,)
+        if version is not None and version[0] == 4:  # before dependencies
+            db.execute("ALTER TABLE jobs ADD COLUMN parents BLOB")
+            db.execute("ALTER TABLE jobs ADD COLUMN parent_results BLOB")
+            db.execute("ALTER TABLE jobs ADD COLUMN run_anyway INTEGER NOT NULL DEFAULT 0")
+            db.execute("UPDATE meta SET value = 5 WHERE name = 'schema'")
+            version = (5,)
         if version is None:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
@@ -429,7 +450,7 @@ class SqliteStore:
                 if batch.inserts:
                     # OR REPLACE: a batch written again after a failure reported late is harmless.
                     db.executemany(
-                        "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts
+                        "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.inserts
                     )
                 if batch.updates:
                     self._update(batch.updates)
@@ -696,7 +717,7 @@ def _salvage(database: Path) -> tuple[list[Row], list[int], list[str], dict[str,
 
         def take(row: Any) -> None:
             if len(row) < _ROW_COLUMNS:  # an older schema: before owners (1), before time limits (2)
-                row = (*row, *[None] * (_ROW_COLUMNS - len(row)))
+                row = (*row, *[None] * (_ROW_COLUMNS - 1 - len(row)), 0)  # ..., run_anyway 0
             try:
                 _job_from_row(row, 0.0, shared)
             except (ValueError, TypeError, KeyError, msgpack.UnpackException):
@@ -769,6 +790,9 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
         timeout,
         result_ttl,
         max_backoff,
+        parents,
+        parent_results,
+        run_anyway,
     ) = row
     job = Job(
         job_id,
@@ -785,6 +809,10 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
         max_backoff=max_backoff,
     )
     job.attempts = attempts
+    if parents is not None:
+        job.parents = _unpack(parents)
+        job.parent_results = _unpack(parent_results) if parent_results is not None else [None] * len(job.parents)
+        job.run_anyway = bool(run_anyway)
     job.owner = owner
     if result is not None:
         job.result = _unpack(result)

@@ -154,6 +154,8 @@ class Client:
         timeout: float | None = None,
         result_ttl: float | None = None,
         max_backoff: float | None = None,
+        after: Sequence[int] | None = None,
+        after_policy: str = "done",
     ) -> int:
         """Submit one job.
 
@@ -174,6 +176,10 @@ class Client:
             result_ttl: seconds the result is kept once the job ends (None: the broker's
                 --result-ttl; at most its --max-result-ttl).
             max_backoff: the longest retry delay (None: the broker's, 300 s).
+            after: ids of existing jobs this one runs after: it waits (state "waiting") until
+                they have all ended, then runs with their results (current_job().parent_results,
+                in this order); with after_policy "done" (the default) it is cancelled when one
+                of them ends dead or cancelled, with "always" it runs anyway.
 
         Returns:
             The job id.
@@ -185,7 +191,17 @@ class Client:
         if self.serializer is not None:
             payload = self._serialized([payload])[0]
         options = _SubmitOptions(
-            queue, priority, float(delay), max_attempts, lease, backoff, timeout, result_ttl, max_backoff
+            queue,
+            priority,
+            float(delay),
+            max_attempts,
+            lease,
+            backoff,
+            timeout,
+            result_ttl,
+            max_backoff,
+            None if after is None else tuple(after),
+            after_policy,
         )
         group = self._submit_groups.get(options)
         if group is None:
@@ -244,6 +260,8 @@ class Client:
         timeout: float | None = None,
         result_ttl: float | None = None,
         max_backoff: float | None = None,
+        after: Sequence[int] | None = None,
+        after_policy: str = "done",
     ) -> list[int]:
         """Submit many jobs in one frame, all or none. Options as submit(); `keys` gives each
         job an idempotency key (or None). Returns the job ids in order.
@@ -252,7 +270,17 @@ class Client:
             UnencodablePayload: a payload cannot be encoded (nothing was submitted).
         """
         options = _SubmitOptions(
-            queue, priority, float(delay), max_attempts, lease, backoff, timeout, result_ttl, max_backoff
+            queue,
+            priority,
+            float(delay),
+            max_attempts,
+            lease,
+            backoff,
+            timeout,
+            result_ttl,
+            max_backoff,
+            None if after is None else tuple(after),
+            after_policy,
         )
         return await self._submit(options, self._serialized(list(payloads)), keys)
 
@@ -298,6 +326,8 @@ class Client:
                 timeout=None if options.timeout is None else float(options.timeout),
                 result_ttl=None if options.result_ttl is None else float(options.result_ttl),
                 max_backoff=None if options.max_backoff is None else float(options.max_backoff),
+                after=None if options.after is None else list(options.after),
+                after_policy=options.after_policy,
             )
         except FrameTooLarge as exc:
             raise LimitExceeded(
@@ -400,7 +430,7 @@ class Client:
         payloads = list(payloads)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[list[Any]]] = []
-        options = _SubmitOptions(queue, priority, 0.0, max_attempts, lease, None, job_timeout, None, None)
+        options = _SubmitOptions(queue, priority, 0.0, max_attempts, lease, None, job_timeout, None, None, None, "done")
         try:
             async with asyncio.timeout(timeout):
                 submits = [
@@ -617,6 +647,8 @@ class _SubmitOptions(NamedTuple):
     timeout: float | None
     result_ttl: float | None
     max_backoff: float | None
+    after: tuple[int, ...] | None
+    after_policy: str
 
 
 class _SubmitGroup:

@@ -55,6 +55,8 @@ class TaskOptions:
     timeout: float | None = None
     result_ttl: float | None = None
     max_backoff: float | None = None
+    after: tuple[int, ...] | None = None  # for one submit: add.options(after=[job_id]).submit(...)
+    after_policy: str = "done"
     retry_on: tuple[type[BaseException], ...] | None = None
     no_retry: tuple[type[BaseException], ...] = ()
 
@@ -68,6 +70,8 @@ class TaskOptions:
             "timeout": self.timeout,
             "result_ttl": self.result_ttl,
             "max_backoff": self.max_backoff,
+            "after": self.after,
+            "after_policy": self.after_policy,
         }
 
     def is_final(self, exc: BaseException) -> bool:

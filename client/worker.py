@@ -74,6 +74,9 @@ class Job:
         queue, payload: as submitted.
         attempt: this attempt's number, from 1.
         timeout: seconds this attempt may run (None: no limit).
+        parent_results: the results of the jobs it was submitted to run after (`after`), in
+            that order (None: it runs after none; an item is None for one that did not succeed
+            when the job runs anyway).
         lease_lost: True once this worker no longer holds the job (cancelled, over its time
             limit, or the connection to the broker was lost): whatever the handler returns is
             discarded. A long plain-function handler may check it and stop early.
@@ -85,6 +88,7 @@ class Job:
         "id",
         "lease",
         "lost_reason",
+        "parent_results",
         "payload",
         "queue",
         "received_at",
@@ -95,6 +99,8 @@ class Job:
     def __init__(self, item: Sequence[Any], worker: Worker | None, received_at: float = 0.0) -> None:
         self.id, self.token, self.queue, self.payload, self.attempt, self.lease = item[:6]
         self.timeout: float | None = item[6] if len(item) > 6 else None
+        # the results of the jobs it runs after (`after`), in that order; None: it runs after none
+        self.parent_results: list[Any] | None = item[7] if len(item) > 7 else None
         self.lost_reason: str | None = None  # why this worker no longer holds the job
         self.received_at = received_at  # loop time of the delivery, for hand_back_after
         self._worker = worker
@@ -113,7 +119,16 @@ class Job:
 
     def row(self) -> list[Any]:
         """The job as delivered (a process handler's current_job() is made from it)."""
-        return [self.id, self.token, self.queue, self.payload, self.attempt, self.lease, self.timeout]
+        return [
+            self.id,
+            self.token,
+            self.queue,
+            self.payload,
+            self.attempt,
+            self.lease,
+            self.timeout,
+            self.parent_results,
+        ]
 
     async def touch(self, seconds: float = 0.0) -> None:
         """Check that this worker still holds the job. Leases follow the worker's session

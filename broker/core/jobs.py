@@ -13,6 +13,7 @@ __all__ = ["FINAL_STATES", "TRANSITIONS", "Job", "JobEvent", "JobState", "transi
 
 
 class JobState(enum.StrEnum):
+    WAITING = "waiting"  # for the jobs it was submitted after (`after`) to end
     PENDING = "pending"  # waiting in its queue for a worker
     DELAYED = "delayed"  # waiting for its not-before time (a delayed submit, or a retry backoff)
     LEASED = "leased"  # delivered to a worker, under a lease
@@ -23,6 +24,7 @@ class JobState(enum.StrEnum):
 
 class JobEvent(enum.StrEnum):
     DUE = "due"  # the not-before time has come
+    READY = "ready"  # every job it waited for has ended (done, or any end with run_anyway)
     DELIVER = "deliver"
     COMPLETE = "complete"
     RETRY = "retry"  # failed with attempts left: back off
@@ -34,6 +36,8 @@ class JobEvent(enum.StrEnum):
 
 TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (JobState.DELAYED, JobEvent.DUE): JobState.PENDING,
+    (JobState.WAITING, JobEvent.READY): JobState.PENDING,
+    (JobState.WAITING, JobEvent.CANCEL): JobState.CANCELLED,  # cancelled, or a job it waits for failed
     (JobState.PENDING, JobEvent.DELIVER): JobState.LEASED,
     (JobState.LEASED, JobEvent.COMPLETE): JobState.DONE,
     (JobState.LEASED, JobEvent.RETRY): JobState.DELAYED,
@@ -64,17 +68,21 @@ class Job:
         "max_backoff",
         "not_before",
         "owner",
+        "parent_results",
+        "parents",
         "payload",
         "priority",
         "progress",
         "queue",
         "result",
         "result_ttl",
+        "run_anyway",
         "started_at",
         "state",
         "timeout",
         "token",
         "unstarted_losses",
+        "waiting_on",
         "watchers",
         "worker",
     )
@@ -121,6 +129,12 @@ class Job:
         # waits in the worker's prefetch buffer. The attempt counts from the start.
         self.started_at: float | None = None
         self.unstarted_losses = 0  # leases lost with their worker before the job started
+        # Dependencies (`after`): the jobs it runs after, their results as they end (in `after`
+        # order), how many of them have not ended, and whether it runs when one did not succeed.
+        self.parents: list[int] | None = None
+        self.parent_results: list[Any] | None = None
+        self.waiting_on = 0
+        self.run_anyway = False
         self.expires_at = 0.0  # when a finished job is forgotten (scheduler's clock)
 
     def __repr__(self) -> str:

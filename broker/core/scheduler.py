@@ -231,6 +231,7 @@ class _Queue:
         "run_times",
         "submitted",
         "waiters",
+        "waiting_count",
     )
 
     def __init__(self, name: str, now: float = 0.0) -> None:
@@ -238,6 +239,7 @@ class _Queue:
         self.pending: dict[int, deque[Job]] = {}  # priority -> FIFO; may hold cancelled jobs
         self.priorities: list[int] = []  # negated priorities present in `pending`, ascending
         self.pending_count = 0
+        self.waiting_count = 0  # jobs waiting for the jobs they run after
         self.delayed_count = 0
         self.leased_count = 0
         self.finished_count = 0  # done and cancelled jobs kept for the result TTL
@@ -271,6 +273,7 @@ class _Queue:
         are checked apart)."""
         return not (
             self.pending_count
+            or self.waiting_count
             or self.delayed_count
             or self.leased_count
             or self.finished_count
@@ -356,6 +359,7 @@ class Scheduler:
         # worker has not ended it (its own limit plus the grace the worker has to report it)
         self._run_deadlines: Deadlines[int] = Deadlines()
         self._rate_deadlines: Deadlines[str] = Deadlines()  # queue name: its next rate token
+        self._dependents: dict[int, list[Job]] = {}  # job id -> the waiting jobs that run after it
         self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
         # job id of a finished job; TTLs are all alike, so these come in time order
         self._expiry_deadlines: OrderedDeadlines[int] = OrderedDeadlines()
@@ -438,6 +442,8 @@ class Scheduler:
         timeout: float | None = None,
         result_ttl: float | None = None,
         max_backoff: float | None = None,
+        after: Sequence[int] | None = None,
+        run_anyway: bool = False,
     ) -> list[int]:
         """Add jobs to a queue, all or none. Returns their ids, in order; a job whose
         idempotency key this owner already used on this queue gets the first job's id.
@@ -472,6 +478,16 @@ class Scheduler:
             raise InvalidRequest(f"result_ttl must be between 0 and the broker's maximum, {config.max_result_ttl:g} s")
         if max_backoff is not None and not 0.0 <= max_backoff <= 86400 * 7:
             raise InvalidRequest("max_backoff must be between 0 and a week")
+        parents: list[Job] = []
+        if after:
+            self._check_batch(len(after))
+            if delay > 0:
+                raise InvalidRequest("a job runs after other jobs or after a delay, not both")
+            for parent_id in after:
+                parent = self._visible(parent_id, owner)
+                if parent is None:  # only existing jobs: no cycle can ever form
+                    raise InvalidRequest(f"job {parent_id}, to run after, is unknown (or expired)")
+                parents.append(parent)
         if keys is not None:
             if len(keys) != len(payloads):
                 raise InvalidRequest(f"{len(keys)} idempotency keys for {len(payloads)} payloads")
@@ -493,7 +509,7 @@ class Scheduler:
             queue = self._new_queue(queue_name, now)
         self._note_rates(now)
 
-        state = JobState.DELAYED if delay > 0 else JobState.PENDING
+        state = JobState.WAITING if parents else JobState.DELAYED if delay > 0 else JobState.PENDING
         ids: list[int] = []
         created = 0
         for index, payload in enumerate(payloads):
@@ -528,7 +544,10 @@ class Scheduler:
                 self._keys[(owner, queue_name, key)] = job.id
             if watcher is not None:
                 job.watchers = [watcher]
-            if state is JobState.DELAYED:
+            if state is JobState.WAITING:
+                queue.waiting_count += 1
+                self._wait_for(job, parents, run_anyway, now)
+            elif state is JobState.DELAYED:
                 queue.delayed_count += 1
                 job.not_before = now + delay
                 self._due_deadlines.add(job.id, job.not_before)
@@ -567,11 +586,87 @@ class Scheduler:
         elif job.state is JobState.LEASED:
             self._revoke(job, "cancelled")
             self._end_lease(job)
+        elif job.state is JobState.WAITING:
+            queue.waiting_count -= 1  # the jobs it waits for skip it when they end
         else:
             queue.delayed_count -= 1
             self._due_deadlines.cancel(job.id)
         self._move(job, JobEvent.CANCEL)
         self._finish(job, now)
+
+    # --- dependencies ---------------------------------------------------------------------
+
+    def _wait_for(self, job: Job, parents: list[Job], run_anyway: bool, now: float, *, restored: bool = False) -> None:
+        """A job runs after `parents` (docs/protocol.md, "after"): note what has ended
+        already, wait for the rest. A restored job keeps its parents and the results stored."""
+        if not restored:
+            job.parents = [parent.id for parent in parents]
+            job.parent_results = [None] * len(parents)
+        assert job.parents is not None and job.parent_results is not None
+        job.run_anyway = run_anyway
+        failed: Job | None = None
+        for parent in parents:
+            if parent.state in FINAL_STATES:
+                if parent.state is JobState.DONE:
+                    for index, parent_id in enumerate(job.parents):
+                        if parent_id == parent.id:
+                            job.parent_results[index] = parent.result
+                elif failed is None:
+                    failed = parent
+            else:
+                job.waiting_on += 1
+                waiting = self._dependents.setdefault(parent.id, [])
+                if not waiting or waiting[-1] is not job:  # named twice: one entry
+                    waiting.append(job)
+        if failed is not None and not run_anyway:
+            self._cancel_dependent(job, failed, now)
+        elif job.waiting_on == 0:
+            self._make_ready(job)
+
+    def _settle_dependents(self, ended: Job, now: float) -> None:
+        """A job ended: the jobs waiting for it get its result, run if nothing else holds them,
+        or are cancelled if it did not succeed (unless they run anyway), and so on down their
+        own dependents: iteratively, for chains of any length."""
+        stack = [ended]
+        while stack:
+            parent = stack.pop()
+            for child in self._dependents.pop(parent.id, ()):
+                if child.state is not JobState.WAITING:  # cancelled meanwhile
+                    continue
+                assert child.parents is not None and child.parent_results is not None
+                for index, parent_id in enumerate(child.parents):
+                    if parent_id == parent.id and parent.state is JobState.DONE:
+                        child.parent_results[index] = parent.result
+                self._changed(child)
+                if parent.state is not JobState.DONE and not child.run_anyway:
+                    self._cancel_dependent(child, parent, now, cascade=False)
+                    stack.append(child)
+                    continue
+                child.waiting_on -= 1
+                if child.waiting_on == 0:
+                    self._make_ready(child)
+
+    def _cancel_dependent(self, job: Job, failed: Job, now: float, *, cascade: bool = True) -> None:
+        job.error = _error("DependencyFailed", f"job {failed.id}, which it runs after, ended {failed.state}")
+        self._queues[job.queue].waiting_count -= 1
+        self._move(job, JobEvent.CANCEL)
+        self._finish(job, now, cascade=cascade)
+
+    def _make_ready(self, job: Job) -> None:
+        """Every job it waited for has ended: it joins its queue."""
+        self._move(job, JobEvent.READY)
+        queue = self._queues[job.queue]
+        queue.waiting_count -= 1
+        if self.track_changes and job.id >= self._stored_below:  # not stored yet: stored() delivers it
+            queue.pending_count += 1
+            self._unstored.append(job)
+            return
+        queue.push(job)
+        self._ready[job.queue] = None
+
+    def _changed(self, job: Job) -> None:
+        if self.track_changes and job.id not in self._changes.created:
+            self._changes.updated[job.id] = job
 
     def watch(self, session_id: int, job_ids: Sequence[int], owner: str | None = None) -> None:
         """Ask for the outcome of jobs; each arrives in a ResultsReady effect, at once if the
@@ -748,7 +843,7 @@ class Scheduler:
         if not 1 <= limit <= MAX_LISTED:
             raise InvalidRequest(f"limit must be between 1 and {MAX_LISTED}")
         if state not in _LISTED_STATES:
-            raise InvalidRequest(f"state must be pending, delayed, running or dead, not {state!r}")
+            raise InvalidRequest(f"state must be pending, waiting, delayed, running or dead, not {state!r}")
         queue = self._queues.get(queue_name)
         if queue is None:
             return []
@@ -759,10 +854,10 @@ class Scheduler:
             candidates = queue.dead.values()
         elif state == "running":
             candidates = (job for session in self._sessions.values() for job in session.leased.values())
-        elif state == "delayed":
+        elif state in ("delayed", "waiting"):
             candidates = self._jobs.values()  # no index by queue: an admin's occasional scan
         else:
-            raise InvalidRequest(f"state must be pending, delayed, running or dead, not {state!r}")
+            raise InvalidRequest(f"state must be pending, waiting, delayed, running or dead, not {state!r}")
         wanted = _LISTED_STATES[state]
         page = heapq.nsmallest(
             limit,
@@ -884,6 +979,7 @@ class Scheduler:
         queues = {
             name: {
                 "pending": q.pending_count,
+                "waiting": q.waiting_count,
                 "delayed": q.delayed_count,
                 "in_flight": q.leased_count,
                 "dead": len(q.dead),
@@ -919,6 +1015,7 @@ class Scheduler:
             completed_rate = (queue.completed - completed) / _RATE_WINDOW
             queues[name] = {
                 "pending": queue.pending_count,
+                "waiting": queue.waiting_count,
                 "delayed": queue.delayed_count,
                 "in_flight": queue.leased_count,
                 "dead": len(queue.dead),
@@ -1087,6 +1184,7 @@ class Scheduler:
         if self._jobs:
             raise InvalidRequest("restore() needs an empty scheduler")
         finished: list[Job] = []
+        waiting: list[Job] = []
         for job in jobs:
             self._jobs[job.id] = job
             queue = self._queues.get(job.queue)
@@ -1106,6 +1204,9 @@ class Scheduler:
                 self._due_deadlines.add(job.id, job.not_before)
             elif job.state is JobState.DEAD:
                 queue.dead[job.id] = job
+            elif job.state is JobState.WAITING:
+                queue.waiting_count += 1
+                waiting.append(job)
             else:  # done or cancelled: kept for the rest of the result TTL
                 queue.finished_count += 1
                 finished.append(job)
@@ -1115,6 +1216,12 @@ class Scheduler:
         self._next_job_id = max(self._next_job_id, next_job_id)
         self._stored_below = self._next_job_id
         self._next_token = max(self._next_token, next_token)
+        for job in waiting:  # once every job is back: what each still waits for
+            parents = [self._jobs.get(parent_id) for parent_id in job.parents or ()]
+            # A job it waited for that is gone ended and expired; its result was stored with
+            # this job when it ended.
+            job.waiting_on = 0
+            self._wait_for(job, [p for p in parents if p is not None], job.run_anyway, now, restored=True)
         self._outbox = _Outbox()  # restoring is not news to anyone
 
     # --- internals --------------------------------------------------------------------
@@ -1200,7 +1307,18 @@ class Scheduler:
                 batch = deliveries.get(session.id)
                 if batch is None:
                     batch = deliveries[session.id] = []
-                batch.append([job.id, job.token, name, job.payload, job.attempts + 1, job.lease_seconds, job.timeout])
+                batch.append(
+                    [
+                        job.id,
+                        job.token,
+                        name,
+                        job.payload,
+                        job.attempts + 1,
+                        job.lease_seconds,
+                        job.timeout,
+                        job.parent_results,
+                    ]
+                )
                 if session.credit > 0:
                     waiters.append(session)
                 else:
@@ -1306,14 +1424,19 @@ class Scheduler:
         error = job.error or {"type": "Unknown", "message": ""}
         self._outbox.notices.append(JobBuried(job.id, job.queue, error))
         self._notify_watchers(job)
+        if job.id in self._dependents:
+            self._settle_dependents(job, now)
 
-    def _finish(self, job: Job, now: float) -> None:
-        """A job reached DONE or CANCELLED: tell its watchers, keep it for the result TTL."""
+    def _finish(self, job: Job, now: float, *, cascade: bool = True) -> None:
+        """A job reached DONE or CANCELLED: tell its watchers, keep it for the result TTL, and
+        (with cascade) settle the jobs that wait for it."""
         if job.state is JobState.DONE:
             job.payload = None  # finished jobs are kept for their result only: free the rest
         self._notify_watchers(job)
         self._queues[job.queue].finished_count += 1
         self._keep_until(job, now + (self.config.result_ttl if job.result_ttl is None else job.result_ttl))
+        if cascade and job.id in self._dependents:
+            self._settle_dependents(job, now)
 
     def _keep_until(self, job: Job, expires_at: float) -> None:
         """Forget a finished job at `expires_at`. Default TTLs come in time order (a cheap
@@ -1408,6 +1531,7 @@ MAX_LISTED = 1000  # jobs in one page of job_list
 _NO_CONTROLS = QueueControls()
 _LISTED_STATES = {
     "pending": JobState.PENDING,
+    "waiting": JobState.WAITING,
     "delayed": JobState.DELAYED,
     "running": JobState.LEASED,
     "dead": JobState.DEAD,
@@ -1440,6 +1564,8 @@ def _describe(job: Job) -> dict[str, Any]:
         "timeout": job.timeout,
         "result_ttl": job.result_ttl,
         "max_backoff": job.max_backoff,
+        "after": job.parents,
+        "waiting_on": job.waiting_on if job.state is JobState.WAITING else 0,
         "started": job.state is JobState.LEASED and job.started_at is not None,
         "payload": job.payload,
         "result": job.result,

@@ -42,6 +42,7 @@ function queueRow([name, q]) {
   tr.append(
     cell(name, "name"),
     cell(number(q.pending), "pending"),
+    cell(number(q.waiting), "waiting"),
     cell(number(q.delayed), "delayed"),
     cell(number(q.in_flight), "in_flight"),
     cell(number(q.dead), "dead"),

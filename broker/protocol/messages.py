@@ -68,8 +68,9 @@ TouchItem = tuple[int, int, float]  # job_id, lease token, new lease in seconds 
 ReleaseItem = tuple[int, int]  # job_id, lease token
 StartedItem = tuple[int, int]  # job_id, lease token
 RevokedItem = tuple[int, int, str]  # job_id, lease token, why the worker no longer holds it
-# job_id, token, queue, payload, attempt, lease, run-time limit in seconds (nil: none)
-DeliveryItem = tuple[int, int, str, Any, int, float, float | None]
+# job_id, token, queue, payload, attempt, lease, run-time limit in seconds (nil: none), the
+# results of the jobs it runs after, in `after` order (nil: it runs after none)
+DeliveryItem = tuple[int, int, str, Any, int, float, float | None, Any | None]
 ResultItem = tuple[int, str, Any]  # job_id, final state, result or error
 ProgressItem = tuple[int, int, float, str]  # job_id, lease token, fraction done (0..1), message
 ProgressedItem = tuple[int, float, str]  # job_id, fraction done, message
@@ -164,6 +165,8 @@ class Submit(Request):
     timeout: float | None = None
     result_ttl: float | None = None
     max_backoff: float | None = None
+    after: list[int] | None = None
+    after_policy: str = "done"
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,3 +40,26 @@ def strict(n: int) -> int:
 @task(queue="math", max_attempts=3, backoff=0.0, retry_on=(ConnectionError,))
 def picky(kind: str) -> None:
     raise ConnectionError("try again") if kind == "connection" else KeyError(kind)
+
+
+@task(queue="flow")
+def double(n: int) -> int:
+    return 2 * n
+
+
+@task(queue="flow")
+def plus_one_of_previous() -> int:
+    """A link of a chain: the result of the job it runs after, plus one."""
+    (previous,) = current_job().parent_results or [0]
+    return previous + 1
+
+
+@task(queue="flow")
+async def total() -> int:
+    """The reduce of a chord: the sum of the results of the jobs it runs after."""
+    return sum(r for r in current_job().parent_results or [] if r is not None)  # None: a part that failed
+
+
+@task(queue="flow", max_attempts=1)
+def broken() -> None:
+    raise RuntimeError("this part fails")

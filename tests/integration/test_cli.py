@@ -64,7 +64,7 @@ def test_submit_wait_and_stats_from_the_shell(
     output = run([sys.executable, "-m", "jobbroker", "submit", "squares", "3", "4", "--wait", *common], {})
     assert [line.split("\t")[1:] for line in output.strip().splitlines()] == [["3", "9"], ["4", "16"]]
     table = run([sys.executable, "-m", "jobbroker", "stats", *common], {})
-    assert re.search(r"^squares\s+0\s+0\s+0\s+0\s+2\s", table, re.MULTILINE), table
+    assert re.search(r"^squares\s+0\s+0\s+0\s+0\s+0\s+2\s", table, re.MULTILINE), table  # done: 2
     assert "worker-1" in table
     stats = json.loads(run([sys.executable, "-m", "jobbroker", "stats", "--json", *common], {}))
     assert stats["queues"]["squares"]["done"] == 2

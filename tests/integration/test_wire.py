@@ -119,7 +119,7 @@ async def test_stale_completion_after_the_broker_takes_a_job_back_is_refused(
         await stale.request(Reserve, queues=["fenced"], prefetch=1)
         await asyncio.wait_for(delivered.wait(), 5 * TIME_UNIT)
         delivered.clear()
-        ((_, token, _, _, attempt, _, limit),) = first_deliveries
+        ((_, token, _, _, attempt, _, limit, _),) = first_deliveries
         assert (attempt, limit) == (1, 0.3)
         stale.send(Started(items=[[job_id, token]]))
         await stale.request(Reserve, queues=["fenced"], prefetch=0)  # take nothing more

@@ -94,8 +94,16 @@ def test_delivery_carries_lease_token_attempt_payload_and_time_limit() -> None:
     h = Harness()
     (job_id,) = h.submit([{"n": 7}], lease=12.0, timeout=60.0)
     h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
-    ((delivered_id, token, queue, payload, attempt, lease, timeout),) = h.deliveries()[WORKER_A]
-    assert (delivered_id, queue, payload, attempt, lease, timeout) == (job_id, "q", {"n": 7}, 1, 12.0, 60.0)
+    ((delivered_id, token, queue, payload, attempt, lease, timeout, parents),) = h.deliveries()[WORKER_A]
+    assert (delivered_id, queue, payload, attempt, lease, timeout, parents) == (
+        job_id,
+        "q",
+        {"n": 7},
+        1,
+        12.0,
+        60.0,
+        None,
+    )
     assert token > 0
 
 
@@ -167,7 +175,7 @@ def test_a_stale_worker_is_fenced_after_its_session_dies() -> None:
     h.scheduler.close_session(WORKER_A, h.now)
     h.scheduler.open_session(WORKER_A, h.now)  # the same worker, reconnected: a new session
     h.scheduler.reserve(WORKER_B, ["q"], 1, h.now)
-    ((fresh_id, fresh_token, _, _, attempt, _, _),) = h.deliveries()[WORKER_B]
+    ((fresh_id, fresh_token, _, _, attempt, _, _, _),) = h.deliveries()[WORKER_B]
     assert fresh_id == job_id and attempt == 2 and fresh_token != stale_token
     assert h.scheduler.complete(WORKER_A, [[job_id, stale_token, "old"]], h.now) == ["lease_lost"]
     assert h.scheduler.fail(WORKER_A, [[job_id, stale_token, "E", "old"]], h.now) == ["lease_lost"]
@@ -209,7 +217,7 @@ def test_failures_retry_with_exponential_backoff_then_go_dead() -> None:
     waits = []
     delivered = h.deliveries()[WORKER_A]
     for attempt in (1, 2, 3):
-        ((_, token, _, _, delivered_attempt, _, _),) = delivered
+        ((_, token, _, _, delivered_attempt, _, _, _),) = delivered
         assert delivered_attempt == attempt
         assert h.scheduler.fail(WORKER_A, [[job_id, token, "ValueError", f"bad {attempt}"]], h.now) == [None]
         effects = h.flush()
@@ -238,7 +246,7 @@ def test_dead_outcome_reaches_watchers_and_dead_jobs_can_be_requeued() -> None:
     (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
     assert results.items == [[job_id, "dead", {"type": "E", "message": "m"}]]
     assert h.scheduler.dead_requeue("q", None, h.now) == [job_id]
-    ((again_id, _, _, _, attempt, _, _),) = h.deliveries()[WORKER_A]
+    ((again_id, _, _, _, attempt, _, _, _),) = h.deliveries()[WORKER_A]
     assert again_id == job_id and attempt == 1 and h.stats()["dead"] == 0
 
 
@@ -310,7 +318,7 @@ def test_release_hands_back_without_counting_the_attempt() -> None:
     h.scheduler.reserve(WORKER_A, ["q"], 0, h.now)
     assert h.scheduler.release(WORKER_A, [[first, token]], h.now) == [None]
     h.scheduler.reserve(WORKER_B, ["q"], 1, h.now)
-    ((job_id, _, _, _, attempt, _, _),) = h.deliveries()[WORKER_B]
+    ((job_id, _, _, _, attempt, _, _, _),) = h.deliveries()[WORKER_B]
     assert (job_id, attempt) == (first, 1)  # back at the front, attempt refunded
 
 
@@ -659,3 +667,73 @@ def test_a_jobs_own_result_ttl_and_backoff_cap() -> None:
         (deliver,) = [e for e in effects if isinstance(e, Deliver)]
         delivered = deliver.jobs
     assert waits == [10.0, 15.0, 15.0]  # 10, then 20 and 40 capped at 15
+
+
+# --- dependencies (issue 14) --------------------------------------------------------------
+
+
+def _run_all(h: Harness) -> dict[int, Any]:
+    """Complete every job delivered to WORKER_A (result: its payload doubled, with the results
+    of the jobs it ran after); returns job id -> parent results seen."""
+    seen: dict[int, Any] = {}
+    while True:
+        delivered = h.deliveries().get(WORKER_A, [])
+        if not delivered:
+            return seen
+        for job_id, token, _, payload, _, _, _, parents in delivered:
+            seen[job_id] = parents
+            h.scheduler.complete(WORKER_A, [[job_id, token, [payload, parents]]], h.now)
+
+
+def test_a_chain_runs_in_order_with_each_result_handed_on() -> None:
+    h = Harness()
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    (a,) = h.submit(["a"])
+    (b,) = h.submit(["b"], after=[a])
+    (c,) = h.submit(["c"], after=[b])
+    assert h.stats()["waiting"] == 2 and h.scheduler.job_info(c)["state"] == "waiting"
+    seen = _run_all(h)
+    assert list(seen) == [a, b, c]  # one at a time, in order
+    assert seen[b] == [["a", None]] and seen[c] == [["b", [["a", None]]]]
+    assert h.stats()["waiting"] == 0 and h.stats()["done"] == 3
+
+
+def test_a_chord_waits_for_every_part_then_gets_their_results_in_order() -> None:
+    h = Harness()
+    parts = h.submit([1, 2, 3])
+    (reduce,) = h.submit(["sum"], after=list(reversed(parts)))
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    seen = _run_all(h)
+    assert seen[reduce] == [[3, None], [2, None], [1, None]]
+
+
+def test_a_dependent_of_a_dead_job_is_cancelled_with_the_reason_unless_it_runs_anyway() -> None:
+    h = Harness()
+    (parent,) = h.submit(["p"], max_attempts=1)
+    (child,) = h.submit(["c"], after=[parent])
+    (grandchild,) = h.submit(["g"], after=[child])
+    (anyway,) = h.submit(["x"], after=[parent], run_anyway=True)
+    h.scheduler.watch(PRODUCER, [child, grandchild])
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    ((job_id, token, *_),) = h.deliveries()[WORKER_A]
+    h.scheduler.fail(WORKER_A, [[job_id, token, "E", "boom"]], h.now)
+    info = h.scheduler.job_info(child)
+    assert info["state"] == "cancelled" and info["error"]["type"] == "DependencyFailed"
+    assert f"job {parent}" in info["error"]["message"] and "dead" in info["error"]["message"]
+    assert h.scheduler.job_info(grandchild)["state"] == "cancelled"  # down the chain
+    ((ran, _, _, _, _, _, _, parents),) = h.deliveries()[WORKER_A]
+    assert ran == anyway and parents == [None]
+    with pytest.raises(InvalidRequest, match="unknown"):
+        h.submit(["late"], after=[10**6])  # only existing jobs: no cycle can form
+
+
+def test_a_job_can_run_after_jobs_that_ended_already_and_waiting_jobs_can_be_cancelled() -> None:
+    h = Harness()
+    (done,) = h.submit(["d"])
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    _run_all(h)
+    (after_done,) = h.submit(["n"], after=[done])
+    (waits,) = h.submit(["w"], after=[after_done])
+    assert h.scheduler.cancel([waits], h.now) == [None]
+    seen = _run_all(h)
+    assert seen == {after_done: [["d", None]]} and h.stats()["waiting"] == 0

@@ -393,3 +393,37 @@ def test_a_jobs_own_options_survive_a_restart(tmp_path: Path) -> None:
     (job,) = reopened.load(0.0, WALL).jobs
     reopened.close()
     assert (job.id, job.timeout, job.result_ttl, job.max_backoff) == (job_id, 9.0, 1234.0, 7.0)
+
+
+def test_jobs_waiting_for_others_survive_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    scheduler = Scheduler(track_changes=True)
+    now = clock.now()
+    scheduler.open_session(1, now)
+    first, second = scheduler.submit(1, "q", ["a", "b"], now)
+    (child,) = scheduler.submit(1, "q", ["c"], now, after=[first, second])
+    scheduler.stored(scheduler.next_job_id)
+    scheduler.reserve(1, ["q"], 1, now)
+    (deliver,) = [e for e in scheduler.flush(now) if isinstance(e, Deliver)]
+    ((job_id, token, *_),) = deliver.jobs
+    assert job_id == first
+    scheduler.complete(1, [[first, token, "A"]], now)  # the child keeps this result
+    store = SqliteStore(tmp_path / "data")
+    store.write(serialize(scheduler.take_changes(), now, WALL), scheduler.next_job_id)
+    store.close()
+
+    reopened = SqliteStore(tmp_path / "data")
+    recovered = reopened.load(0.0, WALL)
+    reopened.close()
+    restored = Scheduler(track_changes=True)
+    restored.restore(recovered.jobs, recovered.next_job_id, 0.0)
+    assert restored.job_info(child)["state"] == "waiting" and restored.job_info(child)["waiting_on"] == 1
+    restored.open_session(2, 0.0)
+    restored.reserve(2, ["q"], 1, 0.0)
+    (deliver,) = [e for e in restored.flush(0.0) if isinstance(e, Deliver)]
+    ((job_id, token, *_),) = deliver.jobs
+    assert job_id == second
+    restored.complete(2, [[second, token, "B"]], 0.0)
+    (deliver,) = [e for e in restored.flush(0.0) if isinstance(e, Deliver)]
+    ((job_id, _, _, _, _, _, _, parents),) = deliver.jobs
+    assert (job_id, parents) == (child, ["A", "B"])

@@ -33,6 +33,9 @@ from jobbroker.broker.protocol.messages import (
     QueueSet,
     Release,
     Reserve,
+    ScheduleList,
+    ScheduleRemove,
+    ScheduleSet,
     Started,
     Stats,
     Submit,
@@ -56,6 +59,7 @@ _ADMIN_OPS = (
     _PRODUCER_OPS
     | _WORKER_OPS
     | {Stats.op, DeadList.op, DeadRequeue.op, DeadPurge.op, Drain.op, QueuePurge.op, QueueSet.op}
+    | {ScheduleSet.op, ScheduleRemove.op, ScheduleList.op}
 )
 
 # The requests each role may make; anything else is answered `forbidden`.

@@ -176,6 +176,9 @@ def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Ma
             if dest == "queues":  # [queues.NAME] tables: queue controls set at every start
                 settings[dest] = (_queue_tables(value, config_path), config_path)
                 continue
+            if dest == "schedules":  # [schedules.NAME] tables: periodic jobs set at every start
+                settings[dest] = (_schedule_tables(value, config_path), config_path)
+                continue
             if dest not in options:
                 raise ConfigError(f"{config_path}: unknown setting {key!r}{_did_you_mean(dest, options)}")
             settings[dest] = (value, f"{config_path}: {key}")
@@ -188,7 +191,7 @@ def _serve_settings(serve: argparse.ArgumentParser, argv: list[str], environ: Ma
         if name.startswith("JOBBROKER_") and name not in known:  # a typo would go unnoticed
             print(f"jobbroker: ignoring ${name}: no such setting{_did_you_mean(name, known)}", file=sys.stderr)
     return {
-        dest: value if dest == "queues" else _setting(options[dest], value, source)
+        dest: value if dest in ("queues", "schedules") else _setting(options[dest], value, source)
         for dest, (value, source) in settings.items()
     }
 
@@ -231,6 +234,21 @@ def _queue_tables(tables: Any, source: str) -> dict[str, dict[str, Any]]:
             settings[key] = parse_rate(value, where) if key == "rate" else value
         checked[name] = settings
     return checked
+
+
+def _schedule_tables(tables: Any, source: str) -> dict[str, dict[str, Any]]:
+    """The config file's [schedules.NAME] tables, checked as the broker will check them."""
+    from jobbroker.broker.core.schedules import schedule_from_settings
+    from jobbroker.broker.errors import InvalidRequest
+
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{source}: schedules is a table of [schedules.NAME] tables")
+    for name, table in tables.items():
+        try:
+            schedule_from_settings(name, table).check()
+        except (InvalidRequest, TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: [schedules.{name}]: {exc}") from None
+    return tables
 
 
 def parse_rate(value: Any, where: str = "--rate") -> float:
@@ -451,6 +469,18 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     queue.add_argument("--json", action="store_true", help="list, show: print JSON")
     queue.add_argument("--concurrency", type=int, default=None, help="set: jobs held by workers at once (0: no limit)")
     queue.add_argument("--rate", default=None, help="set: deliveries a second, like 20 or 20/s (0: no limit)")
+    schedule = client_command("schedule", _schedule, "add, list or remove periodic jobs kept by the broker")
+    schedule.add_argument("action", choices=["add", "list", "remove"])
+    schedule.add_argument("name", nargs="?", help="add, remove: the schedule's name")
+    schedule.add_argument("queue", nargs="?", help="add: the queue its jobs go to")
+    schedule.add_argument("payload", nargs="?", default=None, help="add: the payload, as JSON where it parses")
+    schedule.add_argument("--cron", default=None, help='add: 5 fields, like "*/5 * * * *"')
+    schedule.add_argument("--every", type=float, default=None, help="add: an interval in seconds, instead of --cron")
+    schedule.add_argument("--tz", default="UTC", help="add: the time zone of --cron (UTC)")
+    schedule.add_argument(
+        "--no-catch-up", action="store_true", help="add: skip a tick missed while the broker was down"
+    )
+    schedule.add_argument("--json", action="store_true", help="list: print JSON")
     return parser, serve
 
 
@@ -505,6 +535,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         metrics_token=_metrics_token(args.metrics_token_file, args.metrics_port, args.metrics_host),
         queues=getattr(args, "queues", {}),
+        schedules=getattr(args, "schedules", {}),
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         handshake_timeout=args.handshake_timeout,
@@ -941,6 +972,43 @@ def _queue(args: argparse.Namespace) -> int:
         for name, value in queues[args.queue].items():
             print(f"{name:22} {value}")
     return EXIT_OK
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        schedules = _with_client(args, lambda c: c.schedules())
+        if args.json:
+            print(json.dumps(schedules, indent=2))
+        elif not schedules:
+            print("(no schedules)")
+        else:
+            rows = [
+                [s["name"], s["queue"], s["cron"] or f"every {s['every']:g} s", s["tz"], _when(s["next_tick"])]
+                for s in schedules
+            ]
+            print("\n".join(_table(["schedule", "queue", "when", "tz", "next tick"], rows)))
+        return EXIT_OK
+    if not args.name:
+        raise ConfigError(f"schedule {args.action} needs a name")
+    if args.action == "remove":
+        removed = _with_client(args, lambda c: c.unschedule(args.name))
+        print(f"schedule {args.name}: {'removed' if removed else 'there was none'}")
+        return EXIT_OK if removed else EXIT_REFUSED
+    if not args.queue or (args.cron is None) == (args.every is None):
+        raise ConfigError("schedule add takes NAME QUEUE [PAYLOAD] and one of --cron or --every")
+    payload = None if args.payload is None else _parse_payload(args.payload)
+    record = _with_client(
+        args,
+        lambda c: c.schedule(
+            args.name, args.queue, payload, cron=args.cron, every=args.every, tz=args.tz, catch_up=not args.no_catch_up
+        ),
+    )
+    print(f"schedule {args.name}: next tick {_when(record['next_tick'])}")
+    return EXIT_OK
+
+
+def _when(unix_time: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_time, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _controls_text(settings: Mapping[str, Any]) -> str:

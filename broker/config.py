@@ -49,6 +49,9 @@ class BrokerConfig:
         queues: queue controls set at every start (the config file's [queues.NAME] tables):
             name -> {"paused": bool, "concurrency": int, "rate": float}; changes made while
             the broker runs last until the next start.
+        schedules: periodic jobs set at every start (the config file's [schedules.NAME]
+            tables): name -> {"queue", "payload", "cron" or "every", "tz", "catch_up", submit
+            options}; a stored schedule of the same name keeps its last tick.
     """
 
     host: str = DEFAULT_HOST
@@ -69,6 +72,7 @@ class BrokerConfig:
     metrics_host: str = DEFAULT_HOST
     metrics_token: bytes | None = field(default=None, repr=False)
     queues: dict[str, dict[str, Any]] = field(default_factory=dict)
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server's TLS context, or None without a certificate.

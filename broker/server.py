@@ -38,6 +38,7 @@ from jobbroker.broker.core.scheduler import (
     TimeLimitHit,
     WorkerLost,
 )
+from jobbroker.broker.core.schedules import schedule_from_settings
 from jobbroker.broker.errors import (
     BrokerError,
     Forbidden,
@@ -77,6 +78,9 @@ from jobbroker.broker.protocol.messages import (
     Reserve,
     Results,
     Revoked,
+    ScheduleList,
+    ScheduleRemove,
+    ScheduleSet,
     Started,
     Stats,
     Submit,
@@ -558,6 +562,9 @@ class Broker:
             JobList: self._on_job_list,
             QueuePurge: self._on_queue_purge,
             QueueSet: self._on_queue_set,
+            ScheduleSet: self._on_schedule_set,
+            ScheduleRemove: self._on_schedule_remove,
+            ScheduleList: self._on_schedule_list,
             DeadList: self._on_dead_list,
             DeadRequeue: self._on_dead_requeue,
             DeadPurge: self._on_dead_purge,
@@ -597,6 +604,7 @@ class Broker:
                 raise
             self.scheduler.restore(recovered.jobs, recovered.next_job_id, loop.time(), next_token=recovered.next_token)
             self.scheduler.restore_controls(recovered.controls, loop.time())
+            self.scheduler.restore_schedules(recovered.schedules, time.time())
             self._next_session = recovered.next_session
             self._ceilings = recovered.ceilings
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-store")
@@ -617,6 +625,8 @@ class Broker:
             log.info("in memory only (--memory): jobs are lost when the broker stops")
         for name, settings in self.config.queues.items():  # the config file's, at every start
             self.scheduler.configure_queue(name, loop.time(), **settings)
+        for name, settings in self.config.schedules.items():  # likewise; a stored one keeps its last tick
+            self.scheduler.set_schedule(schedule_from_settings(name, settings), time.time())
         self._closed = loop.create_future()
         try:
             tls = self.config.tls_context()
@@ -987,6 +997,30 @@ class Broker:
         log.warning("queue %s set by session %d: %s", request.queue, client.session, settings)
         return settings
 
+    def _on_schedule_set(self, client: _BrokerProtocol, request: ScheduleSet, now: float) -> dict[str, Any]:
+        settings = {
+            "queue": request.queue,
+            "payload": request.payload,
+            "cron": request.cron,
+            "every": request.every,
+            "tz": request.tz,
+            "catch_up": request.catch_up,
+            **(request.options or {}),
+        }
+        record = self.scheduler.set_schedule(schedule_from_settings(request.name, settings), time.time())
+        log.warning("schedule %s set by session %d: %s", request.name, client.session, record)
+        self._arm_ticker()
+        return record
+
+    def _on_schedule_remove(self, client: _BrokerProtocol, request: ScheduleRemove, now: float) -> dict[str, Any]:
+        removed = self.scheduler.remove_schedule(request.name)
+        if removed:
+            log.warning("schedule %s removed by session %d", request.name, client.session)
+        return {"removed": removed}
+
+    def _on_schedule_list(self, client: _BrokerProtocol, request: ScheduleList, now: float) -> dict[str, Any]:
+        return {"schedules": [schedule.record() for schedule in self.scheduler.schedules.all()]}
+
     def _on_queue_purge(self, client: _BrokerProtocol, request: QueuePurge, now: float) -> dict[str, Any]:
         purged = self.scheduler.purge_queue(request.queue, now)
         if purged:
@@ -1229,6 +1263,10 @@ class Broker:
 
     def _arm_ticker(self) -> None:
         deadline = self.scheduler.next_deadline()
+        tick_wall = self.scheduler.schedules.next_due()
+        if tick_wall is not None:  # a schedule's tick, in wall-clock time, on the loop's clock
+            tick_at = self.loop.time() + max(0.0, tick_wall - time.time())
+            deadline = tick_at if deadline is None else min(deadline, tick_at)
         if deadline is None or deadline >= self._tick_at:
             return
         if self._tick_handle is not None:
@@ -1239,7 +1277,12 @@ class Broker:
     def _on_tick(self) -> None:
         self._tick_handle = None
         self._tick_at = float("inf")
-        self.scheduler.tick(self.loop.time())
+        now = self.loop.time()
+        self.scheduler.tick(now)
+        if self._storage_error is None:  # a tick's job waits for storage to work again
+            for name, tick, error in self.scheduler.fire_schedules(now, time.time()):
+                if error is not None:
+                    log.warning("schedule %s could not submit its job of tick %.3f: %s", name, tick, error)
         self._flush()
 
     def _send_heartbeats(self) -> None:
@@ -1255,7 +1298,9 @@ class Broker:
 # Replies that wait for the commit of what the request changed (see Broker._flush_now); submit,
 # cancel, watch, job and dead_list replies wait if the jobs they name have unwritten changes
 # (Broker._reflects_unwritten).
-_DURABLE_REPLIES: frozenset[type[Request]] = frozenset({Submit, Cancel, DeadRequeue, DeadPurge, QueuePurge, QueueSet})
+_DURABLE_REPLIES: frozenset[type[Request]] = frozenset(
+    {Submit, Cancel, DeadRequeue, DeadPurge, QueuePurge, QueueSet, ScheduleSet, ScheduleRemove}
+)
 
 # The push message that carries each kind of effect to its session.
 _PUSHES: dict[type[Effect], PushType] = {

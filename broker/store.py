@@ -115,6 +115,7 @@ class Recovered:
     next_session: int = 1
     ceilings: IdCeilings = field(default_factory=IdCeilings)
     controls: dict[str, QueueControls] = field(default_factory=dict)  # queue name -> what is set
+    schedules: list[dict[str, Any]] = field(default_factory=list)  # schedule records
 
 
 class Store(Protocol):
@@ -185,9 +186,11 @@ class WriteBatch:
     ceilings: IdCeilings | None = None  # new id ceilings to store, if raised
     # queue name -> (paused, concurrency, rate), or None: nothing set any more
     controls: dict[str, ControlsRow | None] = field(default_factory=dict)
+    # schedule name -> its record, packed, or None: removed
+    schedules: dict[str, bytes | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.inserts or self.updates or self.deletes or self.ceilings or self.controls)
+        return bool(self.inserts or self.updates or self.deletes or self.ceilings or self.controls or self.schedules)
 
     def then(self, later: WriteBatch) -> WriteBatch:
         ceilings = later.ceilings or self.ceilings
@@ -201,6 +204,7 @@ class WriteBatch:
             self.deletes + later.deletes,
             ceilings,
             {**self.controls, **later.controls},
+            {**self.schedules, **later.schedules},
         )
 
     def job_ids(self) -> set[int]:
@@ -219,7 +223,8 @@ def serialize(changes: Changes, now: float, wall: float) -> WriteBatch:
         for job in changes.updated.values()
     ]
     controls = {name: None if c is None else (c.paused, c.concurrency, c.rate) for name, c in changes.controls.items()}
-    return WriteBatch(inserts, updates, changes.forgotten, controls=controls)
+    schedules = {name: None if r is None else _pack(r) for name, r in changes.schedules.items()}
+    return WriteBatch(inserts, updates, changes.forgotten, controls=controls, schedules=schedules)
 
 
 def _insert_row(job: Job, offset: float) -> Row:
@@ -381,6 +386,7 @@ class SqliteStore:
                 parents BLOB, parent_results BLOB, run_anyway INTEGER NOT NULL DEFAULT 0)"""
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        db.execute("CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, record BLOB NOT NULL)")
         db.execute(
             "CREATE TABLE IF NOT EXISTS queue_controls "
             "(name TEXT PRIMARY KEY, paused INTEGER NOT NULL, concurrency INTEGER, rate REAL)"
@@ -426,6 +432,9 @@ class SqliteStore:
                 name: QueueControls(paused=bool(paused), concurrency=concurrency, rate=rate)
                 for name, paused, concurrency, rate in self._db.execute("SELECT * FROM queue_controls")
             }
+            schedules = [
+                _unpack(record) for (record,) in self._db.execute("SELECT record FROM schedules ORDER BY name")
+            ]
         except (sqlite3.Error, ValueError, msgpack.UnpackException) as exc:
             raise StorageError(
                 f"cannot read {self.database}: {exc}; `jobbroker recover --data-dir {self.path}` salvages "
@@ -439,7 +448,7 @@ class SqliteStore:
         next_session = max(_meta(self._db, "session_ceiling"), known.session_ceiling, 1)
         ceilings = IdCeilings(next_token + TOKEN_BLOCK, next_session + SESSION_BLOCK)
         self.write(WriteBatch(ceilings=ceilings), next_job_id)
-        return Recovered(jobs, next_job_id, next_token, next_session, ceilings, controls)
+        return Recovered(jobs, next_job_id, next_token, next_session, ceilings, controls, schedules)
 
     def write(self, batch: WriteBatch, next_job_id: int) -> None:
         db = self._db
@@ -456,6 +465,11 @@ class SqliteStore:
                     self._update(batch.updates)
                 if batch.deletes:
                     db.executemany("DELETE FROM jobs WHERE id = ?", ((i,) for i in batch.deletes))
+                for name, record in batch.schedules.items():
+                    if record is None:
+                        db.execute("DELETE FROM schedules WHERE name = ?", (name,))
+                    else:
+                        db.execute("INSERT OR REPLACE INTO schedules VALUES (?, ?)", (name, record))
                 for name, controls in batch.controls.items():
                     if controls is None:
                         db.execute("DELETE FROM queue_controls WHERE name = ?", (name,))
@@ -656,7 +670,11 @@ def recover(data_dir: str | os.PathLike[str]) -> RecoveryReport:
             if len(data) == _CommitFile._FORMAT.size:
                 known = _Acknowledged(*_CommitFile._FORMAT.unpack(data))
         rows, dropped, unreadable, meta = _salvage(database) if database.exists() else ([], [], [], {})
-        controls = _salvage_controls(database) if database.exists() else {}
+        controls: dict[str, ControlsRow | None] = {
+            str(name): (bool(paused), concurrency, rate)
+            for name, paused, concurrency, rate in _salvage_table(database, "SELECT * FROM queue_controls")
+        }
+        schedules: dict[str, bytes | None] = dict(_salvage_table(database, "SELECT name, record FROM schedules"))
         moved_to = None
         old_files = [p for p in (database, path / "jobs.sqlite3-wal", path / "jobs.sqlite3-shm", side) if p.exists()]
         if old_files:
@@ -679,22 +697,20 @@ def recover(data_dir: str | os.PathLike[str]) -> RecoveryReport:
     )
     store = SqliteStore(path)
     try:
-        store.write(WriteBatch(inserts=rows, ceilings=ceilings, controls=controls), next_job_id)
+        store.write(WriteBatch(inserts=rows, ceilings=ceilings, controls=controls, schedules=schedules), next_job_id)
     finally:
         store.close()
     return RecoveryReport(len(rows), dropped, unreadable, meta.get("commits", 0), known.commits, moved_to, next_job_id)
 
 
-def _salvage_controls(database: Path) -> dict[str, ControlsRow | None]:
-    """The queue controls of `database`, as far as they read (a small table: all or nothing)."""
+def _salvage_table(database: Path, query: str) -> list[Any]:
+    """The rows of a small table of `database` (queue controls, schedules): all, or none if it
+    does not read."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
-            return {
-                str(name): (bool(paused), concurrency, rate)
-                for name, paused, concurrency, rate in db.execute("SELECT * FROM queue_controls")
-            }
+            return list(db.execute(query))
     except sqlite3.Error:
-        return {}
+        return []
 
 
 def _salvage(database: Path) -> tuple[list[Row], list[int], list[str], dict[str, int]]:

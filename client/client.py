@@ -36,6 +36,9 @@ from jobbroker.broker.protocol.messages import (
     QueueSet,
     Results,
     Revoked,
+    ScheduleList,
+    ScheduleRemove,
+    ScheduleSet,
     Stats,
     Submit,
     Watch,
@@ -582,6 +585,44 @@ class Client:
             concurrency=concurrency,
             rate=None if rate is None else float(rate),
         )
+
+    async def schedule(
+        self,
+        name: str,
+        queue: str,
+        payload: Any = None,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        tz: str = "UTC",
+        catch_up: bool = True,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Add or replace a periodic job, kept by the broker (admins only; durable): each tick
+        of `cron` (5 fields, in time zone `tz`) or of `every` seconds submits one job of
+        `payload` to `queue`, exactly once per tick (its idempotency key names the tick). A tick
+        missed while the broker was down runs once when it starts, unless catch_up=False.
+        `options` are submit options (priority, max_attempts, backoff, timeout, result_ttl,
+        max_backoff). Returns the schedule (with its next tick, Unix time)."""
+        return await self._link.call(
+            ScheduleSet,
+            name=name,
+            queue=queue,
+            payload=payload,
+            cron=cron,
+            every=None if every is None else float(every),
+            tz=tz,
+            catch_up=catch_up,
+            options=options or None,
+        )
+
+    async def unschedule(self, name: str) -> bool:
+        """Remove a periodic job; returns whether there was one."""
+        return bool((await self._link.call(ScheduleRemove, name=name))["removed"])
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """Every periodic job, with its last and next tick (Unix time)."""
+        return list((await self._link.call(ScheduleList))["schedules"])
 
     async def purge_queue(self, queue: str) -> int:
         """Cancel every pending and delayed job of a queue (admins only). Returns how many."""

@@ -35,7 +35,8 @@ class SyncClient:
 
     Takes the same arguments as Client and has the same methods, blocking: submit,
     submit_many, result, map, progress (an iterator), stats, cancel, cancel_many, job, jobs,
-    purge_queue, pause, resume, set_queue, dead_letters, requeue_dead, purge_dead, drain.
+    purge_queue, pause, resume, set_queue, schedule, unschedule, schedules, dead_letters,
+    requeue_dead, purge_dead, drain.
     Safe to call from one thread at a time.
     """
 
@@ -107,6 +108,9 @@ class SyncClient:
     pause = _blocking("pause")
     resume = _blocking("resume")
     set_queue = _blocking("set_queue")
+    schedule = _blocking("schedule")
+    unschedule = _blocking("unschedule")
+    schedules = _blocking("schedules")
     dead_letters = _blocking("dead_letters")
     requeue_dead = _blocking("requeue_dead")
     purge_dead = _blocking("purge_dead")

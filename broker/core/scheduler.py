@@ -31,6 +31,7 @@ from typing import Any
 from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.deadlines import Deadlines, OrderedDeadlines
 from jobbroker.broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
+from jobbroker.broker.core.schedules import Schedule, Schedules
 from jobbroker.broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
 from jobbroker.broker.protocol.messages import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE, MAX_TRACEBACK, bounded
 
@@ -184,9 +185,11 @@ class Changes:
     forgotten: list[int] = field(default_factory=list)
     # queue name -> its controls as they are now (None: none set any more)
     controls: dict[str, QueueControls | None] = field(default_factory=dict)
+    # schedule name -> its record as it is now (None: removed)
+    schedules: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.created or self.updated or self.forgotten or self.controls)
+        return bool(self.created or self.updated or self.forgotten or self.controls or self.schedules)
 
     def forget(self, job_id: int) -> None:
         self.updated.pop(job_id, None)
@@ -360,6 +363,7 @@ class Scheduler:
         self._run_deadlines: Deadlines[int] = Deadlines()
         self._rate_deadlines: Deadlines[str] = Deadlines()  # queue name: its next rate token
         self._dependents: dict[int, list[Job]] = {}  # job id -> the waiting jobs that run after it
+        self.schedules = Schedules()
         self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
         # job id of a finished job; TTLs are all alike, so these come in time order
         self._expiry_deadlines: OrderedDeadlines[int] = OrderedDeadlines()
@@ -910,6 +914,52 @@ class Scheduler:
             self._changes.controls[queue_name] = queue.controls
         self._ready[queue_name] = None  # resumed, or a limit raised: deliver what may go
         return controls.settings()
+
+    # --- schedules ------------------------------------------------------------------------
+
+    def set_schedule(self, schedule: Schedule, wall: float) -> dict[str, Any]:
+        """Add or replace a periodic job (docs/protocol.md, "schedule_set"). Durable.
+
+        Raises:
+            InvalidRequest: a bad expression, interval, time zone, queue name or option.
+        """
+        _check_queue_name(schedule.queue)
+        unknown = set(schedule.options) - _SCHEDULE_OPTIONS
+        if unknown:
+            raise InvalidRequest(f"schedule options are {', '.join(sorted(_SCHEDULE_OPTIONS))}, not {sorted(unknown)}")
+        self.schedules.set(schedule, wall)
+        self._schedule_changed(schedule.name)
+        return schedule.record()
+
+    def remove_schedule(self, name: str) -> bool:
+        removed = self.schedules.remove(name) is not None
+        if removed:
+            self._schedule_changed(name)
+        return removed
+
+    def restore_schedules(self, records: Iterable[dict[str, Any]], wall: float) -> None:
+        for record in records:
+            self.schedules.restore(Schedule.from_record(record), wall)
+
+    def fire_schedules(self, now: float, wall: float) -> list[tuple[str, float, str | None]]:
+        """Submit the job of every schedule whose tick has come, once per tick: its
+        idempotency key names the tick. Returns (name, tick, error or None) for each."""
+        fired: list[tuple[str, float, str | None]] = []
+        for schedule, tick in self.schedules.due(wall):
+            key = f"schedule:{schedule.name}:{tick:.3f}"
+            try:
+                self.submit(0, schedule.queue, [schedule.payload], now, keys=[key], **schedule.options)
+            except (InvalidRequest, QueueFull, LimitExceeded) as exc:
+                fired.append((schedule.name, tick, str(exc)))
+            else:
+                fired.append((schedule.name, tick, None))
+            self._schedule_changed(schedule.name)  # its last tick, stored with the job
+        return fired
+
+    def _schedule_changed(self, name: str) -> None:
+        if self.track_changes:
+            schedule = self.schedules.get(name)
+            self._changes.schedules[name] = None if schedule is None else schedule.record()
 
     def restore_controls(self, controls: dict[str, QueueControls], now: float) -> None:
         """Queue controls recovered from storage (after restore())."""
@@ -1528,6 +1578,8 @@ def _progress(job: Job) -> dict[str, Any] | None:
 
 
 MAX_LISTED = 1000  # jobs in one page of job_list
+# What a schedule may set on the jobs it submits.
+_SCHEDULE_OPTIONS = frozenset({"priority", "max_attempts", "backoff", "timeout", "result_ttl", "max_backoff"})
 _NO_CONTROLS = QueueControls()
 _LISTED_STATES = {
     "pending": JobState.PENDING,

@@ -46,6 +46,9 @@ __all__ = [
     "Reserve",
     "Results",
     "Revoked",
+    "ScheduleList",
+    "ScheduleRemove",
+    "ScheduleSet",
     "Started",
     "Stats",
     "Submit",
@@ -264,6 +267,35 @@ class QueueSet(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleSet(Request):
+    """Add or replace a periodic job (docs/protocol.md, "schedule_set")."""
+
+    op: ClassVar[str] = "schedule_set"
+    id: int
+    name: str
+    queue: str
+    payload: Any = None
+    cron: str | None = None
+    every: float | None = None
+    tz: str = "UTC"
+    catch_up: bool = True
+    options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRemove(Request):
+    op: ClassVar[str] = "schedule_remove"
+    id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleList(Request):
+    op: ClassVar[str] = "schedule_list"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueuePurge(Request):
     """Cancel every pending and delayed job of a queue."""
 
@@ -376,6 +408,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         JobList,
         QueueSet,
         QueuePurge,
+        ScheduleSet,
+        ScheduleRemove,
+        ScheduleList,
         DeadList,
         DeadRequeue,
         DeadPurge,

@@ -143,3 +143,12 @@ def pid_then_sleep(path: str) -> None:
     with open(path, "w") as out:
         out.write(str(os.getpid()))
     time.sleep(60)
+
+
+def record_tick(payload: Any) -> Any:
+    """Appends the job's id and payload to $HANDLER_LOG (a schedule's tick counter)."""
+    from jobbroker import current_job
+
+    with open(os.environ["HANDLER_LOG"], "a") as log:
+        log.write(f"{current_job().id} {payload}\n")
+    return payload

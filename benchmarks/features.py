@@ -2,10 +2,11 @@
 
 1. N jobs waiting for one job (`after`, the gate on a paused queue): broker RSS and idle CPU
    while they wait, then the time from resuming the gate's queue until all N are done.
-2. Throughput of a queue under a concurrency limit (one that never binds) against the same
+2. 1,000 schedules: broker RSS and CPU between their ticks.
+3. Throughput of a queue under a concurrency limit (one that never binds) against the same
    queue without one, in one run: the cost of the check on every delivery.
 
-    python benchmarks/features.py [--dependents 10000] [--jobs 30000]
+    python benchmarks/features.py [--dependents 10000] [--schedules 1000] [--jobs 30000]
 """
 
 from __future__ import annotations
@@ -52,6 +53,25 @@ async def dependents(address: str, secret: bytes, count: int, broker_pid: int) -
     return rows
 
 
+async def schedules(address: str, secret: bytes, count: int, broker_pid: int) -> list[tuple[str, str]]:
+    """`count` schedules (half cron, half intervals of a minute or more): RSS and idle CPU."""
+    async with Client(address, secret=secret) as client:
+        before = rss_mib(broker_pid)
+        for n in range(count):
+            if n % 2:
+                await client.schedule(f"s{n}", "scheduled", n, cron=f"{n % 60} * * * *")
+            else:
+                await client.schedule(f"s{n}", "scheduled", n, every=60.0 + n)
+        grown = rss_mib(broker_pid) - before
+        cpu = cpu_seconds(broker_pid)
+        await asyncio.sleep(5)
+        busy = (cpu_seconds(broker_pid) - cpu) / 5
+    return [
+        (f"broker RSS growth with {count:,} schedules", f"{grown:,.1f} MiB"),
+        (f"broker CPU with {count:,} schedules between ticks (5 s)", f"{busy:.1%} of a core"),
+    ]
+
+
 async def throughput(address: str, secret: bytes, jobs: int) -> tuple[float, float]:
     async with Client(address, secret=secret) as client:
         await wait_for_workers(client, 1)
@@ -70,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dependents", type=int, default=10_000)
     parser.add_argument("--jobs", type=int, default=30_000)
+    parser.add_argument("--schedules", type=int, default=1000)
     args = parser.parse_args()
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -83,6 +104,7 @@ def main() -> None:
         worker = start(argv, tmp / "worker.log")
         try:
             rows += run_async(dependents(address, secret, args.dependents, broker.pid))
+            rows += run_async(schedules(address, secret, args.schedules, broker.pid))
             plain, limited = run_async(throughput(address, secret, args.jobs))
             rows.append((f"batched map of {args.jobs:,} jobs, no limit", f"{plain:,.0f} jobs/s"))
             rows.append((f"the same under a concurrency limit ({limited / plain:.2f}x)", f"{limited:,.0f} jobs/s"))

@@ -197,6 +197,9 @@ class Schedules:
 
     def __init__(self) -> None:
         self._by_name: dict[str, Schedule] = {}
+        # The earliest next tick, kept between changes: the broker asks after every loop turn.
+        self._next_due: float | None = None
+        self._next_due_known = True
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -210,6 +213,7 @@ class Schedules:
             schedule.last_tick = old.last_tick
         schedule.next_tick = schedule.tick_after(wall)
         self._by_name[schedule.name] = schedule
+        self._next_due_known = False
 
     def restore(self, schedule: Schedule, wall: float) -> None:
         """A stored schedule, after a restart: a tick missed while the broker was down fires
@@ -220,8 +224,10 @@ class Schedules:
         else:
             schedule.next_tick = schedule.tick_after(wall)
         self._by_name[schedule.name] = schedule
+        self._next_due_known = False
 
     def remove(self, name: str) -> Schedule | None:
+        self._next_due_known = False
         return self._by_name.pop(name, None)
 
     def get(self, name: str) -> Schedule | None:
@@ -232,13 +238,19 @@ class Schedules:
 
     def next_due(self) -> float | None:
         """The earliest next tick (Unix time), or None without schedules."""
-        return min((s.next_tick for s in self._by_name.values()), default=None)
+        if not self._next_due_known:
+            self._next_due = min((s.next_tick for s in self._by_name.values()), default=None)
+            self._next_due_known = True
+        return self._next_due
 
     def due(self, wall: float) -> list[tuple[Schedule, float]]:
         """The schedules whose tick has come, each with the one tick to fire (the latest one
         come: a broker that was stalled fires once, not once per tick missed), moved on to
         their next tick."""
         fired: list[tuple[Schedule, float]] = []
+        if self._next_due_known and (self._next_due is None or self._next_due > wall):
+            return fired
+        self._next_due_known = False
         for schedule in self._by_name.values():
             if schedule.next_tick > wall:
                 continue

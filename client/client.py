@@ -193,18 +193,8 @@ class Client:
         """
         if self.serializer is not None:
             payload = self._serialized([payload])[0]
-        options = _SubmitOptions(
-            queue,
-            priority,
-            float(delay),
-            max_attempts,
-            lease,
-            backoff,
-            timeout,
-            result_ttl,
-            max_backoff,
-            None if after is None else tuple(after),
-            after_policy,
+        options = _SubmitOptions.of(
+            queue, priority, delay, max_attempts, lease, backoff, timeout, result_ttl, max_backoff, after, after_policy
         )
         group = self._submit_groups.get(options)
         if group is None:
@@ -272,18 +262,8 @@ class Client:
         Raises:
             UnencodablePayload: a payload cannot be encoded (nothing was submitted).
         """
-        options = _SubmitOptions(
-            queue,
-            priority,
-            float(delay),
-            max_attempts,
-            lease,
-            backoff,
-            timeout,
-            result_ttl,
-            max_backoff,
-            None if after is None else tuple(after),
-            after_policy,
+        options = _SubmitOptions.of(
+            queue, priority, delay, max_attempts, lease, backoff, timeout, result_ttl, max_backoff, after, after_policy
         )
         return await self._submit(options, self._serialized(list(payloads)), keys)
 
@@ -690,6 +670,36 @@ class _SubmitOptions(NamedTuple):
     max_backoff: float | None
     after: tuple[int, ...] | None
     after_policy: str
+
+    @classmethod
+    def of(
+        cls,
+        queue: str,
+        priority: int,
+        delay: float,
+        max_attempts: int | None,
+        lease: float | None,
+        backoff: float | None,
+        timeout: float | None,
+        result_ttl: float | None,
+        max_backoff: float | None,
+        after: Sequence[int] | None,
+        after_policy: str,
+    ) -> _SubmitOptions:
+        """The options as submit() and submit_many() take them (hashable: a group's key)."""
+        return cls(
+            queue,
+            priority,
+            float(delay),
+            max_attempts,
+            lease,
+            backoff,
+            timeout,
+            result_ttl,
+            max_backoff,
+            None if after is None else tuple(after),
+            after_policy,
+        )
 
 
 class _SubmitGroup:

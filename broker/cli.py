@@ -219,7 +219,14 @@ def _queue_tables(tables: Any, source: str) -> dict[str, dict[str, Any]]:
     if not isinstance(tables, dict):
         raise ConfigError(f"{source}: queues is a table of [queues.NAME] tables")
     checked: dict[str, dict[str, Any]] = {}
+    from jobbroker.broker.core.scheduler import check_queue_name
+    from jobbroker.broker.errors import InvalidRequest
+
     for name, table in tables.items():
+        try:
+            check_queue_name(name)
+        except InvalidRequest as exc:
+            raise ConfigError(f"{source}: [queues.{name}]: {exc}") from None
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [queues.{name}] is a table of {', '.join(_QUEUE_SETTINGS)}")
         settings: dict[str, Any] = {}
@@ -243,9 +250,12 @@ def _schedule_tables(tables: Any, source: str) -> dict[str, dict[str, Any]]:
 
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise ConfigError(f"{source}: schedules is a table of [schedules.NAME] tables")
+    from jobbroker.broker.core.scheduler import check_queue_name
+
     for name, table in tables.items():
         try:
             schedule_from_settings(name, table).check()
+            check_queue_name(table["queue"])
         except (InvalidRequest, TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: [schedules.{name}]: {exc}") from None
     return tables

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import msgpack
-from jobbroker.broker.errors import TimeLimitExceeded, UnencodablePayload, UsageError
+from jobbroker.broker.errors import Retry, TimeLimitExceeded, UnencodablePayload, UsageError
 
 if TYPE_CHECKING:
     from jobbroker.client.client import Client
@@ -78,6 +78,8 @@ class TaskOptions:
         """Whether a failure with `exc` ends the job without a retry. A time limit is retried
         by max_attempts whatever these say (TimeLimitExceeded is also a TimeoutError and an
         OSError), unless no_retry names TimeLimitExceeded itself."""
+        if isinstance(exc, Retry):  # the handler asked for a retry: it is not filtered
+            return False
         if isinstance(exc, TimeLimitExceeded):
             return TimeLimitExceeded in self.no_retry
         if isinstance(exc, self.no_retry):

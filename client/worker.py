@@ -534,8 +534,11 @@ class Worker:
     async def _attempt(self, slot: int, job: Job, task: Task[Any, Any] | None) -> Any:
         """Run the job's handler (or task) once, where it runs; returns what it returned, as
         the serializer encodes it."""
-        if self.serializer is not None and isinstance(job.payload, bytes):
-            job.payload = self._decoded(job.payload)
+        if self.serializer is not None:
+            if isinstance(job.payload, bytes):
+                job.payload = self._decoded(job.payload)
+            if job.parent_results:  # results of the jobs it ran after, as their workers encoded them
+                job.parent_results = [self._decoded(r) if isinstance(r, bytes) else r for r in job.parent_results]
         function: Callable[..., Any]
         args: Sequence[Any]
         kwargs: dict[str, Any]

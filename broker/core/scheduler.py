@@ -609,7 +609,7 @@ class Scheduler:
         assert job.parents is not None and job.parent_results is not None
         job.run_anyway = run_anyway
         failed: Job | None = None
-        for parent in parents:
+        for parent in {parent.id: parent for parent in parents}.values():  # one wait per job named
             if parent.state in FINAL_STATES:
                 if parent.state is JobState.DONE:
                     for index, parent_id in enumerate(job.parents):
@@ -970,7 +970,7 @@ class Scheduler:
             self._ready[name] = None
 
     def purge_queue(self, queue_name: str, now: float) -> list[int]:
-        """Cancel every pending and delayed job of a queue (running and dead ones stay).
+        """Cancel every pending, delayed and waiting job of a queue (running and dead ones stay).
         Returns the ids cancelled."""
         queue = self._queues.get(queue_name)
         if queue is None:
@@ -978,8 +978,9 @@ class Scheduler:
         fifos = (job for fifo in queue.pending.values() for job in fifo)
         unstored = (job for job in self._unstored if job.queue == queue_name)
         waiting = [job for job in itertools.chain(fifos, unstored) if job.state is JobState.PENDING]
-        if queue.delayed_count:
-            waiting += [j for j in self._jobs.values() if j.queue == queue_name and j.state is JobState.DELAYED]
+        if queue.delayed_count or queue.waiting_count:
+            later = (JobState.DELAYED, JobState.WAITING)
+            waiting += [j for j in self._jobs.values() if j.queue == queue_name and j.state in later]
         for job in waiting:
             self._cancel(job, now)
         return [job.id for job in waiting]
@@ -1522,6 +1523,11 @@ class Scheduler:
             # Keep the newest sample at or before the window's start: the counts then.
             while len(samples) > 1 and samples[1][0] <= window_start:
                 samples.popleft()
+
+
+def check_queue_name(name: str) -> None:
+    """Raises InvalidRequest for a name that is not a queue's (1 to 200 of A-Z a-z 0-9 . _ : / @ -)."""
+    _check_queue_name(name)
 
 
 def _check_queue_name(name: str) -> None:

@@ -109,3 +109,30 @@ def test_sync_client_follows_progress(broker: BrokerProcess) -> None:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
         loop.close()
+
+
+@task(queue="typed-flow")
+def stamp() -> dict[str, Any]:
+    return {"when": datetime.datetime(2020, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)}
+
+
+@task(queue="typed-flow")
+def year_of_previous() -> int:
+    from jobbroker import current_job
+
+    (previous,) = current_job().parent_results or [None]
+    return previous["when"].year
+
+
+async def test_results_handed_to_dependents_are_decoded_with_the_serializer(broker: BrokerProcess) -> None:
+    serializer = MsgpackSerializer()
+    worker = Worker(broker.address, secret=SECRET, tasks=[stamp, year_of_previous], serializer=serializer)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with Client(broker.address, secret=SECRET, serializer=serializer) as client:
+            first = await stamp.submit(client)
+            second = await year_of_previous.options(after=(first,)).submit(client)
+            assert await client.result(second, timeout=TIMEOUT) == 2020
+    finally:
+        worker.stop()
+        await running

@@ -86,3 +86,23 @@ def test_a_misspelt_variable_is_said_not_silently_ignored(capsys: pytest.Capture
     assert "ignoring $JOBBROKER_HEARTBEET: no such setting (did you mean 'JOBBROKER_HEARTBEAT'?)" in (
         capsys.readouterr().err
     )
+
+
+def test_a_bad_queue_name_in_the_config_file_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "jobbroker.toml"
+    config.write_text('[queues."-bad"]\npaused = true\n')
+    with pytest.raises(ConfigError, match=r"jobbroker.toml: \[queues.-bad\]"):
+        parse_args(["serve", "--config", str(config)], {})
+    config.write_text('[schedules.x]\nqueue = "-bad"\nevery = 5\n')
+    with pytest.raises(ConfigError, match=r"\[schedules.x\]"):
+        parse_args(["serve", "--config", str(config)], {})
+
+
+def test_retry_is_never_filtered_by_a_tasks_retry_rules() -> None:
+    from jobbroker.client.tasks import TaskOptions
+
+    from jobbroker import Retry
+
+    options = TaskOptions(retry_on=(KeyError,), no_retry=(Exception,))
+    assert not options.is_final(Retry(delay=1))
+    assert options.is_final(ValueError("x"))

@@ -737,3 +737,20 @@ def test_a_job_can_run_after_jobs_that_ended_already_and_waiting_jobs_can_be_can
     assert h.scheduler.cancel([waits], h.now) == [None]
     seen = _run_all(h)
     assert seen == {after_done: [["d", None]]} and h.stats()["waiting"] == 0
+
+
+def test_a_job_naming_the_same_job_twice_waits_for_it_once() -> None:
+    h = Harness()
+    (parent,) = h.submit(["p"])
+    (child,) = h.submit(["c"], after=[parent, parent])
+    h.scheduler.reserve(WORKER_A, ["q"], 10, h.now)
+    seen = _run_all(h)
+    assert seen[child] == [["p", None], ["p", None]]
+
+
+def test_purging_a_queue_cancels_its_waiting_jobs_too() -> None:
+    h = Harness()
+    (parent,) = h.submit(["p"], queue="other")
+    waiting = h.submit(["a", "b"], after=[parent])
+    assert sorted(h.scheduler.purge_queue("q", h.now)) == waiting
+    assert h.stats()["waiting"] == 0

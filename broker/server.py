@@ -88,6 +88,7 @@ from jobbroker.broker.protocol.messages import (
     Watch,
     encode,
     encode_items,
+    packed,
 )
 from jobbroker.broker.store import (
     SESSION_BLOCK,
@@ -910,13 +911,17 @@ class Broker:
     def _on_submit(self, client: _BrokerProtocol, request: Submit, now: float) -> dict[str, Any]:
         if self._storage_error is not None:
             raise StorageUnavailable(f"the broker cannot store new jobs: {self._storage_error}")
-        oversized = _too_large(request.payloads, self.config.max_payload_size)
-        if oversized is not None:
-            raise LimitExceeded(f"payload {oversized} is over the limit of {self.config.max_payload_size} bytes")
+        # Payloads are held packed (the broker never looks inside): a payload costs its encoded
+        # size, is measured by it, stored as it is and spliced into deliveries.
+        payloads = [packed(payload) for payload in request.payloads]
+        limit = self.config.max_payload_size
+        for index, payload in enumerate(payloads):
+            if len(payload) > limit:
+                raise LimitExceeded(f"payload {index} is over the limit of {limit} bytes")
         ids = self.scheduler.submit(
             client.session,
             request.queue,
-            request.payloads,
+            payloads,
             now,
             priority=request.priority,
             delay=request.delay,

@@ -34,6 +34,7 @@ from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
 from jobbroker.broker.core.scheduler import Changes
 from jobbroker.broker.errors import StorageError, StorageFailed
+from jobbroker.broker.protocol.messages import Packed
 
 __all__ = [
     "FsyncMode",
@@ -167,6 +168,15 @@ class MemoryStore:
         pass
 
 
+def _held(payload: bytes | None) -> Packed | None:
+    """A stored payload as the broker holds it: packed. Decoded once here all the same, so that
+    a damaged one is found at start (and salvaged by recover), not sent to a worker."""
+    if payload is None:
+        return None
+    _unpack(payload)
+    return Packed(payload)
+
+
 def _pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
@@ -234,7 +244,7 @@ def _insert_row(job: Job, offset: float) -> Row:
         job.queue,
         state,
         job.priority,
-        None if job.payload is None else _pack(job.payload),
+        None if job.payload is None else job.payload if type(job.payload) is Packed else _pack(job.payload),
         attempts,
         job.max_attempts,
         job.lease_seconds,
@@ -813,7 +823,7 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
     job = Job(
         job_id,
         shared.setdefault(queue, queue),
-        _unpack(payload),
+        _held(payload),
         priority=priority,
         max_attempts=max_attempts,
         lease_seconds=shared.setdefault(("lease", lease), lease),

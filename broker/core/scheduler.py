@@ -33,7 +33,14 @@ from jobbroker.broker.core.deadlines import Deadlines, OrderedDeadlines
 from jobbroker.broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState, transition
 from jobbroker.broker.core.schedules import Schedule, Schedules
 from jobbroker.broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
-from jobbroker.broker.protocol.messages import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE, MAX_TRACEBACK, bounded
+from jobbroker.broker.protocol.messages import (
+    MAX_ERROR_MESSAGE,
+    MAX_ERROR_TYPE,
+    MAX_TRACEBACK,
+    bounded,
+    packed,
+    unpacked,
+)
 
 __all__ = [
     "Changes",
@@ -948,7 +955,7 @@ class Scheduler:
         for schedule, tick in self.schedules.due(wall):
             key = f"schedule:{schedule.name}:{tick:.3f}"
             try:
-                self.submit(0, schedule.queue, [schedule.payload], now, keys=[key], **schedule.options)
+                self.submit(0, schedule.queue, [packed(schedule.payload)], now, keys=[key], **schedule.options)
             except (InvalidRequest, QueueFull, LimitExceeded) as exc:
                 fired.append((schedule.name, tick, str(exc)))
             else:
@@ -1625,7 +1632,7 @@ def _describe(job: Job) -> dict[str, Any]:
         "after": job.parents,
         "waiting_on": job.waiting_on if job.state is JobState.WAITING else 0,
         "started": job.state is JobState.LEASED and job.started_at is not None,
-        "payload": job.payload,
+        "payload": unpacked(job.payload),
         "result": job.result,
         "error": job.error,
         "progress": _progress(job),

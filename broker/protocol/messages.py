@@ -36,6 +36,7 @@ __all__ = [
     "JobInfo",
     "JobList",
     "Message",
+    "Packed",
     "Progress",
     "Progressed",
     "QueuePurge",
@@ -58,7 +59,9 @@ __all__ = [
     "decode",
     "encode",
     "encode_items",
+    "packed",
     "request_id",
+    "unpacked",
 ]
 
 # Per-item layouts of the batch messages; msgpack carries them as arrays. A trailing column
@@ -592,6 +595,51 @@ def encode(message: Message) -> bytes:
 
 
 # The one list field of each push, which encode_items() fills item by item.
+class Packed(bytes):
+    """A value already packed as msgpack (a job's payload, as the broker holds it): it costs
+    its encoded size, and goes out spliced into the frames that carry it, never re-encoded."""
+
+    __slots__ = ()
+
+
+# One packer for packed(): msgpack.packb() makes a packer per call, which costs more than the
+# packing of a small payload. Called on the event loop's thread only.
+_PAYLOAD_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+def packed(value: Any) -> Packed:
+    """`value` packed once, to be held and forwarded as it is.
+
+    Raises:
+        TypeError, ValueError, OverflowError: msgpack cannot encode it.
+    """
+    try:
+        return Packed(_PAYLOAD_PACKER.pack(value))
+    except BaseException:
+        _PAYLOAD_PACKER.reset()  # a failed pack may leave a partial value in the packer's buffer
+        raise
+
+
+def unpacked(value: Any) -> Any:
+    """The value of a Packed (any other value as it is), for a reply that shows it."""
+    return msgpack.unpackb(value, raw=False, strict_map_key=False) if type(value) is Packed else value
+
+
+def _pack_row(packer: Any, row: Any) -> bytes:
+    """One item of a push: a Packed column goes in as its bytes. The common case, a delivery
+    (its payload in column 3), takes three packs: the columns before and after the payload
+    each packed as an array whose one-byte header (at most 15 columns) is dropped."""
+    if type(row) is not list:
+        return packer.pack(row)
+    if len(row) < 16 and len(row) > 3 and type(row[3]) is Packed:
+        return packer.pack_array_header(len(row)) + packer.pack(row[:3])[1:] + row[3] + packer.pack(row[4:])[1:]
+    if any(type(column) is Packed for column in row):
+        return packer.pack_array_header(len(row)) + b"".join(
+            column if type(column) is Packed else packer.pack(column) for column in row
+        )
+    return packer.pack(row)
+
+
 _ITEMS_FIELD: dict[type[Message], str] = {Deliver: "jobs", Results: "items", Progressed: "items", Revoked: "items"}
 
 PushType = type[Deliver] | type[Results] | type[Progressed] | type[Revoked]
@@ -609,7 +657,7 @@ def encode_items(message_type: PushType, items: list[Any], max_size: int) -> tup
     size = len(head) + 5  # the array header takes at most 5 bytes
     parts: list[bytes] = []
     for item in items:
-        part = packer.pack(item)
+        part = _pack_row(packer, item)
         if size + len(part) > max_size:
             break
         size += len(part)

@@ -15,6 +15,7 @@ import pytest
 from jobbroker.broker import Broker, BrokerConfig
 from jobbroker.broker.core.scheduler import Scheduler
 from jobbroker.broker.errors import StorageError, StorageFailed
+from jobbroker.broker.protocol.messages import unpacked
 from jobbroker.broker.store import IdCeilings, Recovered, SqliteStore, WriteBatch, serialize
 
 from jobbroker import Client, ConnectionClosed, StorageUnavailable, Worker, current_job
@@ -57,7 +58,7 @@ async def test_failing_writes_withhold_acks_refuse_submits_and_recover(tmp_path:
                 while (after := await accepted()) is None:
                     await asyncio.sleep(0.2)
     reopened = SqliteStore(tmp_path / "data")
-    stored = {job.payload: job.id for job in reopened.load(0.0, 0.0).jobs}
+    stored = {unpacked(job.payload): job.id for job in reopened.load(0.0, 0.0).jobs}
     reopened.close()
     assert stored["before"] == before and stored["after"] == after
     assert "during" in stored and "refused" not in stored  # written on retry: at least once

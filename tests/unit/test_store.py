@@ -13,6 +13,7 @@ from jobbroker.broker.core.clock import FakeClock
 from jobbroker.broker.core.jobs import Job, JobState
 from jobbroker.broker.core.scheduler import Deliver, Scheduler, SchedulerConfig
 from jobbroker.broker.errors import StorageError, StorageFailed
+from jobbroker.broker.protocol.messages import unpacked
 from jobbroker.broker.store import (
     SESSION_BLOCK,
     TOKEN_BLOCK,
@@ -75,7 +76,7 @@ def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
         6: "dead",
         7: "cancelled",
     }
-    assert by_id[1].key == "k1" and by_id[1].payload == "pending-1" and by_id[1].priority == 1
+    assert by_id[1].key == "k1" and unpacked(by_id[1].payload) == "pending-1" and by_id[1].priority == 1
     assert by_id[3].not_before == pytest.approx(later.now() + 20.0)
     assert by_id[4].attempts == 0
     assert by_id[5].result == {"answer": 42} and by_id[5].expires_at == pytest.approx(later.now() + 90.0)
@@ -172,7 +173,7 @@ def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
     jobs = {job.id: job for job in reopened.load(0.0, WALL).jobs}
     reopened.close()
     assert jobs[done_id].state is JobState.DONE and jobs[done_id].result == [1, 2]
-    assert jobs[done_id].payload == "a"
+    assert unpacked(jobs[done_id].payload) == "a"
     assert jobs[retried_id].state is JobState.DELAYED and jobs[retried_id].attempts == 1
     assert jobs[retried_id].not_before == pytest.approx(5.0) and jobs[retried_id].error == {
         "type": "E",
@@ -358,7 +359,7 @@ def test_recover_salvages_the_readable_pages_of_a_damaged_file(tmp_path: Path) -
     salvaged = store.load(0.0, WALL)
     store.close()
     assert {job.id for job in salvaged.jobs} < set(ids) and salvaged.next_job_id == 2001
-    assert all(job.payload["pad"] == "x" * 300 for job in salvaged.jobs)
+    assert all(unpacked(job.payload)["pad"] == "x" * 300 for job in salvaged.jobs)
 
 
 def test_queue_controls_survive_a_restart(tmp_path: Path) -> None:

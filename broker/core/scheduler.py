@@ -468,7 +468,7 @@ class Scheduler:
             QueueFull: the queue would hold more than max_pending_per_queue jobs.
         """
         config = self.config
-        _check_queue_name(queue_name)
+        check_queue_name(queue_name)
         self._check_batch(len(payloads))
         if not -(2**31) <= priority < 2**31:
             raise InvalidRequest("priority must fit in 32 bits")
@@ -713,7 +713,7 @@ class Scheduler:
             raise InvalidRequest("reserve names no queue")
         self._check_batch(len(queue_names))
         for name in queue_names:
-            _check_queue_name(name)
+            check_queue_name(name)
         for name in session.waiting:
             queue = self._queues.get(name)
             if queue is not None and session in queue.waiters:
@@ -854,7 +854,7 @@ class Scheduler:
         if not 1 <= limit <= MAX_LISTED:
             raise InvalidRequest(f"limit must be between 1 and {MAX_LISTED}")
         if state not in _LISTED_STATES:
-            raise InvalidRequest(f"state must be pending, waiting, delayed, running or dead, not {state!r}")
+            raise InvalidRequest(f"state must be one of {', '.join(_LISTED_STATES)}, not {state!r}")
         queue = self._queues.get(queue_name)
         if queue is None:
             return []
@@ -865,10 +865,8 @@ class Scheduler:
             candidates = queue.dead.values()
         elif state == "running":
             candidates = (job for session in self._sessions.values() for job in session.leased.values())
-        elif state in ("delayed", "waiting"):
-            candidates = self._jobs.values()  # no index by queue: an admin's occasional scan
-        else:
-            raise InvalidRequest(f"state must be pending, waiting, delayed, running or dead, not {state!r}")
+        else:  # delayed, waiting: no index by queue; an admin's occasional scan
+            candidates = self._jobs.values()
         wanted = _LISTED_STATES[state]
         page = heapq.nsmallest(
             limit,
@@ -902,7 +900,7 @@ class Scheduler:
             InvalidRequest: a limit out of range.
             LimitExceeded: a new queue past max_queues.
         """
-        _check_queue_name(queue_name)
+        check_queue_name(queue_name)
         if concurrency is not None and not 0 <= concurrency <= 1_000_000:
             raise InvalidRequest("concurrency must be between 0 (no limit) and 1000000")
         if rate is not None and not (0.0 <= rate <= 1_000_000.0):  # NaN fails too
@@ -930,7 +928,7 @@ class Scheduler:
         Raises:
             InvalidRequest: a bad expression, interval, time zone, queue name or option.
         """
-        _check_queue_name(schedule.queue)
+        check_queue_name(schedule.queue)
         unknown = set(schedule.options) - _SCHEDULE_OPTIONS
         if unknown:
             raise InvalidRequest(f"schedule options are {', '.join(sorted(_SCHEDULE_OPTIONS))}, not {sorted(unknown)}")
@@ -1534,10 +1532,6 @@ class Scheduler:
 
 def check_queue_name(name: str) -> None:
     """Raises InvalidRequest for a name that is not a queue's (1 to 200 of A-Z a-z 0-9 . _ : / @ -)."""
-    _check_queue_name(name)
-
-
-def _check_queue_name(name: str) -> None:
     if len(name) > MAX_QUEUE_NAME or not _QUEUE_NAME.match(name):
         raise InvalidRequest(
             f"a queue name has 1 to {MAX_QUEUE_NAME} of A-Z a-z 0-9 . _ : / @ - (starting with a letter or digit), "

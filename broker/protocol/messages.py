@@ -678,7 +678,9 @@ def bounded(text: str, limit: int, *, keep_end: bool = False) -> str:
     """`text` in at most `limit` characters, marker included, and valid UTF-8 (a lone
     surrogate, which msgpack cannot encode, becomes an escape). A cut says how many
     characters it took; `keep_end` keeps the end (a traceback's frames nearest the raise)."""
-    if any("\ud800" <= c <= "\udfff" for c in text):
+    try:
+        text.encode("utf-8")  # in C: a per-character scan in Python cost 50 ms on a 1 MB message
+    except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(text) <= limit:
         return text

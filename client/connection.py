@@ -13,13 +13,12 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from jobbroker.broker.errors import (
     AuthenticationFailed,
     BrokerUnreachable,
-    ConfigError,
     ConnectionClosed,
     FrameTooLarge,
     IntegrityError,
@@ -27,8 +26,8 @@ from jobbroker.broker.errors import (
     TlsMismatch,
     broker_error,
 )
-from jobbroker.broker.protocol.auth import DEFAULT_CREDENTIAL, resolve_secret
 from jobbroker.broker.protocol.connection import ClientConnection, State
+from jobbroker.broker.protocol.credentials import DEFAULT_CREDENTIAL
 from jobbroker.broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from jobbroker.broker.protocol.messages import (
     Deliver,
@@ -42,35 +41,12 @@ from jobbroker.broker.protocol.messages import (
     Revoked,
     Welcome,
 )
+from jobbroker.client.settings import ClientSettings, client_tls, default_address
 
 log = logging.getLogger("jobbroker.client")
 
-DEFAULT_ADDRESS = "127.0.0.1:7878"
-
-
-def default_address(environ: Mapping[str, str] | None = None) -> str:
-    """$JOBBROKER_CONNECT; else the loopback on $JOBBROKER_PORT (where a broker started with
-    that variable listens); else 127.0.0.1:7878."""
-    environ = os.environ if environ is None else environ
-    if environ.get("JOBBROKER_CONNECT"):
-        return environ["JOBBROKER_CONNECT"]
-    if environ.get("JOBBROKER_PORT"):
-        return f"127.0.0.1:{environ['JOBBROKER_PORT']}"
-    return DEFAULT_ADDRESS
-
-
-__all__ = ["Connection", "Link", "backoff_delays", "client_tls", "is_retryable", "parse_address"]
-
-
-def client_tls(tls: ssl.SSLContext | str | os.PathLike[str] | None) -> ssl.SSLContext | None:
-    """A TLS context from what the caller gave: a context as is, or a CA file to verify the
-    broker's certificate against, or None for plain TCP."""
-    if tls is None or isinstance(tls, ssl.SSLContext):
-        return tls
-    try:
-        return ssl.create_default_context(cafile=os.fspath(tls))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load CA file {tls}: {exc}") from exc
+# client_tls and default_address live in client/settings.py; kept importable from here.
+__all__ = ["Connection", "Link", "backoff_delays", "client_tls", "default_address", "is_retryable", "parse_address"]
 
 
 PushHandler = Callable[[Deliver | Results | Progressed | Revoked], None]
@@ -426,16 +402,16 @@ class Link:
         tls: ssl.SSLContext | str | os.PathLike[str] | None,
         **options: Any,
     ) -> Link:
-        """A link from a Client's or Worker's arguments, the environment filling the gaps: the
-        address as default_address() finds it, the secret as resolve_secret() finds it,
-        $JOBBROKER_CREDENTIAL (else "default"), $JOBBROKER_TLS_CA (else plain TCP)."""
-        return cls(
-            address or default_address(),
-            resolve_secret(secret, secret_file),
-            credential=credential or os.environ.get("JOBBROKER_CREDENTIAL") or DEFAULT_CREDENTIAL,
-            tls=client_tls(tls if tls is not None else os.environ.get("JOBBROKER_TLS_CA") or None),
-            **options,
+        """A link from a Client's or Worker's arguments, the environment filling the gaps
+        (ClientSettings.resolve).
+
+        Raises:
+            ConfigError: no usable secret, or an unusable CA file.
+        """
+        settings = ClientSettings.resolve(
+            address, secret=secret, secret_file=secret_file, credential=credential, tls=tls
         )
+        return cls(settings.address, settings.secret, credential=settings.credential, tls=settings.tls, **options)
 
     @property
     def current(self) -> Connection | None:

@@ -43,7 +43,7 @@ from jobbroker.broker.protocol.messages import (
     Submit,
     Watch,
 )
-from jobbroker.client.connection import Connection, Link
+from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
 from jobbroker.client.progress import show_progress
 from jobbroker.client.serializers import Serializer
 
@@ -75,6 +75,8 @@ class Client:
             yet; by default the first connection fails at once with BrokerUnreachable.
         serializer: turns payloads into bytes and results back (client.serializers); the
             workers must use the same. Default: payloads travel as msgpack values.
+        dial: how to open the byte stream to the broker (client.connection.Dial): TCP by
+            default; tests join a broker in memory.
 
     Use as `async with Client(...) as client:`; or call connect() and close().
 
@@ -94,6 +96,7 @@ class Client:
         reconnect_timeout: float = 30.0,
         serializer: Serializer | None = None,
         wait_for_broker: bool = False,
+        dial: Dial = dial_tcp,
     ) -> None:
         self.serializer = serializer
         self._link = Link.from_settings(
@@ -108,6 +111,7 @@ class Client:
             on_lost=self._on_lost,
             reconnect_timeout=reconnect_timeout,
             wait_for_broker=wait_for_broker,
+            dial=dial,
         )
         self._reconnecting: asyncio.Task[None] | None = None
         self._rewatching: asyncio.Future[None] | None = None

@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 from jobbroker.broker.errors import (
@@ -46,10 +46,34 @@ from jobbroker.client.settings import ClientSettings, client_tls, default_addres
 log = logging.getLogger("jobbroker.client")
 
 # client_tls and default_address live in client/settings.py; kept importable from here.
-__all__ = ["Connection", "Link", "backoff_delays", "client_tls", "default_address", "is_retryable", "parse_address"]
+__all__ = [
+    "Connection",
+    "Dial",
+    "Link",
+    "backoff_delays",
+    "client_tls",
+    "default_address",
+    "dial_tcp",
+    "is_retryable",
+    "parse_address",
+]
 
 
 PushHandler = Callable[[Deliver | Results | Progressed | Revoked], None]
+# Opens the byte stream to host:port (over TLS with a context) and attaches the protocol the
+# factory makes, as loop.create_connection does: the one place the client touches sockets, so
+# that tests can join a client to a broker in memory (tests/unit/memory_broker.py).
+Dial = Callable[[Callable[[], asyncio.Protocol], str, int, "ssl.SSLContext | None"], Awaitable[object]]
+
+
+async def dial_tcp(
+    protocol_factory: Callable[[], asyncio.Protocol], host: str, port: int, tls: ssl.SSLContext | None
+) -> None:
+    """The usual Dial: TCP, with TLS when given a context."""
+    await asyncio.get_running_loop().create_connection(
+        protocol_factory, host, port, ssl=tls, server_hostname=host if tls is not None else None
+    )
+
 
 _HEARTBEAT = Heartbeat()
 # Connection-level error codes after which the broker closes the connection (docs/protocol.md).
@@ -149,8 +173,9 @@ class Connection:
         timeout: float = 10.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         tls: ssl.SSLContext | None = None,
+        dial: Dial = dial_tcp,
     ) -> Connection:
-        """Connect (over TLS with `tls`) and authenticate as `credential`.
+        """Connect (over TLS with `tls`, through `dial`) and authenticate as `credential`.
 
         Raises:
             OSError: the broker cannot be reached; ssl.SSLError: TLS failed (wrong CA).
@@ -162,9 +187,7 @@ class Connection:
         self = cls(secret, credential=credential, client=client, on_push=on_push, max_frame_size=max_frame_size)
         try:
             async with asyncio.timeout(timeout):
-                await self._loop.create_connection(
-                    lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls is not None else None
-                )
+                await dial(lambda: _Protocol(self), host, port, tls)
                 self._protocol.initiate()
                 self._write()
                 try:
@@ -356,6 +379,8 @@ class Link:
             been reached; else a first connection that fails raises BrokerUnreachable at once.
         credential: the credential name to authenticate as.
         tls: a client TLS context, to speak TLS to the broker.
+        dial: how to open the byte stream (default TCP; tests join a broker in memory).
+        backoff: makes the delays between reconnect attempts (default backoff_delays()).
     """
 
     def __init__(
@@ -372,8 +397,12 @@ class Link:
         credential: str = DEFAULT_CREDENTIAL,
         tls: ssl.SSLContext | None = None,
         wait_for_broker: bool = False,
+        dial: Dial = dial_tcp,
+        backoff: Callable[[], Iterator[float]] = backoff_delays,
     ) -> None:
         self.host, self.port = parse_address(address)
+        self._dial = dial
+        self._backoff = backoff
         self.address = f"{self.host}:{self.port}"
         self.wait_for_broker = wait_for_broker
         self._reached = False  # a broker answered once: worth waiting for when it goes away
@@ -446,7 +475,7 @@ class Link:
         first = not (self._reached or self.wait_for_broker)
         if first:  # a broker never reached: a wrong address should say so in seconds
             give_up_at = loop.time() + FIRST_CONNECT_PATIENCE
-        delays = backoff_delays()
+        delays = self._backoff()
         while True:
             if self._closed:
                 raise ConnectionClosed("closed by the client")
@@ -460,6 +489,7 @@ class Link:
                     client=self._client,
                     on_push=self._on_push,
                     timeout=min(self.connect_timeout, FIRST_CONNECT_TIMEOUT) if first else self.connect_timeout,
+                    dial=self._dial,
                 )
             except Exception as exc:
                 if not is_retryable(exc):

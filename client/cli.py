@@ -452,7 +452,7 @@ def _top(args: argparse.Namespace) -> int:
 
 def _drain(args: argparse.Namespace) -> int:
     async def go(client: Any) -> int:
-        in_flight = int(await client.drain(not args.resume))
+        in_flight = int(await client.drain(on=not args.resume))
         if args.wait and not args.resume:
             try:
                 async with asyncio.timeout(args.timeout):

@@ -768,10 +768,16 @@ class Worker:
             self._send(connection, request_type, items[half:])
             return
         self._answers.add(future)
-        future.add_done_callback(functools.partial(self._answered, request_type is Complete, items))
+        future.add_done_callback(functools.partial(self._answered, request_type, items))
 
-    def _answered(self, completions: bool, items: list[list[Any]], future: asyncio.Future[dict[str, Any]]) -> None:
+    def _answered(
+        self,
+        request_type: type[Complete] | type[messages.Fail],
+        items: list[list[Any]],
+        future: asyncio.Future[dict[str, Any]],
+    ) -> None:
         self._answers.discard(future)
+        completions = request_type is Complete
         if future.cancelled():
             return
         exc = future.exception()

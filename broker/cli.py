@@ -105,8 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
             "credentials from %s: %s", args.credentials, ", ".join(f"{c.name} ({c.role})" for c in credentials.values())
         )
     else:
-        credentials = default_credentials(_broker_secret(args.secret_file, os.environ))
-    config = settings.config_from_settings(vars(args), os.environ)
+        credentials = default_credentials(_broker_secret(args.secret_file, args.environ))
+    config = settings.config_from_settings(vars(args), args.environ)
     config.tls_context()  # a bad certificate stops us here, before anything listens
     _raise_open_file_limit()
     if not is_loopback(config.host) and config.tls_cert is None:
@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _recover(args: argparse.Namespace) -> int:
     from jobbroker.broker.store import recover
 
-    report = recover(Path(args.data_dir or default_store_dir()))
+    report = recover(Path(args.data_dir or default_store_dir(args.environ)))
     print(report.describe())
     return 0
 

@@ -75,6 +75,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     argv = list(argv)
     if argv[:1] == ["serve"]:
         serve.set_defaults(**broker_cli.serve_defaults(argv[1:], environ))
+    parser.set_defaults(environ=environ)  # the commands' one view of the environment
     return parser.parse_args(argv)
 
 

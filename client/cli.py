@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import difflib
 import importlib
 import json
@@ -17,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +32,7 @@ from jobbroker.broker.errors import (
     StorageError,
     UsageError,
 )
+from jobbroker.client.output import controls_text, error_text, format_stats, table, when
 from jobbroker.client.settings import default_address
 
 __all__ = [
@@ -420,7 +420,7 @@ def _dead(args: argparse.Namespace) -> int:
                 [j["id"], j["attempts"], (j["error"] or {}).get("type", ""), (j["error"] or {}).get("message", "")]
                 for j in jobs
             ]
-            print("\n".join(_table(["job", "attempts", "error", "message"], rows)))
+            print("\n".join(table(["job", "attempts", "error", "message"], rows)))
     elif args.action == "requeue":
         print(f"requeued {_with_client(args, lambda c: c.requeue_dead(args.queue, ids))}")
     else:
@@ -479,9 +479,9 @@ def _job(args: argparse.Namespace) -> int:
             print(f"(no {args.state} jobs in {args.target}{f' after {args.after}' if args.after else ''})")
         else:
             rows = [
-                [j["id"], j["priority"], f"{j['attempts']}/{j['max_attempts']}", _error_text(j["error"])] for j in jobs
+                [j["id"], j["priority"], f"{j['attempts']}/{j['max_attempts']}", error_text(j["error"])] for j in jobs
             ]
-            print("\n".join(_table(["job", "priority", "attempts", "last error"], rows)))
+            print("\n".join(table(["job", "priority", "attempts", "last error"], rows)))
             if len(jobs) == args.limit:
                 print(f"(more: --after {jobs[-1]['id']})")
         return EXIT_OK
@@ -503,10 +503,6 @@ def _job(args: argparse.Namespace) -> int:
         elif name != "worker_name":
             print(f"{name:{width}}  {json.dumps(value, default=repr)}")
     return 0
-
-
-def _error_text(error: dict[str, Any] | None) -> str:
-    return "" if not error else f"{error.get('type')}: {error.get('message')}"
 
 
 def _cancel(args: argparse.Namespace) -> int:
@@ -542,7 +538,7 @@ def _queue(args: argparse.Namespace) -> int:
                 else c.set_queue(args.queue, concurrency=args.concurrency, rate=rate)
             ),
         )
-        print(f"queue {args.queue}: {_controls_text(settings)}")
+        print(f"queue {args.queue}: {controls_text(settings)}")
         return EXIT_OK
     queues = _with_client(args, lambda c: c.stats())["queues"]
     if args.action == "list":
@@ -569,10 +565,10 @@ def _schedule(args: argparse.Namespace) -> int:
             print("(no schedules)")
         else:
             rows = [
-                [s["name"], s["queue"], s["cron"] or f"every {s['every']:g} s", s["tz"], _when(s["next_tick"])]
+                [s["name"], s["queue"], s["cron"] or f"every {s['every']:g} s", s["tz"], when(s["next_tick"])]
                 for s in schedules
             ]
-            print("\n".join(_table(["schedule", "queue", "when", "tz", "next tick"], rows)))
+            print("\n".join(table(["schedule", "queue", "when", "tz", "next tick"], rows)))
         return EXIT_OK
     if not args.name:
         raise ConfigError(f"schedule {args.action} needs a name")
@@ -589,103 +585,5 @@ def _schedule(args: argparse.Namespace) -> int:
             args.name, args.queue, payload, cron=args.cron, every=args.every, tz=args.tz, catch_up=not args.no_catch_up
         ),
     )
-    print(f"schedule {args.name}: next tick {_when(record['next_tick'])}")
+    print(f"schedule {args.name}: next tick {when(record['next_tick'])}")
     return EXIT_OK
-
-
-def _when(unix_time: float) -> str:
-    return datetime.datetime.fromtimestamp(unix_time, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _controls_text(settings: Mapping[str, Any]) -> str:
-    parts = ["paused" if settings.get("paused") else "delivering"]
-    if settings.get("concurrency") is not None:
-        parts.append(f"at most {settings['concurrency']} held at once")
-    if settings.get("rate") is not None:
-        parts.append(f"at most {settings['rate']:g} a second")
-    return ", ".join(parts)
-
-
-def _controls_brief(queue: Mapping[str, Any]) -> str:
-    """A queue's controls in a stats column: "paused", "max 2", "20/s" ("-": none)."""
-    parts = ["paused"] if queue.get("paused") else []
-    if queue.get("concurrency") is not None:
-        parts.append(f"max {queue['concurrency']}")
-    if queue.get("rate") is not None:
-        parts.append(f"{queue['rate']:g}/s")
-    return " ".join(parts) or "-"
-
-
-def format_stats(info: dict[str, Any]) -> str:
-    """Stats as readable tables: queues, workers, then running jobs that report progress."""
-    from jobbroker.client.progress import progress_bar
-
-    columns = [
-        "queue",
-        "pending",
-        "waiting",
-        "delayed",
-        "in_flight",
-        "dead",
-        "done",
-        "failed",
-        "done/s",
-        "workers",
-        "controls",
-    ]
-    rows = [
-        [
-            name,
-            q["pending"],
-            q.get("waiting", 0),
-            q["delayed"],
-            q["in_flight"],
-            q["dead"],
-            q["done"],
-            q["failed"],
-            q["done_per_second"],
-            q["workers"],
-            _controls_brief(q),
-        ]
-        for name, q in sorted(info["queues"].items())
-    ]
-    lines = _table(columns, rows) if rows else ["(no queues)"]
-    worker_rows = [
-        [
-            w["session"],
-            w["name"],
-            w["peer"],
-            ",".join(w["queues"]),
-            len(w["in_flight"]),
-            f"{w['last_heartbeat_age']:.1f}s",
-        ]
-        for w in info["workers"]
-    ]
-    lines.append("")
-    if worker_rows:
-        lines += _table(["session", "worker", "peer", "queues", "in_flight", "last_seen"], worker_rows)
-    else:
-        lines.append("(no workers)")
-    progress_rows = [
-        [
-            job["id"],
-            job["queue"],
-            w["session"],
-            f"{progress_bar(job['progress']['fraction'], 20)} {job['progress']['fraction']:4.0%}",
-            job["progress"]["message"],
-            f"{job['running_seconds']:.1f}s",
-        ]
-        for w in info["workers"]
-        for job in w.get("running", ())
-        if job["progress"] is not None
-    ]
-    if progress_rows:
-        lines.append("")
-        lines += _table(["job", "queue", "session", "progress", "message", "running"], progress_rows)
-    return "\n".join(lines)
-
-
-def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
-    cells = [columns] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]

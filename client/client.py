@@ -43,7 +43,7 @@ from jobbroker.broker.protocol.messages import (
     Submit,
     Watch,
 )
-from jobbroker.client.connection import Connection, Link
+from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
 from jobbroker.client.progress import show_progress
 from jobbroker.client.serializers import Serializer
 
@@ -75,6 +75,8 @@ class Client:
             yet; by default the first connection fails at once with BrokerUnreachable.
         serializer: turns payloads into bytes and results back (client.serializers); the
             workers must use the same. Default: payloads travel as msgpack values.
+        dial: how to open the byte stream to the broker (client.connection.Dial): TCP by
+            default; tests join a broker in memory.
 
     Use as `async with Client(...) as client:`; or call connect() and close().
 
@@ -94,6 +96,7 @@ class Client:
         reconnect_timeout: float = 30.0,
         serializer: Serializer | None = None,
         wait_for_broker: bool = False,
+        dial: Dial = dial_tcp,
     ) -> None:
         self.serializer = serializer
         self._link = Link.from_settings(
@@ -108,6 +111,7 @@ class Client:
             on_lost=self._on_lost,
             reconnect_timeout=reconnect_timeout,
             wait_for_broker=wait_for_broker,
+            dial=dial,
         )
         self._reconnecting: asyncio.Task[None] | None = None
         self._rewatching: asyncio.Future[None] | None = None
@@ -194,7 +198,17 @@ class Client:
         if self.serializer is not None:
             payload = self._serialized([payload])[0]
         options = _SubmitOptions.of(
-            queue, priority, delay, max_attempts, lease, backoff, timeout, result_ttl, max_backoff, after, after_policy
+            queue,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            lease=lease,
+            backoff=backoff,
+            timeout=timeout,
+            result_ttl=result_ttl,
+            max_backoff=max_backoff,
+            after=after,
+            after_policy=after_policy,
         )
         group = self._submit_groups.get(options)
         if group is None:
@@ -263,7 +277,17 @@ class Client:
             UnencodablePayload: a payload cannot be encoded (nothing was submitted).
         """
         options = _SubmitOptions.of(
-            queue, priority, delay, max_attempts, lease, backoff, timeout, result_ttl, max_backoff, after, after_policy
+            queue,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            lease=lease,
+            backoff=backoff,
+            timeout=timeout,
+            result_ttl=result_ttl,
+            max_backoff=max_backoff,
+            after=after,
+            after_policy=after_policy,
         )
         return await self._submit(options, self._serialized(list(payloads)), keys)
 
@@ -413,7 +437,9 @@ class Client:
         payloads = list(payloads)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[list[Any]]] = []
-        options = _SubmitOptions(queue, priority, 0.0, max_attempts, lease, None, job_timeout, None, None, None, "done")
+        options = _SubmitOptions.of(
+            queue, priority=priority, max_attempts=max_attempts, lease=lease, timeout=job_timeout
+        )
         try:
             async with asyncio.timeout(timeout):
                 submits = [
@@ -614,7 +640,7 @@ class Client:
         reply = await self._link.call(DeadList, queue=queue, limit=limit)
         return list(reply["jobs"])
 
-    async def drain(self, on: bool = True) -> int:
+    async def drain(self, *, on: bool = True) -> int:
         """Stop the broker delivering jobs (on=False: start again); jobs already taken run to
         their end. Admins only. Returns how many jobs are in flight."""
         reply = await self._link.call(Drain, on=on)
@@ -675,18 +701,20 @@ class _SubmitOptions(NamedTuple):
     def of(
         cls,
         queue: str,
-        priority: int,
-        delay: float,
-        max_attempts: int | None,
-        lease: float | None,
-        backoff: float | None,
-        timeout: float | None,
-        result_ttl: float | None,
-        max_backoff: float | None,
-        after: Sequence[int] | None,
-        after_policy: str,
+        *,
+        priority: int = 0,
+        delay: float = 0.0,
+        max_attempts: int | None = None,
+        lease: float | None = None,
+        backoff: float | None = None,
+        timeout: float | None = None,
+        result_ttl: float | None = None,
+        max_backoff: float | None = None,
+        after: Sequence[int] | None = None,
+        after_policy: str = "done",
     ) -> _SubmitOptions:
-        """The options as submit() and submit_many() take them (hashable: a group's key)."""
+        """The options as submit(), submit_many() and map() take them, by name (hashable: a
+        group's key); defaults as submit()'s."""
         return cls(
             queue,
             priority,

@@ -13,13 +13,12 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 from jobbroker.broker.errors import (
     AuthenticationFailed,
     BrokerUnreachable,
-    ConfigError,
     ConnectionClosed,
     FrameTooLarge,
     IntegrityError,
@@ -27,8 +26,8 @@ from jobbroker.broker.errors import (
     TlsMismatch,
     broker_error,
 )
-from jobbroker.broker.protocol.auth import DEFAULT_CREDENTIAL, resolve_secret
 from jobbroker.broker.protocol.connection import ClientConnection, State
+from jobbroker.broker.protocol.credentials import DEFAULT_CREDENTIAL
 from jobbroker.broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from jobbroker.broker.protocol.messages import (
     Deliver,
@@ -42,38 +41,39 @@ from jobbroker.broker.protocol.messages import (
     Revoked,
     Welcome,
 )
+from jobbroker.client.settings import ClientSettings, client_tls, default_address
 
 log = logging.getLogger("jobbroker.client")
 
-DEFAULT_ADDRESS = "127.0.0.1:7878"
-
-
-def default_address(environ: Mapping[str, str] | None = None) -> str:
-    """$JOBBROKER_CONNECT; else the loopback on $JOBBROKER_PORT (where a broker started with
-    that variable listens); else 127.0.0.1:7878."""
-    environ = os.environ if environ is None else environ
-    if environ.get("JOBBROKER_CONNECT"):
-        return environ["JOBBROKER_CONNECT"]
-    if environ.get("JOBBROKER_PORT"):
-        return f"127.0.0.1:{environ['JOBBROKER_PORT']}"
-    return DEFAULT_ADDRESS
-
-
-__all__ = ["Connection", "Link", "backoff_delays", "client_tls", "is_retryable", "parse_address"]
-
-
-def client_tls(tls: ssl.SSLContext | str | os.PathLike[str] | None) -> ssl.SSLContext | None:
-    """A TLS context from what the caller gave: a context as is, or a CA file to verify the
-    broker's certificate against, or None for plain TCP."""
-    if tls is None or isinstance(tls, ssl.SSLContext):
-        return tls
-    try:
-        return ssl.create_default_context(cafile=os.fspath(tls))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load CA file {tls}: {exc}") from exc
+# client_tls and default_address live in client/settings.py; kept importable from here.
+__all__ = [
+    "Connection",
+    "Dial",
+    "Link",
+    "backoff_delays",
+    "client_tls",
+    "default_address",
+    "dial_tcp",
+    "is_retryable",
+    "parse_address",
+]
 
 
 PushHandler = Callable[[Deliver | Results | Progressed | Revoked], None]
+# Opens the byte stream to host:port (over TLS with a context) and attaches the protocol the
+# factory makes, as loop.create_connection does: the one place the client touches sockets, so
+# that tests can join a client to a broker in memory (tests/unit/memory_broker.py).
+Dial = Callable[[Callable[[], asyncio.Protocol], str, int, "ssl.SSLContext | None"], Awaitable[object]]
+
+
+async def dial_tcp(
+    protocol_factory: Callable[[], asyncio.Protocol], host: str, port: int, tls: ssl.SSLContext | None
+) -> None:
+    """The usual Dial: TCP, with TLS when given a context."""
+    await asyncio.get_running_loop().create_connection(
+        protocol_factory, host, port, ssl=tls, server_hostname=host if tls is not None else None
+    )
+
 
 _HEARTBEAT = Heartbeat()
 # Connection-level error codes after which the broker closes the connection (docs/protocol.md).
@@ -173,8 +173,9 @@ class Connection:
         timeout: float = 10.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         tls: ssl.SSLContext | None = None,
+        dial: Dial = dial_tcp,
     ) -> Connection:
-        """Connect (over TLS with `tls`) and authenticate as `credential`.
+        """Connect (over TLS with `tls`, through `dial`) and authenticate as `credential`.
 
         Raises:
             OSError: the broker cannot be reached; ssl.SSLError: TLS failed (wrong CA).
@@ -186,9 +187,7 @@ class Connection:
         self = cls(secret, credential=credential, client=client, on_push=on_push, max_frame_size=max_frame_size)
         try:
             async with asyncio.timeout(timeout):
-                await self._loop.create_connection(
-                    lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls is not None else None
-                )
+                await dial(lambda: _Protocol(self), host, port, tls)
                 self._protocol.initiate()
                 self._write()
                 try:
@@ -380,6 +379,8 @@ class Link:
             been reached; else a first connection that fails raises BrokerUnreachable at once.
         credential: the credential name to authenticate as.
         tls: a client TLS context, to speak TLS to the broker.
+        dial: how to open the byte stream (default TCP; tests join a broker in memory).
+        backoff: makes the delays between reconnect attempts (default backoff_delays()).
     """
 
     def __init__(
@@ -396,8 +397,12 @@ class Link:
         credential: str = DEFAULT_CREDENTIAL,
         tls: ssl.SSLContext | None = None,
         wait_for_broker: bool = False,
+        dial: Dial = dial_tcp,
+        backoff: Callable[[], Iterator[float]] = backoff_delays,
     ) -> None:
         self.host, self.port = parse_address(address)
+        self._dial = dial
+        self._backoff = backoff
         self.address = f"{self.host}:{self.port}"
         self.wait_for_broker = wait_for_broker
         self._reached = False  # a broker answered once: worth waiting for when it goes away
@@ -426,16 +431,16 @@ class Link:
         tls: ssl.SSLContext | str | os.PathLike[str] | None,
         **options: Any,
     ) -> Link:
-        """A link from a Client's or Worker's arguments, the environment filling the gaps: the
-        address as default_address() finds it, the secret as resolve_secret() finds it,
-        $JOBBROKER_CREDENTIAL (else "default"), $JOBBROKER_TLS_CA (else plain TCP)."""
-        return cls(
-            address or default_address(),
-            resolve_secret(secret, secret_file),
-            credential=credential or os.environ.get("JOBBROKER_CREDENTIAL") or DEFAULT_CREDENTIAL,
-            tls=client_tls(tls if tls is not None else os.environ.get("JOBBROKER_TLS_CA") or None),
-            **options,
+        """A link from a Client's or Worker's arguments, the environment filling the gaps
+        (ClientSettings.resolve).
+
+        Raises:
+            ConfigError: no usable secret, or an unusable CA file.
+        """
+        settings = ClientSettings.resolve(
+            address, secret=secret, secret_file=secret_file, credential=credential, tls=tls
         )
+        return cls(settings.address, settings.secret, credential=settings.credential, tls=settings.tls, **options)
 
     @property
     def current(self) -> Connection | None:
@@ -470,7 +475,7 @@ class Link:
         first = not (self._reached or self.wait_for_broker)
         if first:  # a broker never reached: a wrong address should say so in seconds
             give_up_at = loop.time() + FIRST_CONNECT_PATIENCE
-        delays = backoff_delays()
+        delays = self._backoff()
         while True:
             if self._closed:
                 raise ConnectionClosed("closed by the client")
@@ -484,6 +489,7 @@ class Link:
                     client=self._client,
                     on_push=self._on_push,
                     timeout=min(self.connect_timeout, FIRST_CONNECT_TIMEOUT) if first else self.connect_timeout,
+                    dial=self._dial,
                 )
             except Exception as exc:
                 if not is_retryable(exc):

@@ -49,7 +49,7 @@ from jobbroker.broker.protocol.messages import (
     Touch,
     bounded,
 )
-from jobbroker.client.connection import Connection, Link
+from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
 from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadPool, ThreadSlot
 from jobbroker.client.serializers import Serializer
 from jobbroker.client.tasks import Task
@@ -200,6 +200,8 @@ class Worker:
             can start at once until a slot frees.
         serializer: the producers' serializer (client.serializers): payloads sent as its bytes
             are decoded before the handler sees them, and results encoded with it.
+        dial: how to open the byte stream to the broker (client.connection.Dial): TCP by
+            default; tests join a broker in memory.
     """
 
     def __init__(
@@ -224,6 +226,7 @@ class Worker:
         hand_back_after: float = 10.0,
         serializer: Serializer | None = None,
         wait_for_broker: bool = False,
+        dial: Dial = dial_tcp,
     ) -> None:
         if (handler is None) == (tasks is None):
             raise UsageError("a worker takes a handler or tasks (one of them)")
@@ -276,6 +279,7 @@ class Worker:
             on_connect=self._on_connect,
             reconnect_timeout=reconnect_timeout,
             wait_for_broker=wait_for_broker,
+            dial=dial,
         )
         self._waiting: deque[Job] = deque()  # delivered, not started
         self._running: dict[int, Job] = {}  # runner slot -> the job it runs
@@ -764,10 +768,16 @@ class Worker:
             self._send(connection, request_type, items[half:])
             return
         self._answers.add(future)
-        future.add_done_callback(functools.partial(self._answered, request_type is Complete, items))
+        future.add_done_callback(functools.partial(self._answered, request_type, items))
 
-    def _answered(self, completions: bool, items: list[list[Any]], future: asyncio.Future[dict[str, Any]]) -> None:
+    def _answered(
+        self,
+        request_type: type[Complete] | type[messages.Fail],
+        items: list[list[Any]],
+        future: asyncio.Future[dict[str, Any]],
+    ) -> None:
         self._answers.discard(future)
+        completions = request_type is Complete
         if future.cancelled():
             return
         exc = future.exception()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,7 +23,21 @@ from jobbroker.broker.errors import (
     broker_error,
 )
 from jobbroker.broker.protocol.connection import ClientConnection, ServerConnection, State
-from jobbroker.broker.protocol.messages import ErrorReply, Reply, Request, Stats, Submit, Welcome, decode, encode
+from jobbroker.broker.protocol.messages import (
+    Complete,
+    Deliver,
+    ErrorReply,
+    Fail,
+    Reply,
+    Request,
+    Reserve,
+    Stats,
+    Submit,
+    Watch,
+    Welcome,
+    decode,
+    encode,
+)
 from jobbroker.client.connection import Link, Rotation, backoff_delays, default_address, parse_addresses
 
 from jobbroker import Client
@@ -169,6 +185,7 @@ class FakeBroker:
         self.leader = leader
         self.welcome_leader = welcome_leader
         self.requests: list[Request] = []
+        self.deliver: list[list[Any]] = []  # jobs pushed after the first reserve
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.address = ""
@@ -204,7 +221,12 @@ class FakeBroker:
                         reply: dict[str, Any] = {"from": self.address}
                         if isinstance(event, Submit):
                             reply = {"job_ids": [len(self.requests)] * len(event.payloads)}
+                        elif isinstance(event, Complete | Fail):  # stale tokens, as after a takeover
+                            reply = {"refused": [[index, "lease_lost"] for index in range(len(event.items))]}
                         protocol.send(Reply(id=event.id, data=reply))
+                        if isinstance(event, Reserve) and self.deliver:
+                            protocol.send(Deliver(jobs=self.deliver))  # type: ignore[arg-type]
+                            self.deliver = []
                 writer.write(protocol.data_to_send())
         finally:
             writer.close()
@@ -307,3 +329,75 @@ async def test_a_submit_without_keys_lost_before_its_ack_raises_unacknowledged(f
         broker.answer = "hang up"
         assert await client.submit("q", "x", key="k1") == 3  # with a key: sent again
         assert len(broker.requests) == 3
+
+
+async def test_a_worker_on_a_standby_that_names_no_leader_reserves_on_the_next(fakes: Callable[..., Any]) -> None:
+    from jobbroker import Worker
+
+    leader = await fakes("ok")
+    standby = await fakes("standby", leader=None)
+    worker = Worker([standby.address, leader.address], secret=SECRET, queues=["q"], handler=print)
+    running = asyncio.create_task(worker.run())
+
+    async def reserved_on_the_leader() -> None:
+        while not any(isinstance(r, Reserve) for r in leader.requests):
+            await asyncio.sleep(0.01)
+
+    try:
+        async with asyncio.timeout(5 * TIME_UNIT):
+            await reserved_on_the_leader()
+    finally:
+        worker.stop()
+        await running
+    assert [type(r) for r in standby.requests] == [Reserve]  # refused once, then left
+
+
+async def test_awaited_results_are_watched_again_on_the_leader(fakes: Callable[..., Any]) -> None:
+    leader = await fakes("ok")
+    standby = await fakes("standby", leader=leader.address)
+    async with Client([standby.address], secret=SECRET, reconnect_timeout=5.0) as client:
+        waiting = asyncio.create_task(client.result(42, timeout=5.0))
+        await asyncio.sleep(0)
+
+        async def watched_on_the_leader() -> None:
+            while not any(isinstance(r, Watch) and 42 in r.job_ids for r in leader.requests):
+                await asyncio.sleep(0.01)
+
+        async with asyncio.timeout(5 * TIME_UNIT):
+            await watched_on_the_leader()
+        waiting.cancel()
+
+
+async def test_answers_refused_as_stale_cost_one_log_line_and_the_worker_goes_on(
+    fakes: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a takeover a worker's old lease tokens are refused (lease_lost): the worker logs
+    the batch in one line, does not count them as done, and keeps running."""
+    from jobbroker import Worker
+
+    broker = await fakes("ok")
+    broker.deliver = [[job_id, 7, "q", job_id, 1, 30.0, None, None] for job_id in range(1, 31)]
+
+    async def handler(payload: int) -> int:
+        return payload
+
+    worker = Worker(broker.address, secret=SECRET, queues=["q"], handler=handler, concurrency=30)
+    running = asyncio.create_task(worker.run())
+
+    async def answered() -> None:
+        while sum(len(r.items) for r in broker.requests if isinstance(r, Complete)) < 30:
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.INFO, logger="jobbroker.worker"):
+        async with asyncio.timeout(5 * TIME_UNIT):
+            await answered()
+            while worker.completed:  # the refusals arrive just after
+                await asyncio.sleep(0.01)
+        assert not running.done()
+        worker.stop()
+        await running
+    refusals = [r.getMessage() for r in caplog.records if "answers refused" in r.getMessage()]
+    batches = [r for r in broker.requests if isinstance(r, Complete)]
+    assert len(refusals) == len(batches), refusals  # one line a batch (one batch a loop turn)
+    counts = [int(re.search(r"for (\d+) jobs", line).group(1)) for line in refusals]  # type: ignore[union-attr]
+    assert sum(counts) == 30

@@ -101,7 +101,10 @@ def add_commands(command: AddCommand) -> None:
         sub.add_argument(
             "--connect",
             default=default_connect,
-            help=f"broker HOST:PORT ($JOBBROKER_CONNECT, else 127.0.0.1:$JOBBROKER_PORT; now {default_connect})",
+            help=(
+                "broker HOST:PORT, or several separated by commas (brokers of which one leads: "
+                f"follow it) ($JOBBROKER_CONNECT, else 127.0.0.1:$JOBBROKER_PORT; now {default_connect})"
+            ),
         )
         sub.add_argument(
             "--credential", default=None, help="credential name (default $JOBBROKER_CREDENTIAL, else default)"

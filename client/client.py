@@ -17,7 +17,9 @@ from jobbroker.broker.errors import (
     JobDead,
     JobNotFound,
     LimitExceeded,
+    NotLeader,
     ResultTimeout,
+    Unacknowledged,
     UnencodablePayload,
     UsageError,
     broker_error,
@@ -61,7 +63,10 @@ class Client:
     """A connection to the broker for producers and admins.
 
     Args:
-        address: "HOST:PORT" of the broker; default $JOBBROKER_CONNECT, else 127.0.0.1:7878.
+        address: "HOST:PORT" of the broker; or several, as "h1:7878,h2:7878" or a list, for
+            brokers sharing one database of which one leads (README, "Standby brokers"): the
+            client follows the leader. Default $JOBBROKER_CONNECT (commas too), else
+            127.0.0.1:7878.
         secret: the shared secret (bytes). Default: $JOBBROKER_SECRET_FILE,
             $JOBBROKER_SECRET, then the default secret file the broker writes.
         secret_file: read the secret from this file instead.
@@ -86,7 +91,7 @@ class Client:
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         *,
         secret: bytes | str | None = None,
         secret_file: str | None = None,
@@ -194,6 +199,9 @@ class Client:
         Raises:
             QueueFull: the queue is at its pending limit.
             InvalidRequest: a bad argument.
+            Unacknowledged: without `key`, the connection was lost (the broker died, a standby
+                took over) after the submit was sent and before it was acknowledged: the job
+                may or may not have been stored. With `key` the submit is sent again instead.
         """
         if self.serializer is not None:
             payload = self._serialized([payload])[0]
@@ -275,6 +283,7 @@ class Client:
 
         Raises:
             UnencodablePayload: a payload cannot be encoded (nothing was submitted).
+            Unacknowledged: as submit(), unless every job has a key (then it is resent).
         """
         options = _SubmitOptions.of(
             queue,
@@ -336,6 +345,14 @@ class Client:
                 after=None if options.after is None else list(options.after),
                 after_policy=options.after_policy,
             )
+        except Unacknowledged as exc:
+            # Without keys a resend could store the jobs twice: say so rather than guess.
+            raise Unacknowledged(
+                f"the connection to the broker was lost before it acknowledged the submit of "
+                f"{len(payloads)} job(s) to queue {options.queue!r}: they may or may not have been stored "
+                "(give each job an idempotency key, key= or keys=, to have such a submit resent safely)",
+                exc.cause,
+            ) from None
         except FrameTooLarge as exc:
             raise LimitExceeded(
                 f"{len(payloads)} payloads make a frame of {exc.size} bytes; the broker takes {exc.limit}: "
@@ -667,8 +684,8 @@ async def _rewatch(connection: Connection, job_ids: list[int]) -> None:
     for start in range(0, len(job_ids), _REWATCH_BATCH):
         try:
             await connection.request(Watch, job_ids=job_ids[start : start + _REWATCH_BATCH])
-        except ConnectionClosed:
-            return  # the next connection asks again
+        except (ConnectionClosed, NotLeader):
+            return  # the next connection (to the leader) asks again
         except Exception as exc:  # a refusal: logged, the waiters keep waiting (a timeout ends them)
             log.warning("watching %d jobs again failed: %s", len(job_ids), exc)
             return

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from jobbroker.broker.errors import ConfigError
@@ -19,7 +19,8 @@ DEFAULT_ADDRESS = "127.0.0.1:7878"
 
 
 def default_address(environ: Mapping[str, str] | None = None) -> str:
-    """$JOBBROKER_CONNECT; else the loopback on $JOBBROKER_PORT (where a broker started with
+    """$JOBBROKER_CONNECT (one address, or several separated by commas: parse_addresses());
+    else the loopback on $JOBBROKER_PORT (where a broker started with
     that variable listens); else 127.0.0.1:7878."""
     environ = os.environ if environ is None else environ
     if environ.get("JOBBROKER_CONNECT"):
@@ -49,13 +50,13 @@ class ClientSettings:
     """How a Client or Worker reaches the broker, every gap filled.
 
     Args:
-        address: "HOST:PORT".
+        address: "HOST:PORT", several separated by commas, or a sequence of them.
         secret: the shared secret's bytes.
         credential: the credential name to authenticate as.
         tls: a client TLS context, or None for plain TCP.
     """
 
-    address: str
+    address: str | Sequence[str]
     secret: bytes = field(repr=False)
     credential: str = DEFAULT_CREDENTIAL
     tls: ssl.SSLContext | None = None
@@ -63,7 +64,7 @@ class ClientSettings:
     @classmethod
     def resolve(
         cls,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         *,
         secret: bytes | str | None = None,
         secret_file: str | os.PathLike[str] | None = None,

@@ -281,6 +281,8 @@ class ServerConnection(_Connection):
         heartbeat: the heartbeat interval in seconds, sent in the welcome.
         max_frame_size: largest frame body accepted.
         nonce: the broker's nonce; random unless a test fixes it.
+        leader: on a standby, the leading broker's advertised "HOST:PORT", sent in the welcome
+            (docs/protocol.md, "Standbys"); None on the leader. May be set until the welcome.
     """
 
     role = Role.SERVER
@@ -293,9 +295,11 @@ class ServerConnection(_Connection):
         heartbeat: float,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         nonce: bytes | None = None,
+        leader: str | None = None,
     ) -> None:
         super().__init__(max_frame_size, nonce)
         self.state = State.AWAIT_HELLO
+        self.leader = leader
         self._credentials = credentials
         self._candidates: tuple[bytes, ...] = ()
         self.session = session
@@ -340,6 +344,7 @@ class ServerConnection(_Connection):
                     heartbeat=self.heartbeat,
                     max_frame_size=self._max_frame_size,
                     role=credential.role,
+                    leader=self.leader,
                 )
             )
             events.append(Authenticated(client=self.client_name, credential=credential.name, role=credential.role))

@@ -12,6 +12,8 @@ from jobbroker.broker.core.jobs import Job, JobState
 
 __all__ = ["RATE_SAMPLE_EVERY", "RATE_WINDOW", "Queue", "RunTimes", "Session"]
 
+_PENDING = JobState.PENDING  # a global: an Enum attribute costs ~100 ns a look-up (Python 3.11)
+
 # Rates in stats are the change over the last RATE_WINDOW seconds, from samples of the counts
 # taken at most every RATE_SAMPLE_EVERY seconds (docs/protocol.md, "stats").
 RATE_SAMPLE_EVERY = 1.0
@@ -130,7 +132,7 @@ class Queue:
             fifo = self.pending[priority]
             while fifo:
                 job = fifo.popleft()
-                if job.state is JobState.PENDING:
+                if job.state is _PENDING:
                     if not fifo:
                         self._drop_priority(priority)
                     return job

@@ -627,7 +627,8 @@ class Scheduler:
             later = (_DELAYED, _WAITING)
             waiting += [j for j in self._jobs.values() if j.queue == queue_name and j.state in later]
         for job in waiting:
-            self._cancel(job, now)
+            if job.state not in FINAL_STATES:  # else cancelled already, with a job it waited for
+                self._cancel(job, now)
         return [job.id for job in waiting]
 
     def dead_list(self, queue_name: str, limit: int = 100) -> list[dict[str, Any]]:

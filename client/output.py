@@ -59,7 +59,7 @@ def format_stats(info: dict[str, Any]) -> str:
             q["dead"],
             q["done"],
             q["failed"],
-            q["done_per_second"],
+            f"{q['done_per_second']:.1f}",  # the broker sends exact rates
             q["workers"],
             controls_brief(q),
         ]

@@ -22,6 +22,11 @@ import jobbroker
         "jobbroker.broker.protocol.connection",
         "jobbroker.broker.core.scheduler",
         "jobbroker.broker.core.clock",
+        "jobbroker.broker.core.effects",
+        "jobbroker.broker.core.records",
+        "jobbroker.broker.core.limits",
+        "jobbroker.broker.core.reports",
+        "jobbroker.broker.core.changes",
     ],
 )
 def test_pure_layers_import_no_asyncio_or_sockets(module: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any, cast
 import msgpack
 from jobbroker.broker.access import PERMISSIONS, AuthThrottle, Role, WarningLimiter, default_credentials
 from jobbroker.broker.config import BrokerConfig
+from jobbroker.broker.core.clock import Clock, MonotonicClock
 from jobbroker.broker.core.scheduler import (
     Deliver as DeliverEffect,
 )
@@ -192,7 +193,7 @@ class _BrokerProtocol(asyncio.Protocol):
             # must say when it drains below it, or output would wait for the next heartbeat.
             self.transport.set_write_buffer_limits(high=broker.high_water, low=broker.high_water // 4)
         broker._connections[self.session] = self
-        delay = broker.auth_throttle.delay(self.address, broker.loop.time())
+        delay = broker.auth_throttle.delay(self.address, broker.clock.now())
         if delay > 0:  # this address failed to authenticate lately: its input waits
             self._throttled = []
             broker.loop.call_later(delay, self._end_throttle)
@@ -225,7 +226,7 @@ class _BrokerProtocol(asyncio.Protocol):
         events = connection.receive_data(data)
         traffic.frames_in += connection.frames_received - frames_before
         if self.authenticated:
-            broker.scheduler.seen(self.session, broker.loop.time())
+            broker.scheduler.seen(self.session, broker.clock.now())
         high_water = broker.high_water
         for event in events:
             if isinstance(event, Request):
@@ -268,7 +269,7 @@ class _BrokerProtocol(asyncio.Protocol):
     def _auth_failed(self, reason: object) -> None:
         self.broker._warn("authentication failed from", self, f": {reason}")
         self.broker.traffic.auth_failures += 1
-        self.broker.auth_throttle.failed(self.address, self.broker.loop.time())
+        self.broker.auth_throttle.failed(self.address, self.broker.clock.now())
 
     def write(self, data: bytes) -> None:
         """Put bytes on the wire (called by the broker's flush, in frame order)."""
@@ -452,7 +453,7 @@ class _BrokerProtocol(asyncio.Protocol):
         self.allowed = PERMISSIONS[event.role]
         self.owner = None if event.role == Role.ADMIN else event.credential
         self.broker.auth_throttle.succeeded(self.address)
-        self.broker.scheduler.open_session(self.session, self.broker.loop.time(), name=event.client, peer=self.peer)
+        self.broker.scheduler.open_session(self.session, self.broker.clock.now(), name=event.client, peer=self.peer)
         log.info(
             "session %d authenticated: %s as %s (%s) from %s",
             self.session,
@@ -497,6 +498,8 @@ class Broker:
             `credentials` are given.
         credentials: the named credentials clients authenticate as, with their roles.
         store: where jobs are kept; default: SQLite in config.data_dir, or memory if that is None.
+        clock: the one source of time (monotonic and wall) of the broker and its scheduler;
+            default: the system's (time.monotonic(), time.time()).
     """
 
     def __init__(
@@ -506,12 +509,14 @@ class Broker:
         *,
         credentials: Mapping[str, Credential] | None = None,
         store: Store | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if credentials is None:
             if secret is None:
                 raise UsageError("a broker needs a secret or credentials")
             credentials = default_credentials(secret)
         self.config = config
+        self.clock: Clock = clock or MonotonicClock()
         self.credentials = credentials
         self.auth_throttle = AuthThrottle()
         self.warnings = WarningLimiter()
@@ -594,19 +599,20 @@ class Broker:
             OSError: the address cannot be bound.
         """
         self._loop = loop = asyncio.get_running_loop()
+        clock = self.clock
         if self.scheduler.track_changes:
             started = time.perf_counter()
             if self._given_store is None:
                 assert self.config.data_dir is not None
                 self.store = SqliteStore(self.config.data_dir, self.config.fsync)
             try:
-                recovered = self.store.load(loop.time(), time.time())
+                recovered = self.store.load(clock.now(), clock.wall())
             except BaseException:
                 self.store.close()
                 raise
-            self.scheduler.restore(recovered.jobs, recovered.next_job_id, loop.time(), next_token=recovered.next_token)
-            self.scheduler.restore_controls(recovered.controls, loop.time())
-            self.scheduler.restore_schedules(recovered.schedules, time.time())
+            self.scheduler.restore(recovered.jobs, recovered.next_job_id, clock.now(), next_token=recovered.next_token)
+            self.scheduler.restore_controls(recovered.controls, clock.now())
+            self.scheduler.restore_schedules(recovered.schedules, self.clock.wall())
             self._next_session = recovered.next_session
             self._ceilings = recovered.ceilings
             self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-store")
@@ -626,9 +632,9 @@ class Broker:
         else:
             log.info("in memory only (--memory): jobs are lost when the broker stops")
         for name, settings in self.config.queues.items():  # the config file's, at every start
-            self.scheduler.configure_queue(name, loop.time(), **settings)
+            self.scheduler.configure_queue(name, clock.now(), **settings)
         for name, settings in self.config.schedules.items():  # likewise; a stored one keeps its last tick
-            self.scheduler.set_schedule(schedule_from_settings(name, settings), time.time())
+            self.scheduler.set_schedule(schedule_from_settings(name, settings), self.clock.wall())
         self._closed = loop.create_future()
         try:
             tls = self.config.tls_context()
@@ -654,7 +660,7 @@ class Broker:
                 self._server.close()
             self._close_store()
             raise
-        self._started_at = loop.time()
+        self._started_at = clock.now()
         self._heartbeat_handle = loop.call_later(self.config.heartbeat, self._send_heartbeats)
         if self._web is not None:
             where = f"{'https' if tls else 'http'}://{self.config.metrics_host}:{self._web.port}"
@@ -701,7 +707,7 @@ class Broker:
     def overview(self) -> dict[str, Any]:
         """What the dashboard shows: the broker, its queues with rates, its workers with their
         running jobs, the latest dead letters with their errors (not their payloads)."""
-        now = self.loop.time()
+        now = self.clock.now()
         stats = self.scheduler.stats(now)
         for worker in stats["workers"]:
             worker["in_flight"] = len(worker["in_flight"])
@@ -736,12 +742,12 @@ class Broker:
         self._server.close()
         in_flight = self.scheduler.drain()
         log.warning("shutting down: %d jobs in flight, waiting up to %.0fs", in_flight, grace)
-        deadline = self.loop.time() + grace
-        while self.scheduler.in_flight and self.loop.time() < deadline and not self._closed.done():
+        deadline = self.clock.now() + grace
+        while self.scheduler.in_flight and self.clock.now() < deadline and not self._closed.done():
             await asyncio.sleep(0.05)
         # The results of the jobs that just finished wait for their commit: let it land.
-        deadline = self.loop.time() + _LAST_COMMIT_WAIT
-        while self._writing is not None and self.loop.time() < deadline and not self._closed.done():
+        deadline = self.clock.now() + _LAST_COMMIT_WAIT
+        while self._writing is not None and self.clock.now() < deadline and not self._closed.done():
             await asyncio.sleep(0.01)
         self.close()
 
@@ -826,7 +832,7 @@ class Broker:
 
     def _warn(self, what: str, protocol: _BrokerProtocol, detail: str) -> None:
         """A warning about a peer, at most one line per address and kind per interval."""
-        count = self.warnings.hit(what, protocol.address, self.loop.time())
+        count = self.warnings.hit(what, protocol.address, self.clock.now())
         if count == 1:
             log.warning("%s %s%s", what, protocol.peer, detail)
         elif count:
@@ -845,7 +851,7 @@ class Broker:
         self._dirty.pop(protocol, None)
         if protocol.authenticated:
             log.info("session %d (%s) disconnected%s", protocol.session, protocol.peer, f": {exc}" if exc else "")
-            self.scheduler.close_session(protocol.session, self.loop.time())
+            self.scheduler.close_session(protocol.session, self.clock.now())
             self._schedule_flush()
 
     def _mark_dirty(self, protocol: _BrokerProtocol) -> None:
@@ -868,7 +874,7 @@ class Broker:
                 raise Forbidden(
                     f"op {request.op!r} is not allowed for credential {protocol.connection.claimed_credential!r}"
                 )
-            data = handler(protocol, request, self.loop.time())
+            data = handler(protocol, request, self.clock.now())
         except BrokerError as exc:
             protocol.send(ErrorReply(id=request.id, code=exc.code, message=str(exc)))
         except Exception:
@@ -963,7 +969,7 @@ class Broker:
         """A notice (no reply): the worker began these jobs. Items it no longer holds are
         ignored: the broker has told it already (revoked) or its session is gone."""
         if Started.op in client.allowed:
-            self.scheduler.started(client.session, notice.items, self.loop.time())
+            self.scheduler.started(client.session, notice.items, self.clock.now())
         else:
             client.send(ErrorReply(id=None, code=Forbidden.code, message="op 'started' is not allowed"))
 
@@ -1013,7 +1019,7 @@ class Broker:
             "catch_up": request.catch_up,
             **(request.options or {}),
         }
-        record = self.scheduler.set_schedule(schedule_from_settings(request.name, settings), time.time())
+        record = self.scheduler.set_schedule(schedule_from_settings(request.name, settings), self.clock.wall())
         log.warning("schedule %s set by session %d: %s", request.name, client.session, record)
         self._arm_ticker()
         return record
@@ -1085,7 +1091,7 @@ class Broker:
         delivered again (at least once); so a job often runs and completes within one commit
         window, and is written once, in its final state. Output leaves each connection in the
         order it was made (frames carry sequence numbers)."""
-        now = self.loop.time()
+        now = self.clock.now()
         self._apply(self.scheduler.flush(now))
         if self.scheduler.next_token > self._ceilings.token or self._next_session > self._ceilings.session:
             # Only if a block of ids was used up before a commit could store the next one.
@@ -1124,7 +1130,7 @@ class Broker:
             return
         held, self._held = self._held, []
         self._retry_due = False
-        rows = serialize(changes, now, time.time())
+        rows = serialize(changes, now, self.clock.wall())
         rows.ceilings = ceilings
         unsaved, self._unsaved = self._unsaved, None
         if unsaved is not None:
@@ -1270,29 +1276,31 @@ class Broker:
     def _arm_ticker(self) -> None:
         deadline = self.scheduler.next_deadline()
         tick_wall = self.scheduler.schedules.next_due()
-        if tick_wall is not None:  # a schedule's tick, in wall-clock time, on the loop's clock
-            tick_at = self.loop.time() + max(0.0, tick_wall - time.time())
+        now = self.clock.now()
+        if tick_wall is not None:  # a schedule's tick, in wall-clock time, on the monotonic scale
+            tick_at = now + max(0.0, tick_wall - self.clock.wall())
             deadline = tick_at if deadline is None else min(deadline, tick_at)
         if deadline is None or deadline >= self._tick_at:
             return
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         self._tick_at = deadline
-        self._tick_handle = self.loop.call_at(deadline, self._on_tick)
+        # A delay, not loop.call_at: the deadline is on the broker's clock, which need not be the loop's.
+        self._tick_handle = self.loop.call_later(max(0.0, deadline - now), self._on_tick)
 
     def _on_tick(self) -> None:
         self._tick_handle = None
         self._tick_at = float("inf")
-        now = self.loop.time()
+        now = self.clock.now()
         self.scheduler.tick(now)
         if self._storage_error is None:  # a tick's job waits for storage to work again
-            for name, tick, error in self.scheduler.fire_schedules(now, time.time()):
+            for name, tick, error in self.scheduler.fire_schedules(now, self.clock.wall()):
                 if error is not None:
                     log.warning("schedule %s could not submit its job of tick %.3f: %s", name, tick, error)
         self._flush()
 
     def _send_heartbeats(self) -> None:
-        now = self.loop.time()
+        now = self.clock.now()
         for protocol in list(self._connections.values()):
             protocol.send(_HEARTBEAT)
             protocol.check_progress(now)

@@ -22,6 +22,7 @@ import jobbroker
         "jobbroker.broker.protocol.connection",
         "jobbroker.broker.core.scheduler",
         "jobbroker.broker.core.clock",
+        "jobbroker.broker.server.dispatch",
     ],
 )
 def test_pure_layers_import_no_asyncio_or_sockets(module: str) -> None:

@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import msgpack
@@ -41,14 +41,9 @@ from jobbroker.broker.core.scheduler import (
 )
 from jobbroker.broker.core.schedules import schedule_from_settings
 from jobbroker.broker.errors import (
-    BrokerError,
-    Forbidden,
-    InvalidRequest,
-    LimitExceeded,
     ReplyTooLarge,
     StorageError,
     StorageFailed,
-    StorageUnavailable,
     UsageError,
 )
 from jobbroker.broker.metrics import TrafficCounters
@@ -56,42 +51,21 @@ from jobbroker.broker.protocol.auth import MAC_SIZE
 from jobbroker.broker.protocol.connection import Authenticated, ServerConnection, State
 from jobbroker.broker.protocol.credentials import Credential
 from jobbroker.broker.protocol.messages import (
-    Cancel,
-    Complete,
-    DeadList,
-    DeadPurge,
-    DeadRequeue,
     Deliver,
-    Drain,
     ErrorReply,
-    Fail,
     Heartbeat,
-    JobInfo,
-    JobList,
     Message,
-    Progress,
     Progressed,
     PushType,
-    QueuePurge,
-    QueueSet,
-    Release,
     Reply,
     Request,
-    Reserve,
     Results,
     Revoked,
-    ScheduleList,
-    ScheduleRemove,
-    ScheduleSet,
     Started,
-    Stats,
-    Submit,
-    Touch,
-    Watch,
     encode,
     encode_items,
-    packed,
 )
+from jobbroker.broker.server.dispatch import Dispatcher, ids_text
 from jobbroker.broker.store import (
     SESSION_BLOCK,
     TOKEN_BLOCK,
@@ -179,6 +153,10 @@ class _BrokerProtocol(asyncio.Protocol):
         self._bytes_taken = 0  # bytes the peer had taken at the last progress check
         self._stalled_checks = 0
 
+    @property
+    def credential(self) -> str | None:
+        return self.connection.claimed_credential
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peername = transport.get_extra_info("peername")
@@ -234,9 +212,9 @@ class _BrokerProtocol(asyncio.Protocol):
                 if self._backlog or self.unsent() > high_water:
                     self._backlog.append(event)
                 else:
-                    broker._handle_request(self, event)
+                    broker._dispatch.handle(self, event)
             elif isinstance(event, Started):
-                broker._on_started(self, event)
+                broker._dispatch.started(self, event)
             elif isinstance(event, Authenticated):
                 self._authenticated(event)
             # Heartbeat: its arrival was the point (seen() above)
@@ -333,7 +311,7 @@ class _BrokerProtocol(asyncio.Protocol):
         self.pump()
         broker = self.broker
         while self._backlog and self.unsent() <= broker.high_water:
-            broker._handle_request(self, self._backlog.popleft())
+            broker._dispatch.handle(self, self._backlog.popleft())
         if not self._backlog and self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
@@ -554,29 +532,14 @@ class Broker:
         self._closed: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_at = 0.0
-        self._handlers: dict[type[Request], Callable[[_BrokerProtocol, Any, float], dict[str, Any]]] = {
-            Submit: self._on_submit,
-            Reserve: self._on_reserve,
-            Complete: self._on_complete,
-            Fail: self._on_fail,
-            Touch: self._on_touch,
-            Release: self._on_release,
-            Progress: self._on_progress,
-            Watch: self._on_watch,
-            Cancel: self._on_cancel,
-            Stats: self._on_stats,
-            JobInfo: self._on_job_info,
-            JobList: self._on_job_list,
-            QueuePurge: self._on_queue_purge,
-            QueueSet: self._on_queue_set,
-            ScheduleSet: self._on_schedule_set,
-            ScheduleRemove: self._on_schedule_remove,
-            ScheduleList: self._on_schedule_list,
-            DeadList: self._on_dead_list,
-            DeadRequeue: self._on_dead_requeue,
-            DeadPurge: self._on_dead_purge,
-            Drain: self._on_drain,
-        }
+        self._dispatch = Dispatcher(
+            self.scheduler,
+            config,
+            self.clock,
+            _Durability(self),
+            arm_ticker=self._arm_ticker,
+            schedule_flush=self._schedule_flush,
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -863,45 +826,6 @@ class Broker:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    # --- requests ---------------------------------------------------------------------
-
-    def _handle_request(self, protocol: _BrokerProtocol, request: Request) -> None:
-        handler = self._handlers.get(type(request))
-        try:
-            if handler is None:
-                raise InvalidRequest(f"op {request.op!r} is not handled")
-            if request.op not in protocol.allowed:
-                raise Forbidden(
-                    f"op {request.op!r} is not allowed for credential {protocol.connection.claimed_credential!r}"
-                )
-            data = handler(protocol, request, self.clock.now())
-        except BrokerError as exc:
-            protocol.send(ErrorReply(id=request.id, code=exc.code, message=str(exc)))
-        except Exception:
-            # A bug of ours must not take the connection (or the broker) down with it.
-            log.exception("internal error handling %s from session %d", request.op, protocol.session)
-            protocol.send(ErrorReply(id=request.id, code="internal", message="internal broker error"))
-        else:
-            protocol.send_reply(request.id, data)
-            if self._writer is not None and not protocol.needs_commit:
-                protocol.needs_commit = self._reflects_unwritten(request, data)
-
-    def _reflects_unwritten(self, request: Request, data: dict[str, Any]) -> bool:
-        """Whether a reply tells of a change not yet committed, so that it must wait for it
-        (docs/protocol.md, "Durability"): what a submit created or found by its key, what a
-        cancel changed, the state a `job` reply or a dead list shows. A refusal changes
-        nothing and waits for nothing."""
-        kind = type(request)
-        if kind is Submit:
-            return self._unwritten(data["job_ids"])
-        if isinstance(request, Cancel | Watch):
-            return self._unwritten(request.job_ids)
-        if isinstance(request, JobInfo):
-            return self._unwritten([request.job_id])
-        if kind is DeadList or kind is JobList:
-            return self._unwritten([job["id"] for job in data["jobs"]])
-        return kind in _DURABLE_REPLIES
-
     def _unwritten(self, job_ids: Iterable[int]) -> bool:
         """Whether any of these jobs has a change that is not committed: not yet taken for a
         commit, in the commit in flight, or in a failed one waiting to be written again."""
@@ -914,159 +838,6 @@ class Broker:
         return any(
             batch is not None and not batch.job_ids().isdisjoint(others) for batch in (self._writing, self._unsaved)
         )
-
-    def _on_submit(self, client: _BrokerProtocol, request: Submit, now: float) -> dict[str, Any]:
-        if self._storage_error is not None:
-            raise StorageUnavailable(f"the broker cannot store new jobs: {self._storage_error}")
-        # Payloads are held packed (the broker never looks inside): a payload costs its encoded
-        # size, is measured by it, stored as it is and spliced into deliveries.
-        payloads = [packed(payload) for payload in request.payloads]
-        limit = self.config.max_payload_size
-        for index, payload in enumerate(payloads):
-            if len(payload) > limit:
-                raise LimitExceeded(f"payload {index} is over the limit of {limit} bytes")
-        ids = self.scheduler.submit(
-            client.session,
-            request.queue,
-            payloads,
-            now,
-            priority=request.priority,
-            delay=request.delay,
-            max_attempts=request.max_attempts,
-            lease=request.lease,
-            backoff=request.backoff,
-            keys=request.keys,
-            watch=request.watch,
-            owner=client.owner,
-            timeout=request.timeout,
-            result_ttl=request.result_ttl,
-            max_backoff=request.max_backoff,
-            after=request.after,
-            run_anyway=_run_anyway(request.after_policy),
-        )
-        return {"job_ids": ids}
-
-    def _on_reserve(self, client: _BrokerProtocol, request: Reserve, now: float) -> dict[str, Any]:
-        self.scheduler.reserve(client.session, request.queues, request.prefetch, now)
-        return {}
-
-    def _on_complete(self, client: _BrokerProtocol, request: Complete, now: float) -> dict[str, Any]:
-        limit = self.config.max_result_size
-        oversized = _too_large([item[2] for item in request.items], limit, every=True)
-        if not oversized:
-            return _refusals(self.scheduler.complete(client.session, request.items, now))
-        # A result over the limit fails its job (retried, then dead) rather than vanishing.
-        items = [item for index, item in enumerate(request.items) if index not in oversized]
-        codes = iter(self.scheduler.complete(client.session, items, now))
-        failures = [[item[0], item[1], "ResultTooLarge", f"result over {limit} bytes"] for item in request.items]
-        self.scheduler.fail(client.session, [failures[index] for index in sorted(oversized)], now)
-        return _refusals(["result_too_large" if i in oversized else next(codes) for i in range(len(request.items))])
-
-    def _on_fail(self, client: _BrokerProtocol, request: Fail, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.fail(client.session, request.items, now))
-
-    def _on_started(self, client: _BrokerProtocol, notice: Started) -> None:
-        """A notice (no reply): the worker began these jobs. Items it no longer holds are
-        ignored: the broker has told it already (revoked) or its session is gone."""
-        if Started.op in client.allowed:
-            self.scheduler.started(client.session, notice.items, self.clock.now())
-        else:
-            client.send(ErrorReply(id=None, code=Forbidden.code, message="op 'started' is not allowed"))
-
-    def _on_touch(self, client: _BrokerProtocol, request: Touch, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.touch(client.session, request.items, now))
-
-    def _on_release(self, client: _BrokerProtocol, request: Release, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.release(client.session, request.items, now))
-
-    def _on_progress(self, client: _BrokerProtocol, request: Progress, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.progress(client.session, request.items, now))
-
-    def _on_watch(self, client: _BrokerProtocol, request: Watch, now: float) -> dict[str, Any]:
-        # One outcome per job however often the request names it: a job's result is pushed once.
-        self.scheduler.watch(client.session, list(dict.fromkeys(request.job_ids)), owner=client.owner)
-        return {}
-
-    def _on_cancel(self, client: _BrokerProtocol, request: Cancel, now: float) -> dict[str, Any]:
-        return _refusals(self.scheduler.cancel(request.job_ids, now, owner=client.owner))
-
-    def _on_stats(self, client: _BrokerProtocol, request: Stats, now: float) -> dict[str, Any]:
-        return self.scheduler.stats(now)
-
-    def _on_job_info(self, client: _BrokerProtocol, request: JobInfo, now: float) -> dict[str, Any]:
-        return {"job": self.scheduler.job_info(request.job_id, owner=client.owner)}
-
-    def _on_job_list(self, client: _BrokerProtocol, request: JobList, now: float) -> dict[str, Any]:
-        jobs = self.scheduler.job_list(
-            request.queue, request.state, after=request.after, limit=request.limit, owner=client.owner
-        )
-        return {"jobs": jobs}
-
-    def _on_queue_set(self, client: _BrokerProtocol, request: QueueSet, now: float) -> dict[str, Any]:
-        settings = self.scheduler.configure_queue(
-            request.queue, now, paused=request.paused, concurrency=request.concurrency, rate=request.rate
-        )
-        log.warning("queue %s set by session %d: %s", request.queue, client.session, settings)
-        return settings
-
-    def _on_schedule_set(self, client: _BrokerProtocol, request: ScheduleSet, now: float) -> dict[str, Any]:
-        settings = {
-            "queue": request.queue,
-            "payload": request.payload,
-            "cron": request.cron,
-            "every": request.every,
-            "tz": request.tz,
-            "catch_up": request.catch_up,
-            **(request.options or {}),
-        }
-        record = self.scheduler.set_schedule(schedule_from_settings(request.name, settings), self.clock.wall())
-        log.warning("schedule %s set by session %d: %s", request.name, client.session, record)
-        self._arm_ticker()
-        return record
-
-    def _on_schedule_remove(self, client: _BrokerProtocol, request: ScheduleRemove, now: float) -> dict[str, Any]:
-        removed = self.scheduler.remove_schedule(request.name)
-        if removed:
-            log.warning("schedule %s removed by session %d", request.name, client.session)
-        return {"removed": removed}
-
-    def _on_schedule_list(self, client: _BrokerProtocol, request: ScheduleList, now: float) -> dict[str, Any]:
-        return {"schedules": [schedule.record() for schedule in self.scheduler.schedules.all()]}
-
-    def _on_queue_purge(self, client: _BrokerProtocol, request: QueuePurge, now: float) -> dict[str, Any]:
-        purged = self.scheduler.purge_queue(request.queue, now)
-        if purged:
-            log.warning("queue %s purged by session %d: %s", request.queue, client.session, _ids(purged))
-        return {"purged": len(purged)}
-
-    def _on_dead_list(self, client: _BrokerProtocol, request: DeadList, now: float) -> dict[str, Any]:
-        return {"jobs": self.scheduler.dead_list(request.queue, request.limit)}
-
-    def _on_dead_requeue(self, client: _BrokerProtocol, request: DeadRequeue, now: float) -> dict[str, Any]:
-        requeued = self.scheduler.dead_requeue(request.queue, request.job_ids, now)
-        if requeued:
-            log.warning(
-                "dead jobs of queue %s requeued by session %d: %s", request.queue, client.session, _ids(requeued)
-            )
-        return {"requeued": len(requeued)}
-
-    def _on_drain(self, client: _BrokerProtocol, request: Drain, now: float) -> dict[str, Any]:
-        in_flight = self.scheduler.drain(request.on)
-        log.warning(
-            "deliveries %s by session %d; %d jobs in flight",
-            "stopped" if request.on else "resumed",
-            client.session,
-            in_flight,
-        )
-        if not request.on:
-            self._schedule_flush()
-        return {"in_flight": in_flight}
-
-    def _on_dead_purge(self, client: _BrokerProtocol, request: DeadPurge, now: float) -> dict[str, Any]:
-        purged = self.scheduler.dead_purge(request.queue, request.job_ids)
-        if purged:
-            log.warning("dead jobs of queue %s purged by session %d: %s", request.queue, client.session, _ids(purged))
-        return {"purged": len(purged)}
 
     # --- the per-turn flush and timers ------------------------------------------------
 
@@ -1259,8 +1030,8 @@ class Broker:
                     effect.session,
                     effect.name or "worker",
                     len(effect.requeued) + len(effect.buried),
-                    _ids(effect.requeued),
-                    _ids(effect.buried),
+                    ids_text(effect.requeued),
+                    ids_text(effect.buried),
                 )
             elif isinstance(effect, TimeLimitHit):
                 log.warning(
@@ -1309,13 +1080,6 @@ class Broker:
         self._heartbeat_handle = self.loop.call_later(self.config.heartbeat, self._send_heartbeats)
 
 
-# Replies that wait for the commit of what the request changed (see Broker._flush_now); submit,
-# cancel, watch, job and dead_list replies wait if the jobs they name have unwritten changes
-# (Broker._reflects_unwritten).
-_DURABLE_REPLIES: frozenset[type[Request]] = frozenset(
-    {Submit, Cancel, DeadRequeue, DeadPurge, QueuePurge, QueueSet, ScheduleSet, ScheduleRemove}
-)
-
 # The push message that carries each kind of effect to its session.
 _PUSHES: dict[type[Effect], PushType] = {
     DeliverEffect: Deliver,
@@ -1323,13 +1087,6 @@ _PUSHES: dict[type[Effect], PushType] = {
     ProgressReady: Progressed,
     Revoke: Revoked,
 }
-
-
-def _run_anyway(policy: str) -> bool:
-    """after_policy: "done" (every job it runs after must succeed) or "always"."""
-    if policy not in ("done", "always"):
-        raise InvalidRequest(f"after_policy is 'done' or 'always', not {policy!r}")
-    return policy == "always"
 
 
 def _measured(items: list[Any], limit: int) -> int:
@@ -1389,25 +1146,22 @@ def _log_sync_failure(future: asyncio.Future[None]) -> None:
         log.error("%s", future.exception())
 
 
-def _too_large(values: list[Any], limit: int, *, every: bool = False) -> Any:
-    """Which values encode to more than `limit` bytes: the first index (or, with every, the
-    set of all), or None / an empty set. Cheap in the common case: when all of them together
-    fit, none is checked alone."""
-    if len(msgpack.packb(values, use_bin_type=True)) <= limit:
-        return set() if every else None
-    oversized = {i for i, value in enumerate(values) if len(msgpack.packb(value, use_bin_type=True)) > limit}
-    if every:
-        return oversized
-    return min(oversized) if oversized else None
+class _Durability:
+    """The broker's group commit as dispatch sees it (see dispatch.Durability)."""
 
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
 
-def _refusals(codes: list[str | None]) -> dict[str, Any]:
-    return {"refused": [[index, code] for index, code in enumerate(codes) if code is not None]}
+    @property
+    def active(self) -> bool:
+        return self._broker._writer is not None
 
+    @property
+    def storage_error(self) -> StorageError | None:
+        return self._broker._storage_error
 
-def _ids(ids: list[int]) -> str:
-    shown = ",".join(map(str, ids[:20]))
-    return f"[{shown}{',...' if len(ids) > 20 else ''}]"
+    def unwritten(self, job_ids: Iterable[int]) -> bool:
+        return self._broker._unwritten(job_ids)
 
 
 async def serve(

@@ -11,14 +11,12 @@ heartbeats, and for a durable store the compaction (and fsync interval) timers.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import importlib.metadata
 import logging
-import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import msgpack
@@ -42,8 +40,6 @@ from jobbroker.broker.core.scheduler import (
 from jobbroker.broker.core.schedules import schedule_from_settings
 from jobbroker.broker.errors import (
     ReplyTooLarge,
-    StorageError,
-    StorageFailed,
     UsageError,
 )
 from jobbroker.broker.metrics import TrafficCounters
@@ -65,21 +61,17 @@ from jobbroker.broker.protocol.messages import (
     encode,
     encode_items,
 )
+from jobbroker.broker.server.commit import COMPACT_EVERY, GroupCommit
 from jobbroker.broker.server.dispatch import Dispatcher, ids_text
 from jobbroker.broker.store import (
-    SESSION_BLOCK,
-    TOKEN_BLOCK,
     FsyncMode,
-    IdCeilings,
     MemoryStore,
     SqliteStore,
     Store,
-    WriteBatch,
-    serialize,
 )
 from jobbroker.broker.web import WebServer
 
-__all__ = ["Broker", "serve"]
+__all__ = ["COMPACT_EVERY", "Broker", "serve"]
 
 log = logging.getLogger("jobbroker.broker")
 
@@ -89,10 +81,6 @@ _JOBS_PER_FRAME = 256
 
 _HEARTBEAT = Heartbeat()
 
-# Seconds between checkpoints that fold the SQLite WAL into the database and truncate it, so
-# that disk use follows the live jobs rather than the traffic.
-COMPACT_EVERY = 10.0
-_WRITER_SWITCH_INTERVAL = 0.0005
 try:
     _VERSION = importlib.metadata.version("jobbroker")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree
@@ -441,6 +429,15 @@ class _BrokerProtocol(asyncio.Protocol):
             self.peer,
         )
 
+    def take_output(self) -> bytes:
+        """The bytes built for the peer since the last call (group commit sends or holds them)."""
+        return self.connection.data_to_send()
+
+    def abort(self) -> None:
+        """Close the connection at once (its output is lost)."""
+        if self.transport is not None:
+            self.transport.abort()
+
     def _close_after_error(self) -> None:
         error = self.connection.error
         if error is not None:
@@ -510,17 +507,7 @@ class Broker:
         self.store: Store = store or MemoryStore()  # opened in start() when config.data_dir is set
         durable = store.durable if store is not None else config.data_dir is not None
         self.scheduler = Scheduler(config.scheduler, track_changes=durable)
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._writing: _Batch | None = None  # the group commit in flight: at most one
-        self._held: list[tuple[_BrokerProtocol, bytes]] = []  # output waiting for the next commit
-        self._unsaved: _Batch | None = None  # rows of a failed commit, to write again
-        self._storage_error: StorageError | None = None
-        self._fatal: StorageFailed | None = None  # the store failed for good: the broker stops
-        self._ceilings = IdCeilings(1 << 62, 1 << 62)  # tokens and sessions below are stored
-        self._retry_handle: asyncio.TimerHandle | None = None
-        self._retry_due = False
-        self._sync_handle: asyncio.TimerHandle | None = None
-        self._compact_handle: asyncio.TimerHandle | None = None
+        self._commit = GroupCommit(self.scheduler, self.clock, _CommitHost(self))
         self._connections: dict[int, _BrokerProtocol] = {}
         self._dirty: dict[_BrokerProtocol, None] = {}
         self._flush_scheduled = False
@@ -536,7 +523,7 @@ class Broker:
             self.scheduler,
             config,
             self.clock,
-            _Durability(self),
+            self._commit,
             arm_ticker=self._arm_ticker,
             schedule_flush=self._schedule_flush,
         )
@@ -577,11 +564,7 @@ class Broker:
             self.scheduler.restore_controls(recovered.controls, clock.now())
             self.scheduler.restore_schedules(recovered.schedules, self.clock.wall())
             self._next_session = recovered.next_session
-            self._ceilings = recovered.ceilings
-            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobbroker-store")
-            # The writer thread needs the GIL between SQLite calls; with the default 5 ms switch
-            # interval a busy event loop makes every commit wait for it several times over.
-            sys.setswitchinterval(min(sys.getswitchinterval(), _WRITER_SWITCH_INTERVAL))
+            self._commit.open(loop, self.store, recovered.ceilings, sync_every=self.config.fsync is FsyncMode.INTERVAL)
             log.info(
                 "data in %s (fsync %s): recovered %d jobs in %.2fs",
                 self.config.data_dir or self.store,
@@ -589,9 +572,6 @@ class Broker:
                 len(recovered.jobs),
                 time.perf_counter() - started,
             )
-            if self.config.fsync is FsyncMode.INTERVAL:
-                self._sync_handle = loop.call_later(1.0, self._sync)
-            self._compact_handle = loop.call_later(COMPACT_EVERY, self._compact)
         else:
             log.info("in memory only (--memory): jobs are lost when the broker stops")
         for name, settings in self.config.queues.items():  # the config file's, at every start
@@ -647,16 +627,11 @@ class Broker:
         if self._server is None or self._closed is None or self._closed.done():
             return
         self._server.close()
-        for handle in (
-            self._tick_handle,
-            self._heartbeat_handle,
-            self._sync_handle,
-            self._compact_handle,
-            self._retry_handle,
-        ):
+        for handle in (self._tick_handle, self._heartbeat_handle):
             if handle is not None:
                 handle.cancel()
-        if self._writing is None and self._fatal is None:
+        self._commit.cancel_timers()
+        if not self._commit.in_flight and self._commit.fatal is None:
             self._flush_now()
         for protocol in list(self._connections.values()):
             if protocol.transport is not None:
@@ -710,7 +685,7 @@ class Broker:
             await asyncio.sleep(0.05)
         # The results of the jobs that just finished wait for their commit: let it land.
         deadline = self.clock.now() + _LAST_COMMIT_WAIT
-        while self._writing is not None and self.clock.now() < deadline and not self._closed.done():
+        while self._commit.in_flight and self.clock.now() < deadline and not self._closed.done():
             await asyncio.sleep(0.01)
         self.close()
 
@@ -723,20 +698,14 @@ class Broker:
         if self._web is not None:
             web, self._web = self._web, None
             await self.loop.run_in_executor(None, web.close)
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            await self.loop.run_in_executor(writer, self.store.close)  # after every queued write
-            writer.shutdown(wait=True)
-            if self._fatal is not None:
-                raise self._fatal
+        if self._commit.active:
+            await self._commit.close()  # raises what stopped the broker, if the store failed
             log.info("broker closed; data saved")
         elif self.store.durable is False:
             log.info("broker closed")
 
     def _close_store(self) -> None:
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
+        self._commit.abandon()
         self.store.close()
 
     async def __aenter__(self) -> Broker:
@@ -826,19 +795,6 @@ class Broker:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    def _unwritten(self, job_ids: Iterable[int]) -> bool:
-        """Whether any of these jobs has a change that is not committed: not yet taken for a
-        commit, in the commit in flight, or in a failed one waiting to be written again."""
-        changed = self.scheduler.changed
-        others: list[int] = []
-        for job_id in job_ids:
-            if changed(job_id):  # the common case (a new job, a completion): no set is made
-                return True
-            others.append(job_id)
-        return any(
-            batch is not None and not batch.job_ids().isdisjoint(others) for batch in (self._writing, self._unsaved)
-        )
-
     # --- the per-turn flush and timers ------------------------------------------------
 
     def _flush(self) -> None:
@@ -864,139 +820,8 @@ class Broker:
         order it was made (frames carry sequence numbers)."""
         now = self.clock.now()
         self._apply(self.scheduler.flush(now))
-        if self.scheduler.next_token > self._ceilings.token or self._next_session > self._ceilings.session:
-            # Only if a block of ids was used up before a commit could store the next one.
-            self._stop_on_storage_failure(StorageFailed("lease tokens or session ids beyond the stored ceiling"))
-            return
         dirty, self._dirty = self._dirty, {}
-        if self._writer is None:
-            for protocol in dirty:
-                protocol.write(protocol.connection.data_to_send())
-            return
-        for protocol in dirty:
-            data = protocol.connection.data_to_send()
-            if protocol.needs_commit or protocol.held:
-                protocol.needs_commit = False
-                protocol.held += 1
-                protocol.held_bytes += len(data)
-                self._held.append((protocol, data))
-            else:
-                protocol.write(data)
-        if self._writing is None:
-            self._start_commit(now)
-
-    def _start_commit(self, now: float) -> None:
-        """Write every change not yet written; the output held so far goes out after it."""
-        assert self._writer is not None
-        changes = self.scheduler.take_changes()
-        ceilings = self._raised_ceilings()
-        # Rows of a failed write go again with the next changes, or alone when the retry timer
-        # says so. Output held with nothing new behind it goes out at once, unless rows of a
-        # failed write are still unwritten: it may tell of them (a result, a `job` reply), and
-        # a crash would undo what it told; it waits for their retry.
-        if not changes and ceilings is None and (self._unsaved is None or not self._retry_due):
-            if self._unsaved is None:
-                held, self._held = self._held, []
-                _release(held)
-            return
-        held, self._held = self._held, []
-        self._retry_due = False
-        rows = serialize(changes, now, self.clock.wall())
-        rows.ceilings = ceilings
-        unsaved, self._unsaved = self._unsaved, None
-        if unsaved is not None:
-            rows = unsaved.rows.then(rows)
-        next_job_id = self.scheduler.next_job_id
-        self._writing = _Batch(held, rows, next_job_id)
-        future = self.loop.run_in_executor(self._writer, self.store.write, rows, next_job_id)
-        future.add_done_callback(self._committed)
-
-    def _raised_ceilings(self) -> IdCeilings | None:
-        """New ceilings for lease tokens and session ids once half the stored block is used:
-        stored ahead of use, with the next commit (docs/protocol.md, "Durability")."""
-        ceilings = self._ceilings
-        token, session = self.scheduler.next_token, self._next_session
-        if token + TOKEN_BLOCK // 2 <= ceilings.token and session + SESSION_BLOCK // 2 <= ceilings.session:
-            return None
-        return IdCeilings(max(ceilings.token, token + TOKEN_BLOCK), max(ceilings.session, session + SESSION_BLOCK))
-
-    def _committed(self, future: asyncio.Future[None]) -> None:
-        batch, self._writing = self._writing, None
-        assert batch is not None
-        if self._fatal is not None:
-            return
-        error = future.exception()
-        if isinstance(error, StorageFailed):
-            self._stop_on_storage_failure(error)
-            return
-        if error is not None:
-            self._commit_failed(batch, error)
-        else:
-            if self._storage_error is not None:
-                log.warning("storage works again; accepting submits")
-                self._storage_error = None
-            if batch.rows.ceilings is not None:
-                self._ceilings = batch.rows.ceilings
-            # The jobs this commit created may run now: delivered in this same cycle, below.
-            self.scheduler.stored(batch.next_job_id)
-            _release(batch.outgoing)
-        if self._closed is not None and not self._closed.done():
-            self._flush_now()  # deliveries of the jobs just stored; what gathered meanwhile
-
-    def _stop_on_storage_failure(self, error: StorageFailed) -> None:
-        """A write failed in a way that a retry cannot fix: what waited for it is never sent
-        (its clients see the connection close, not a false acknowledgement), and the broker
-        stops; wait_closed() raises the error (the CLI exits with status 2)."""
-        if self._fatal is not None:
-            return
-        log.critical("%s; stopping the broker", error)
-        self._fatal = error
-        self._held = []
-        self._unsaved = None
-        for protocol in list(self._connections.values()):
-            if protocol.transport is not None:
-                protocol.transport.abort()
-        self.close()
-
-    def _commit_failed(self, batch: _Batch, error: BaseException) -> None:
-        """Nothing of the batch is on disk: its acknowledgements must not go out. Close the
-        connections they were for (their clients see the loss, not a false ack), keep the rows
-        to write again, and refuse submits until a write succeeds."""
-        failure = error if isinstance(error, StorageError) else StorageError(f"storage failed: {error}")
-        if self._storage_error is None:
-            log.error("%s; refusing submits until storage works again", failure)
-        self._storage_error = failure
-        # Rows not yet written go again first, so that the newer state of a job wins.
-        self._unsaved = (
-            batch if self._unsaved is None else _Batch([], self._unsaved.rows.then(batch.rows), batch.next_job_id)
-        )
-        for protocol, _ in batch.outgoing:
-            if protocol.transport is not None:
-                protocol.transport.abort()
-        if self._closed is not None and not self._closed.done() and self._retry_handle is None:
-            self._retry_handle = self.loop.call_later(1.0, self._retry_write)
-
-    def _retry_write(self) -> None:
-        self._retry_handle = None
-        self._retry_due = True
-        self._schedule_flush()
-
-    def _compact(self) -> None:
-        if self._writer is not None:
-            self.loop.run_in_executor(self._writer, self.store.compact).add_done_callback(_log_sync_failure)
-            self._compact_handle = self.loop.call_later(COMPACT_EVERY, self._compact)
-
-    def _sync(self) -> None:
-        if self._writer is not None:
-            self.loop.run_in_executor(self._writer, self.store.sync).add_done_callback(self._synced)
-            self._sync_handle = self.loop.call_later(1.0, self._sync)
-
-    def _synced(self, future: asyncio.Future[None]) -> None:
-        error = None if future.cancelled() else future.exception()
-        if isinstance(error, StorageFailed):  # a failed fsync: what it covered may be gone
-            self._stop_on_storage_failure(error)
-        elif error is not None:
-            log.error("%s", error)
+        self._commit.send(dirty, now)
 
     def _apply(self, effects: list[Effect]) -> None:
         connections = self._connections
@@ -1006,8 +831,8 @@ class Broker:
                 if protocol is not None:
                     needs_commit = (
                         isinstance(effect, ResultsReady)
-                        and self._writer is not None
-                        and self._unwritten(item[0] for item in effect.items)
+                        and self._commit.active
+                        and self._commit.unwritten(item[0] for item in effect.items)
                     )
                     if needs_commit:
                         protocol.needs_commit = True
@@ -1064,7 +889,7 @@ class Broker:
         self._tick_at = float("inf")
         now = self.clock.now()
         self.scheduler.tick(now)
-        if self._storage_error is None:  # a tick's job waits for storage to work again
+        if self._commit.storage_error is None:  # a tick's job waits for storage to work again
             for name, tick, error in self.scheduler.fire_schedules(now, self.clock.wall()):
                 if error is not None:
                     log.warning("schedule %s could not submit its job of tick %.3f: %s", name, tick, error)
@@ -1099,14 +924,6 @@ def _measured(items: list[Any], limit: int) -> int:
     return size
 
 
-def _release(held: list[tuple[_BrokerProtocol, bytes]]) -> None:
-    """Send output that waited for a commit."""
-    for protocol, data in held:
-        protocol.held -= 1
-        protocol.held_bytes -= len(data)
-        protocol.write(data)
-
-
 class _Pushes:
     """Items of one push waiting for a connection to take its output; `start`: the first not
     yet encoded. They refer to the jobs' payloads and results, which costs nothing more."""
@@ -1122,46 +939,34 @@ class _Pushes:
         self.progress: dict[int, list[Any]] | None = None
 
 
-class _Batch:
-    """Output and the rows that must be committed before it may go out; `next_job_id`: every
-    job created before these rows were taken has a smaller id."""
+class _CommitHost:
+    """The broker as group commit sees it (see commit.CommitHost)."""
 
-    __slots__ = ("_job_ids", "next_job_id", "outgoing", "rows")
-
-    def __init__(self, outgoing: list[tuple[_BrokerProtocol, bytes]], rows: WriteBatch, next_job_id: int) -> None:
-        self.outgoing = outgoing
-        self.rows = rows
-        self.next_job_id = next_job_id
-        self._job_ids: set[int] | None = None
-
-    def job_ids(self) -> set[int]:
-        """The jobs whose rows this batch writes (made on first use: most batches never need it)."""
-        if self._job_ids is None:
-            self._job_ids = self.rows.job_ids()
-        return self._job_ids
-
-
-def _log_sync_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("%s", future.exception())
-
-
-class _Durability:
-    """The broker's group commit as dispatch sees it (see dispatch.Durability)."""
+    __slots__ = ("_broker",)
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
 
     @property
-    def active(self) -> bool:
-        return self._broker._writer is not None
+    def running(self) -> bool:
+        closed = self._broker._closed
+        return closed is not None and not closed.done()
 
     @property
-    def storage_error(self) -> StorageError | None:
-        return self._broker._storage_error
+    def next_session(self) -> int:
+        return self._broker._next_session
 
-    def unwritten(self, job_ids: Iterable[int]) -> bool:
-        return self._broker._unwritten(job_ids)
+    def flush_now(self) -> None:
+        self._broker._flush_now()
+
+    def schedule_flush(self) -> None:
+        self._broker._schedule_flush()
+
+    def storage_failed(self) -> None:
+        broker = self._broker
+        for protocol in list(broker._connections.values()):
+            protocol.abort()
+        broker.close()
 
 
 async def serve(

@@ -88,7 +88,6 @@ from jobbroker.broker.protocol.messages import (
     Watch,
     encode,
     encode_items,
-    packed,
 )
 from jobbroker.broker.store import (
     SESSION_BLOCK,
@@ -340,7 +339,7 @@ class _BrokerProtocol(asyncio.Protocol):
     def queue_push(
         self,
         message_type: PushType,
-        items: list[list[Any]],
+        items: list[Any],
         needs_commit: bool,
     ) -> None:
         """Push items to this peer: encoded now as far as the high-water mark allows, the rest
@@ -911,13 +910,13 @@ class Broker:
     def _on_submit(self, client: _BrokerProtocol, request: Submit, now: float) -> dict[str, Any]:
         if self._storage_error is not None:
             raise StorageUnavailable(f"the broker cannot store new jobs: {self._storage_error}")
-        # Payloads are held packed (the broker never looks inside): a payload costs its encoded
-        # size, is measured by it, stored as it is and spliced into deliveries.
-        payloads = [packed(payload) for payload in request.payloads]
+        # Payloads are opaque bytes (docs/protocol.md, "Payloads and results"): measured by
+        # their length, stored and forwarded as they came, never decoded.
+        payloads = request.payloads
         limit = self.config.max_payload_size
-        for index, payload in enumerate(payloads):
-            if len(payload) > limit:
-                raise LimitExceeded(f"payload {index} is over the limit of {limit} bytes")
+        oversized = _too_large(payloads, limit)
+        if oversized is not None:
+            raise LimitExceeded(f"payload {oversized} is over the limit of {limit} bytes")
         ids = self.scheduler.submit(
             client.session,
             request.queue,
@@ -1003,6 +1002,8 @@ class Broker:
         return settings
 
     def _on_schedule_set(self, client: _BrokerProtocol, request: ScheduleSet, now: float) -> dict[str, Any]:
+        if request.payload is not None and len(request.payload) > self.config.max_payload_size:
+            raise LimitExceeded(f"the payload is over the limit of {self.config.max_payload_size} bytes")
         settings = {
             "queue": request.queue,
             "payload": request.payload,
@@ -1347,7 +1348,7 @@ class _Pushes:
 
     __slots__ = ("items", "message_type", "needs_commit", "progress", "start")
 
-    def __init__(self, message_type: PushType, items: list[list[Any]], needs_commit: bool) -> None:
+    def __init__(self, message_type: PushType, items: list[Any], needs_commit: bool) -> None:
         self.message_type = message_type
         self.items = items
         self.needs_commit = needs_commit
@@ -1380,16 +1381,13 @@ def _log_sync_failure(future: asyncio.Future[None]) -> None:
         log.error("%s", future.exception())
 
 
-def _too_large(values: list[Any], limit: int, *, every: bool = False) -> Any:
-    """Which values encode to more than `limit` bytes: the first index (or, with every, the
-    set of all), or None / an empty set. Cheap in the common case: when all of them together
-    fit, none is checked alone."""
-    if len(msgpack.packb(values, use_bin_type=True)) <= limit:
+def _too_large(values: list[bytes], limit: int, *, every: bool = False) -> Any:
+    """Which payloads or results are longer than `limit` bytes: the first index (or, with
+    every, the set of all), or None / an empty set. One pass in C when none is."""
+    if not values or max(map(len, values)) <= limit:
         return set() if every else None
-    oversized = {i for i, value in enumerate(values) if len(msgpack.packb(value, use_bin_type=True)) > limit}
-    if every:
-        return oversized
-    return min(oversized) if oversized else None
+    oversized = {i for i, value in enumerate(values) if len(value) > limit}
+    return oversized if every else min(oversized)
 
 
 def _refusals(codes: list[str | None]) -> dict[str, Any]:

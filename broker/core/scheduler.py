@@ -38,9 +38,8 @@ from jobbroker.broker.protocol.messages import (
     MAX_ERROR_TYPE,
     MAX_TRACEBACK,
     bounded,
-    packed,
-    unpacked,
 )
+from jobbroker.broker.protocol.rows import DeliveryRow, Outcome, ResultRow
 
 __all__ = [
     "Changes",
@@ -108,18 +107,18 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Send these jobs to the worker session: [job_id, token, queue, payload, attempt, lease]."""
+    """Send these jobs to the worker session."""
 
     session: int
-    jobs: list[list[Any]]
+    jobs: list[DeliveryRow]
 
 
 @dataclass(frozen=True, slots=True)
 class ResultsReady:
-    """Send these outcomes to the watching session: [job_id, state, result or error]."""
+    """Send these outcomes to the watching session."""
 
     session: int
-    items: list[list[Any]]
+    items: list[ResultRow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,8 +331,8 @@ class _Session:
 
 @dataclass(slots=True)
 class _Outbox:
-    deliveries: dict[int, list[list[Any]]] = field(default_factory=dict)
-    results: dict[int, list[list[Any]]] = field(default_factory=dict)
+    deliveries: dict[int, list[DeliveryRow]] = field(default_factory=dict)
+    results: dict[int, list[ResultRow]] = field(default_factory=dict)
     progress: dict[int, list[list[Any]]] = field(default_factory=dict)
     revoked: dict[int, list[list[Any]]] = field(default_factory=dict)
     notices: list[Effect] = field(default_factory=list)
@@ -690,7 +689,7 @@ class Scheduler:
     def _watch_one(self, session_id: int, job_id: int, owner: str | None) -> None:
         job = self._visible(job_id, owner)
         if job is None:
-            self._outbox.results.setdefault(session_id, []).append([job_id, "unknown", None])
+            self._outbox.results.setdefault(session_id, []).append(ResultRow(job_id, Outcome.UNKNOWN))
         elif job.state in FINAL_STATES:
             self._outbox.results.setdefault(session_id, []).append(_outcome(job))
         else:
@@ -953,7 +952,7 @@ class Scheduler:
         for schedule, tick in self.schedules.due(wall):
             key = f"schedule:{schedule.name}:{tick:.3f}"
             try:
-                self.submit(0, schedule.queue, [packed(schedule.payload)], now, keys=[key], **schedule.options)
+                self.submit(0, schedule.queue, [schedule.payload], now, keys=[key], **schedule.options)
             except (InvalidRequest, QueueFull, LimitExceeded) as exc:
                 fired.append((schedule.name, tick, str(exc)))
             else:
@@ -1062,13 +1061,16 @@ class Scheduler:
             # 3 s ago still shows (docs/protocol.md, stats). Counts change only within a
             # sampling interval after a sample (_note_rates), so when the newest sample before
             # the window is older than that, the next one holds the counts at its start.
+            # The counts are divided by the time they cover (10 to 11 s; a queue younger than
+            # the window, its age, at least a sampling interval), not by a fixed 10 s.
             samples = queue.rate_samples
-            base = samples[0]
-            if len(samples) > 1 and base[0] + _RATE_SAMPLE_EVERY <= now - _RATE_WINDOW:
-                base = samples[1]
-            _, submitted, completed = base
-            submitted_rate = (queue.submitted - submitted) / _RATE_WINDOW
-            completed_rate = (queue.completed - completed) / _RATE_WINDOW
+            base_time, submitted, completed = samples[0]
+            if len(samples) > 1 and base_time + _RATE_SAMPLE_EVERY <= now - _RATE_WINDOW:
+                _, submitted, completed = samples[1]  # the counts at the window's start
+                base_time = now - _RATE_WINDOW
+            span = max(now - base_time, _RATE_SAMPLE_EVERY)
+            submitted_rate = (queue.submitted - submitted) / span
+            completed_rate = (queue.completed - completed) / span
             queues[name] = {
                 "pending": queue.pending_count,
                 "waiting": queue.waiting_count,
@@ -1364,7 +1366,7 @@ class Scheduler:
                 if batch is None:
                     batch = deliveries[session.id] = []
                 batch.append(
-                    [
+                    DeliveryRow(
                         job.id,
                         job.token,
                         name,
@@ -1373,7 +1375,7 @@ class Scheduler:
                         job.lease_seconds,
                         job.timeout,
                         job.parent_results,
-                    ]
+                    )
                 )
                 if session.credit > 0:
                     waiters.append(session)
@@ -1551,12 +1553,12 @@ def _error(error_type: str, message: str, traceback: str | None = None) -> dict[
     return error
 
 
-def _outcome(job: Job) -> list[Any]:
+def _outcome(job: Job) -> ResultRow:
     if job.state is JobState.DONE:
-        return [job.id, "done", job.result]
+        return ResultRow(job.id, Outcome.DONE, job.result)
     if job.state is JobState.DEAD:
-        return [job.id, "dead", job.error]
-    return [job.id, str(job.state), None]
+        return ResultRow(job.id, Outcome.DEAD, None, job.error)
+    return ResultRow(job.id, Outcome.CANCELLED)
 
 
 def _shown_leases(session: _Session) -> list[Job]:
@@ -1626,7 +1628,7 @@ def _describe(job: Job) -> dict[str, Any]:
         "after": job.parents,
         "waiting_on": job.waiting_on if job.state is JobState.WAITING else 0,
         "started": job.state is JobState.LEASED and job.started_at is not None,
-        "payload": unpacked(job.payload),
+        "payload": job.payload,  # opaque bytes, as submitted
         "result": job.result,
         "error": job.error,
         "progress": _progress(job),

@@ -564,7 +564,10 @@ def _rows_checker(row_type: Any) -> Checker:
             for index, check in general:
                 if index >= length:
                     break
-                row[index] = check(row[index])
+                try:
+                    row[index] = check(row[index])
+                except _Invalid as exc:
+                    raise _Invalid(f"{shape} with {exc} at position {index}") from None
             if length != size:
                 row = row[:size] if length > size else row + fill[length - minimum :]
             value[position] = new(row_type, row)

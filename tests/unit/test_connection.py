@@ -230,3 +230,41 @@ def test_after_the_handshake_no_bytes_are_taken_for_tls() -> None:
     client, server = connected_pair()
     client.send(Stats(id=0x1603))  # an ordinary frame, whatever its first bytes
     assert server.receive_data(client.data_to_send()) == [Stats(id=0x1603)]
+
+
+def test_requests_may_follow_authenticate_before_the_welcome_arrives() -> None:
+    # docs/protocol.md, "Handshake": the keys exist once the challenge is in, so a client may
+    # pipeline its first requests behind its proof; the broker reads them after checking it.
+    client = ClientConnection(SECRET)
+    server = ServerConnection(credentials(), session=3, heartbeat=5.0)
+    client.initiate()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())  # the challenge: the client sends its proof
+    client.send(Stats(id=1))  # MACed as the client's frame 0, before any welcome
+    events = server.receive_data(client.data_to_send())
+    assert [type(e).__name__ for e in events] == ["Authenticated", "Stats"]
+
+
+def test_a_body_nested_past_1024_levels_is_malformed_and_the_connection_goes_on() -> None:
+    client, server = connected_pair()
+    signer = client._signer
+    assert signer is not None
+
+    def body(arrays: int) -> bytes:  # {"op": "stats", "id": 1, "x": [[...[nil]...]]}
+        return (
+            b"\x83"
+            + msgpack.packb("op")
+            + msgpack.packb("stats")
+            + msgpack.packb("id")
+            + b"\x01"
+            + msgpack.packb("x")
+            + b"\x91" * arrays
+            + b"\xc0"
+        )
+
+    events = server.receive_data(encode_frame(signer.sign(body(1023))))  # the map and 1023 arrays: 1024 levels
+    assert events == [Stats(id=1)]
+    assert server.receive_data(encode_frame(signer.sign(body(1024)))) == []
+    (reply,) = client.receive_data(server.data_to_send())
+    assert isinstance(reply, ErrorReply) and reply.code == "malformed" and reply.id is None
+    assert server.state is State.OPEN

@@ -45,7 +45,7 @@ from jobbroker.broker.protocol.messages import (
 from jobbroker.broker.protocol.rows import Outcome, ResultRow, refused_rows
 from jobbroker.client.connection import Connection, Link
 from jobbroker.client.progress import show_progress
-from jobbroker.client.serializers import DEFAULT_SERIALIZER, Serializer
+from jobbroker.client.serializers import PlainMsgpack, Serializer
 
 __all__ = ["Client", "ProgressReport"]
 
@@ -97,7 +97,7 @@ class Client:
     ) -> None:
         self.serializer = serializer
         # Payloads and results are bytes on the wire (protocol version 2): this makes them.
-        self._codec: Serializer = serializer if serializer is not None else DEFAULT_SERIALIZER
+        self._codec: Serializer = serializer if serializer is not None else PlainMsgpack()
         self._link = Link.from_settings(
             address,
             secret=secret,
@@ -193,7 +193,12 @@ class Client:
             QueueFull: the queue is at its pending limit.
             InvalidRequest: a bad argument.
         """
-        payload = self._serialized([payload])[0]
+        try:  # the common case inline: a submit() per job is the per-job hot path
+            data: Any = self._codec.dumps(payload)
+        except (TypeError, ValueError, OverflowError):
+            data = None
+        if type(data) is not bytes:
+            data = self._serialized([payload])[0]  # raises UnencodablePayload, or converts
         options = _SubmitOptions.of(
             queue, priority, delay, max_attempts, lease, backoff, timeout, result_ttl, max_backoff, after, after_policy
         )
@@ -203,7 +208,7 @@ class Client:
                 asyncio.get_running_loop().call_soon(self._send_submit_groups)
             group = self._submit_groups[options] = _SubmitGroup()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        group.add(payload, key, future)
+        group.add(data, key, future)
         return await future
 
     def _send_submit_groups(self) -> None:

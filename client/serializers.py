@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast
 
 import msgpack
 
-__all__ = ["DEFAULT_SERIALIZER", "MsgpackSerializer", "PlainMsgpack", "Serializer"]
+__all__ = ["MsgpackSerializer", "PlainMsgpack", "Serializer"]
 
 
 class Serializer(Protocol):
@@ -35,18 +35,25 @@ class Serializer(Protocol):
 
 
 class PlainMsgpack:
-    """The default: a value as msgpack, no extension types (what other languages read)."""
+    """The default: a value as msgpack, no extension types (what other languages read).
 
-    __slots__ = ()
+    One packer per instance (msgpack.packb makes one per call, which costs more than packing
+    a small payload): an instance is for one thread; each Client and Worker makes its own."""
+
+    __slots__ = ("_packer",)
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     def dumps(self, value: Any) -> bytes:
-        return msgpack.packb(value, use_bin_type=True)
+        try:
+            return self._packer.pack(value)
+        except BaseException:
+            self._packer.reset()  # a failed pack may leave part of the value in the buffer
+            raise
 
     def loads(self, data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
-DEFAULT_SERIALIZER = PlainMsgpack()
 
 
 # Extension type codes of MsgpackSerializer; 64 to 127 are left to the application's hooks.

@@ -52,7 +52,7 @@ from jobbroker.broker.protocol.messages import (
 from jobbroker.broker.protocol.rows import DeliveryRow, refused_rows
 from jobbroker.client.connection import Connection, Link
 from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadPool, ThreadSlot
-from jobbroker.client.serializers import DEFAULT_SERIALIZER, Serializer
+from jobbroker.client.serializers import PlainMsgpack, Serializer
 from jobbroker.client.tasks import Task
 
 _T = TypeVar("_T")
@@ -264,7 +264,7 @@ class Worker:
         self.timeout = timeout
         self.hand_back_after = hand_back_after
         self.serializer = serializer
-        self._codec: Serializer = serializer if serializer is not None else DEFAULT_SERIALIZER
+        self._codec: Serializer = serializer if serializer is not None else PlainMsgpack()
         # Every job's handler runs on the loop: no executor slots needed.
         if handler is not None:
             self._is_coroutine = inspect.iscoroutinefunction(handler)

@@ -51,8 +51,9 @@ from jobbroker.broker.errors import (
     UsageError,
 )
 from jobbroker.broker.metrics import TrafficCounters
-from jobbroker.broker.protocol.auth import MAC_SIZE, Credential
+from jobbroker.broker.protocol.auth import MAC_SIZE
 from jobbroker.broker.protocol.connection import Authenticated, ServerConnection, State
+from jobbroker.broker.protocol.credentials import Credential
 from jobbroker.broker.protocol.messages import (
     Cancel,
     Complete,

@@ -16,7 +16,6 @@ acknowledged (docs/protocol.md, "Durability"). recover() salvages what a damaged
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import msgpack
+from jobbroker.broker.config import FsyncMode  # a setting; re-exported for `from store import FsyncMode`
 from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
 from jobbroker.broker.core.scheduler import Changes
@@ -84,12 +84,6 @@ ControlsRow = tuple[bool, int | None, float | None]  # a queue's paused, concurr
 # A change of a stored job: state, attempts, result, error, not_before, expires_at,
 # parent_results, id.
 Update = tuple[str, int, bytes | None, bytes | None, float, float, bytes | None, int]
-
-
-class FsyncMode(enum.StrEnum):
-    ALWAYS = "always"  # fsync every group commit before acknowledging it
-    INTERVAL = "interval"  # commit before acknowledging; fsync at most a second later
-    NEVER = "never"  # commit before acknowledging; fsync left to the OS
 
 
 # Lease tokens and session ids are not written with any row, so the store keeps a ceiling for

@@ -30,9 +30,9 @@ from typing import IO, Any, Protocol
 
 import msgpack
 from jobbroker.broker.config import FsyncMode  # a setting; re-exported for `from store import FsyncMode`
+from jobbroker.broker.core.changes import Changes
 from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
-from jobbroker.broker.core.scheduler import Changes
 from jobbroker.broker.errors import StorageError, StorageFailed
 
 __all__ = [

@@ -1,5 +1,6 @@
 """The architecture, checked: pure layers import no asyncio; public names are as listed."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -27,12 +28,48 @@ import jobbroker
         "jobbroker.broker.core.limits",
         "jobbroker.broker.core.reports",
         "jobbroker.broker.core.changes",
+        "jobbroker.broker.server.dispatch",
     ],
 )
 def test_pure_layers_import_no_asyncio_or_sockets(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in ('asyncio', 'socket', 'selectors') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["jobbroker.broker.reports", "jobbroker.broker.metrics"])
+def test_the_reports_of_the_http_port_import_nothing_of_the_job_core(module: str) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('jobbroker.broker.core')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+BROKER = Path(__file__).resolve().parents[2] / "broker"
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of each `import` and `from ... import` of a source file."""
+    found: list[tuple[str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend((alias.name, []) for alias in node.names)
+    return found
+
+
+def test_the_http_port_imports_nothing_of_the_job_core() -> None:
+    """web.py serves what reports.py makes of the server's plain data."""
+    for name in ("web.py", "reports.py", "metrics.py"):
+        modules = [module for module, _ in _imports(BROKER / name)]
+        assert not [m for m in modules if m.startswith("jobbroker.broker.core")], name
+
+
+def test_the_rooms_of_the_server_use_no_private_names_of_each_other() -> None:
+    for path in sorted((BROKER / "server").glob("*.py")):
+        for module, names in _imports(path):
+            if module.startswith("jobbroker.broker.server"):
+                assert not [n for n in names if n.startswith("_")], (path.name, module, names)
 
 
 @pytest.mark.parametrize("module", ["jobbroker.client", "jobbroker.client.cli", "jobbroker.client.settings"])

@@ -10,6 +10,7 @@
     │   ├── FrameTooLarge        a frame header declared more than the limit
     │   ├── MalformedMessage     not msgpack, not a map, unknown op, wrong field types
     │   ├── AuthenticationFailed the handshake failed (wrong secret, bad proof, timeout)
+    │   │   └── UnsupportedVersion  the peer speaks another protocol version
     │   ├── TlsMismatch          one side speaks TLS and the other plain TCP
     │   └── IntegrityError       a frame's MAC did not verify (altered, replayed, reordered)
     ├── ConnectionClosed         the connection is gone; `cause` says why
@@ -77,6 +78,7 @@ __all__ = [
     "TlsMismatch",
     "Unacknowledged",
     "UnencodablePayload",
+    "UnsupportedVersion",
     "UsageError",
     "broker_error",
 ]
@@ -145,6 +147,14 @@ class AuthenticationFailed(ProtocolError):
     """The handshake did not prove knowledge of the shared secret."""
 
     code = "auth_failed"
+
+
+class UnsupportedVersion(AuthenticationFailed):
+    """The peer's hello or challenge names a protocol version this side does not speak. No
+    retry mends it: upgrade the older side. Told in clear (the version is no secret), unlike
+    the other handshake failures."""
+
+    code = "unsupported_version"
 
 
 class TlsMismatch(ProtocolError):

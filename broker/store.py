@@ -34,7 +34,6 @@ from jobbroker.broker.core.changes import Changes
 from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
 from jobbroker.broker.errors import StorageError, StorageFailed
-from jobbroker.broker.protocol.messages import Packed
 
 __all__ = [
     "FsyncMode",
@@ -162,13 +161,23 @@ class MemoryStore:
         pass
 
 
-def _held(payload: bytes | None) -> Packed | None:
-    """A stored payload as the broker holds it: packed. Decoded once here all the same, so that
-    a damaged one is found at start (and salvaged by recover), not sent to a worker."""
-    if payload is None:
-        return None
-    _unpack(payload)
-    return Packed(payload)
+def _opaque(blob: Any) -> bytes | None:
+    """A stored payload or result: opaque bytes (protocol version 2), held as stored, never
+    decoded. A value SQLite does not hand back as a blob is a damaged row.
+
+    A version 1 broker stored a value's msgpack; that is what a version 2 client's default
+    serializer sends, so those rows read the same."""
+    if blob is None or type(blob) is bytes:
+        return blob
+    raise TypeError(f"a stored payload or result is a blob, not {type(blob).__name__}")
+
+
+def _parent_results_of(blob: bytes | None, count: int) -> list[bytes | None]:
+    """The stored results of the jobs a job runs after; a version 1 row holds their values,
+    which are packed as the default serializer would have sent them."""
+    if blob is None:
+        return [None] * count
+    return [r if r is None or type(r) is bytes else _pack(r) for r in _unpack(blob)]
 
 
 def _pack(value: Any) -> bytes:
@@ -238,7 +247,7 @@ def _insert_row(job: Job, offset: float) -> Row:
         job.queue,
         state,
         job.priority,
-        None if job.payload is None else job.payload if type(job.payload) is Packed else _pack(job.payload),
+        job.payload,  # opaque bytes, stored as they came
         attempts,
         job.max_attempts,
         job.lease_seconds,
@@ -273,7 +282,7 @@ def _mutable_columns(job: Job, offset: float) -> tuple[bytes | None, bytes | Non
     and attempts."""
     state = job.state
     return (
-        None if job.result is None else _pack(job.result),
+        job.result,  # opaque bytes, as the worker sent them
         None if job.error is None else _pack(job.error),
         job.not_before + offset if state is JobState.DELAYED else 0.0,
         job.expires_at + offset if state is JobState.DONE or state is JobState.CANCELLED else 0.0,
@@ -817,7 +826,7 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
     job = Job(
         job_id,
         shared.setdefault(queue, queue),
-        _held(payload),
+        _opaque(payload),
         priority=priority,
         max_attempts=max_attempts,
         lease_seconds=shared.setdefault(("lease", lease), lease),
@@ -831,11 +840,11 @@ def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> 
     job.attempts = attempts
     if parents is not None:
         job.parents = _unpack(parents)
-        job.parent_results = _unpack(parent_results) if parent_results is not None else [None] * len(job.parents)
+        job.parent_results = _parent_results_of(parent_results, len(job.parents))
         job.run_anyway = bool(run_anyway)
     job.owner = owner
     if result is not None:
-        job.result = _unpack(result)
+        job.result = _opaque(result)
     if error is not None:
         job.error = _unpack(error)
     if not_before:

@@ -28,6 +28,7 @@ from jobbroker.broker.errors import (
     TimeLimitExceeded,
     TlsMismatch,
     UnencodablePayload,
+    UnsupportedVersion,
     UsageError,
 )
 from jobbroker.client.client import Client, ProgressReport
@@ -65,6 +66,7 @@ __all__ = [
     "TimeLimitExceeded",
     "TlsMismatch",
     "UnencodablePayload",
+    "UnsupportedVersion",
     "UsageError",
     "Worker",
     "current_job",

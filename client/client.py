@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-import msgpack
 from jobbroker.broker.errors import (
     ConnectionClosed,
     FrameTooLarge,
@@ -45,9 +44,10 @@ from jobbroker.broker.protocol.messages import (
     Submit,
     Watch,
 )
+from jobbroker.broker.protocol.rows import Outcome, ResultRow, refused_rows
 from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
 from jobbroker.client.progress import show_progress
-from jobbroker.client.serializers import Serializer
+from jobbroker.client.serializers import PlainMsgpack, Serializer
 
 __all__ = ["Client", "ProgressReport"]
 
@@ -79,7 +79,7 @@ class Client:
         wait_for_broker: keep trying (for reconnect_timeout) to reach a broker never reached
             yet; by default the first connection fails at once with BrokerUnreachable.
         serializer: turns payloads into bytes and results back (client.serializers); the
-            workers must use the same. Default: payloads travel as msgpack values.
+            workers must use the same. Default: PlainMsgpack, a value packed as msgpack.
         dial: how to open the byte stream to the broker (client.connection.Dial): TCP by
             default; tests join a broker in memory.
 
@@ -104,6 +104,8 @@ class Client:
         dial: Dial = dial_tcp,
     ) -> None:
         self.serializer = serializer
+        # Payloads and results are bytes on the wire (protocol version 2): this makes them.
+        self._codec: Serializer = serializer if serializer is not None else PlainMsgpack()
         self._link = Link.from_settings(
             address,
             secret=secret,
@@ -120,8 +122,8 @@ class Client:
         )
         self._reconnecting: asyncio.Task[None] | None = None
         self._rewatching: asyncio.Future[None] | None = None
-        self._waiters: dict[int, asyncio.Future[list[Any]]] = {}  # job id -> its outcome
-        self._unclaimed: dict[int, list[Any]] = {}  # outcomes pushed before anyone awaited them
+        self._waiters: dict[int, asyncio.Future[ResultRow]] = {}  # job id -> its outcome
+        self._unclaimed: dict[int, ResultRow] = {}  # outcomes pushed before anyone awaited them
         self._to_watch: list[int] = []  # result() calls of this loop turn, watched together
         self._submit_groups: dict[_SubmitOptions, _SubmitGroup] = {}  # submit() calls of this turn
         self._submitting: set[asyncio.Task[None]] = set()
@@ -203,8 +205,12 @@ class Client:
                 took over) after the submit was sent and before it was acknowledged: the job
                 may or may not have been stored. With `key` the submit is sent again instead.
         """
-        if self.serializer is not None:
-            payload = self._serialized([payload])[0]
+        try:  # the common case inline: a submit() per job is the per-job hot path
+            data: Any = self._codec.dumps(payload)
+        except (TypeError, ValueError, OverflowError):
+            data = None
+        if type(data) is not bytes:
+            data = self._serialized([payload])[0]  # raises UnencodablePayload, or converts
         options = _SubmitOptions.of(
             queue,
             priority=priority,
@@ -224,7 +230,7 @@ class Client:
                 asyncio.get_running_loop().call_soon(self._send_submit_groups)
             group = self._submit_groups[options] = _SubmitGroup()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        group.add(payload, key, future)
+        group.add(data, key, future)
         return await future
 
     def _send_submit_groups(self) -> None:
@@ -300,21 +306,24 @@ class Client:
         )
         return await self._submit(options, self._serialized(list(payloads)), keys)
 
-    def _serialized(self, payloads: list[Any]) -> list[Any]:
-        """The payloads as the serializer makes them (unchanged without one).
+    def _serialized(self, payloads: list[Any]) -> list[bytes]:
+        """The payloads as the serializer makes them: the opaque bytes the broker holds.
 
         Raises:
-            UnencodablePayload: naming the first payload it cannot encode.
+            UnencodablePayload: naming the first payload it cannot encode (and, in `reasons`,
+                every one).
         """
-        serializer = self.serializer
-        if serializer is None:
-            return payloads
-        encoded = []
-        for index, payload in enumerate(payloads):
-            try:
-                encoded.append(serializer.dumps(payload))
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise UnencodablePayload(f"payload {index} cannot be encoded: {exc}") from exc
+        dumps = self._codec.dumps
+        try:
+            encoded = [dumps(payload) for payload in payloads]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _unencodable(payloads, dumps, self.serializer is None) from exc
+        for index, data in enumerate(encoded):
+            if type(data) is not bytes:  # the wire carries a payload as msgpack bin
+                if not isinstance(data, bytes | bytearray | memoryview):
+                    reason = f"is made {type(data).__name__} by the serializer, not bytes"
+                    raise UnencodablePayload(f"payload {index} {reason}", {index: reason})
+                encoded[index] = bytes(data)
         return encoded
 
     async def _submit(
@@ -359,8 +368,8 @@ class Client:
                 "submit fewer at a time"
             ) from None
         except (TypeError, ValueError, OverflowError) as exc:
-            # msgpack refused a payload: find which (the slow path; the frame was not sent).
-            raise _unencodable(payloads) from exc
+            # Payloads are bytes by now: msgpack refused an option (the frame was not sent).
+            raise UnencodablePayload("the request cannot be encoded") from exc
         return list(reply["job_ids"])
 
     # --- results ----------------------------------------------------------------------
@@ -382,10 +391,9 @@ class Client:
             await _settled(future, timeout)
             if not future.done():
                 raise ResultTimeout(f"no result for job {job_id} within {timeout}s")
-        outcome = future.result()
-        return _unwrap(outcome, self.serializer)
+        return _unwrap(future.result(), self._codec)
 
-    async def _outcome(self, job_id: int) -> asyncio.Future[list[Any]]:
+    async def _outcome(self, job_id: int) -> asyncio.Future[ResultRow]:
         """The future of a job's outcome, watching the job if nobody does yet."""
         future = self._waiters.get(job_id)
         if future is not None:
@@ -451,9 +459,9 @@ class Client:
             JobDead, JobCancelled: for the first job that did not complete.
             ResultTimeout: not all results arrived within `timeout` seconds.
         """
-        payloads = list(payloads)
+        payloads = self._serialized(list(payloads))
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[list[Any]]] = []
+        futures: list[asyncio.Future[ResultRow]] = []
         options = _SubmitOptions.of(
             queue, priority=priority, max_attempts=max_attempts, lease=lease, timeout=job_timeout
         )
@@ -486,7 +494,7 @@ class Client:
         except TimeoutError:
             done = sum(1 for f in futures if f.done())
             raise ResultTimeout(f"{done} of {len(payloads)} results within {timeout}s") from None
-        return [_unwrap(future.result(), self.serializer) for future in futures]
+        return [_unwrap(future.result(), self._codec) for future in futures]
 
     def _watch_soon(self, job_id: int) -> None:
         """Watch jobs in one request per loop turn, however many result() calls asked."""
@@ -532,11 +540,10 @@ class Client:
         if not isinstance(message, Results):
             return
         waiters = self._waiters
-        for item in message.items:
-            outcome = list(item)  # a row of the wire: [job_id, state, value]
-            future = waiters.pop(outcome[0], None)
+        for outcome in message.items:
+            future = waiters.pop(outcome.job_id, None)
             if future is None:
-                self._unclaimed[outcome[0]] = outcome
+                self._unclaimed[outcome.job_id] = outcome
             elif not future.done():
                 future.set_result(outcome)
 
@@ -557,7 +564,7 @@ class Client:
         """Cancel jobs; returns {job_id: error code} for those that could not be cancelled."""
         ids = list(job_ids)
         reply = await self._link.call(Cancel, job_ids=ids)
-        refused = {ids[index]: code for index, code in reply["refused"]}
+        refused = {ids[row.item]: row.code for row in refused_rows(reply)}
         if raise_on_refusal and refused:
             job_id, code = next(iter(refused.items()))
             raise broker_error(code, f"job {job_id} cannot be cancelled ({code})")
@@ -570,7 +577,19 @@ class Client:
             JobNotFound: no such job, or expired.
         """
         reply = await self._link.call(JobInfo, job_id=job_id)
-        return dict(reply["job"])
+        return self._readable(dict(reply["job"]))
+
+    def _readable(self, job: dict[str, Any]) -> dict[str, Any]:
+        """A job map of a reply with its payload and result read by the serializer; a value it
+        cannot read (another serializer's) is left as the bytes the broker holds."""
+        for name in ("payload", "result"):
+            value = job.get(name)
+            if type(value) is bytes:
+                try:
+                    job[name] = self._codec.loads(value)
+                except Exception:
+                    pass  # shown as bytes: this is a report, not the job's consumer
+        return job
 
     async def stats(self) -> dict[str, Any]:
         """Per-queue counts and rates, and the connected workers."""
@@ -631,7 +650,7 @@ class Client:
             ScheduleSet,
             name=name,
             queue=queue,
-            payload=payload,
+            payload=self._serialized([payload])[0],
             cron=cron,
             every=None if every is None else float(every),
             tz=tz,
@@ -645,7 +664,7 @@ class Client:
 
     async def schedules(self) -> list[dict[str, Any]]:
         """Every periodic job, with its last and next tick (Unix time)."""
-        return list((await self._link.call(ScheduleList))["schedules"])
+        return [self._readable(dict(s)) for s in (await self._link.call(ScheduleList))["schedules"]]
 
     async def purge_queue(self, queue: str) -> int:
         """Cancel every pending and delayed job of a queue (admins only). Returns how many."""
@@ -655,7 +674,7 @@ class Client:
     async def dead_letters(self, queue: str, limit: int = 100) -> list[dict[str, Any]]:
         """The queue's dead jobs, oldest first, with their last errors."""
         reply = await self._link.call(DeadList, queue=queue, limit=limit)
-        return list(reply["jobs"])
+        return [self._readable(dict(job)) for job in reply["jobs"]]
 
     async def drain(self, *, on: bool = True) -> int:
         """Stop the broker delivering jobs (on=False: start again); jobs already taken run to
@@ -779,31 +798,36 @@ class _SubmitGroup:
                 future.set_result(ids[index])
 
 
-def _unencodable(payloads: list[Any]) -> UnencodablePayload:
-    """Which payloads msgpack cannot encode, and why."""
+def _unencodable(payloads: list[Any], dumps: Callable[[Any], bytes], default: bool) -> UnencodablePayload:
+    """Which payloads the serializer cannot encode, and why (the slow path, after a failure)."""
     reasons: dict[int, str] = {}
+    hint = "; give Client(serializer=...) for such types" if default else ""
     for index, payload in enumerate(payloads):
         try:
-            msgpack.packb(payload, use_bin_type=True)
+            dumps(payload)
         except (TypeError, ValueError, OverflowError) as exc:
-            reasons[index] = f"cannot be encoded as msgpack ({exc}); give Client(serializer=...) for such types"
-    if not reasons:  # not a payload after all: an option
-        return UnencodablePayload("the request cannot be encoded")
+            reasons[index] = f"cannot be encoded ({exc}){hint}"
+    if not reasons:  # it failed once and not again: say so rather than nothing
+        return UnencodablePayload("a payload cannot be encoded")
     first = min(reasons)
     return UnencodablePayload(f"payload {first} {reasons[first]}", reasons)
 
 
-def _unwrap(outcome: list[Any], serializer: Serializer | None = None) -> Any:
-    job_id, state, value = outcome
-    if state == "done":
-        if serializer is not None and isinstance(value, bytes):
-            return serializer.loads(value)
-        return value
-    if state == "dead":
-        raise JobDead(job_id, value)
-    if state == "cancelled":
+def _unwrap(outcome: ResultRow, codec: Serializer) -> Any:
+    """A job's result as the serializer reads it, or the error its outcome means."""
+    job_id, state = outcome.job_id, outcome.state
+    if state == Outcome.DONE:
+        if outcome.result is None:  # a broker that kept no result: not one of ours
+            raise UsageError(f"job {job_id} is done but the broker sent no result")
+        try:
+            return codec.loads(outcome.result)
+        except Exception as exc:
+            raise UsageError(f"job {job_id}'s result cannot be read by this client's serializer: {exc}") from exc
+    if state == Outcome.DEAD:
+        raise JobDead(job_id, outcome.error)
+    if state == Outcome.CANCELLED:
         raise JobCancelled(job_id)
-    if state == "unknown":
+    if state == Outcome.UNKNOWN:
         raise JobNotFound(f"job {job_id} is unknown (never submitted, or its result expired)")
     raise UsageError(f"job {job_id} ended in unexpected state {state!r}")
 

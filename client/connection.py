@@ -84,7 +84,14 @@ async def dial_tcp(
 _HEARTBEAT = Heartbeat()
 # Connection-level error codes after which the broker closes the connection (docs/protocol.md).
 _FATAL_CODES = frozenset(
-    {AuthenticationFailed.code, FrameTooLarge.code, IntegrityError.code, ProtocolError.code, TlsMismatch.code}
+    {
+        AuthenticationFailed.code,
+        FrameTooLarge.code,
+        IntegrityError.code,
+        ProtocolError.code,
+        TlsMismatch.code,
+        "unsupported_version",
+    }
 )
 # What OpenSSL says when the peer answers a ClientHello with something that is not TLS.
 _NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"})

@@ -1,10 +1,10 @@
-"""How payloads and results become bytes when plain msgpack values are not enough.
+"""How payloads and results become bytes, and back.
 
-By default a Client sends payloads as msgpack values and a Worker hands them to the handler as
-they arrive (dicts, lists, str, int, float, bool, None, bytes; a tuple arrives as a list): what
-the CLI and clients in other languages read and write. Give both sides the same `serializer`
-to send other types: payloads and results then travel as opaque bytes (msgpack bin) that only
-that serializer reads.
+The broker holds payloads and results as opaque bytes (docs/protocol.md, "Payloads and
+results"): the client's serializer makes them, the worker's reads them. By default both use
+PlainMsgpack: a value packed as msgpack (dicts, lists, str, int, float, bool, None, bytes; a
+tuple arrives as a list), what the CLI and clients in other languages read and write. Give
+both sides the same other `serializer` to send other types.
 
     serializer = MsgpackSerializer()  # datetime, date, time, timedelta, UUID, Decimal, tuple, set
     Client(serializer=serializer); Worker(..., serializer=serializer)
@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast
 
 import msgpack
 
-__all__ = ["MsgpackSerializer", "Serializer"]
+__all__ = ["MsgpackSerializer", "PlainMsgpack", "Serializer"]
 
 
 class Serializer(Protocol):
@@ -32,6 +32,28 @@ class Serializer(Protocol):
         ...
 
     def loads(self, data: bytes) -> Any: ...
+
+
+class PlainMsgpack:
+    """The default: a value as msgpack, no extension types (what other languages read).
+
+    One packer per instance (msgpack.packb makes one per call, which costs more than packing
+    a small payload): an instance is for one thread; each Client and Worker makes its own."""
+
+    __slots__ = ("_packer",)
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return self._packer.pack(value)
+        except BaseException:
+            self._packer.reset()  # a failed pack may leave part of the value in the buffer
+            raise
+
+    def loads(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 # Extension type codes of MsgpackSerializer; 64 to 127 are left to the application's hooks.

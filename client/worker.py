@@ -50,9 +50,10 @@ from jobbroker.broker.protocol.messages import (
     Touch,
     bounded,
 )
+from jobbroker.broker.protocol.rows import DeliveryRow, refused_rows
 from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
 from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadPool, ThreadSlot
-from jobbroker.client.serializers import Serializer
+from jobbroker.client.serializers import PlainMsgpack, Serializer
 from jobbroker.client.tasks import Task
 
 _T = TypeVar("_T")
@@ -97,11 +98,17 @@ class Job:
         "token",
     )
 
-    def __init__(self, item: Sequence[Any], worker: Worker | None, received_at: float = 0.0) -> None:
-        self.id, self.token, self.queue, self.payload, self.attempt, self.lease = item[:6]
-        self.timeout: float | None = item[6] if len(item) > 6 else None
+    def __init__(self, item: DeliveryRow | Sequence[Any], worker: Worker | None, received_at: float = 0.0) -> None:
+        # A delivery's payload and parent results are bytes until the worker reads them (_read).
+        self.id: int = item[0]
+        self.token: int = item[1]
+        self.queue: str = item[2]
+        self.payload: Any = item[3]
+        self.attempt: int = item[4]
+        self.lease: float = item[5]
+        self.timeout: float | None = item[6]
         # the results of the jobs it runs after (`after`), in that order; None: it runs after none
-        self.parent_results: list[Any] | None = item[7] if len(item) > 7 else None
+        self.parent_results: list[Any] | None = item[7]
         self.lost_reason: str | None = None  # why this worker no longer holds the job
         self.received_at = received_at  # loop time of the delivery, for hand_back_after
         self._worker = worker
@@ -202,8 +209,9 @@ class Worker:
         hand_back_after: when jobs have waited this many seconds in the prefetch buffer because
             every handler slot is busy, hand them back for other workers and take no more than
             can start at once until a slot frees.
-        serializer: the producers' serializer (client.serializers): payloads sent as its bytes
-            are decoded before the handler sees them, and results encoded with it.
+        serializer: the producers' serializer (client.serializers; default PlainMsgpack): it
+            reads each payload (and the results in `parent_results`) before the handler sees
+            it, and makes the bytes of each result.
         dial: how to open the byte stream to the broker (client.connection.Dial): TCP by
             default; tests join a broker in memory.
     """
@@ -263,6 +271,7 @@ class Worker:
         self.timeout = timeout
         self.hand_back_after = hand_back_after
         self.serializer = serializer
+        self._codec: Serializer = serializer if serializer is not None else PlainMsgpack()
         # Every job's handler runs on the loop: no executor slots needed.
         if handler is not None:
             self._is_coroutine = inspect.iscoroutinefunction(handler)
@@ -511,10 +520,12 @@ class Worker:
         if self._starts_timer is None:
             self._starts_timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY, self._report_starts)
         limit = job.timeout if job.timeout is not None else self.timeout
-        task = self._task_of(job) if self.tasks else None
+        task: Task[Any, Any] | None = None
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
+            self._read(job)
+            task = self._task_of(job) if self.tasks else None
             if limit is None:  # most jobs: no timer to arm
                 result = await self._attempt(slot, job, task)
             else:
@@ -546,11 +557,6 @@ class Worker:
     async def _attempt(self, slot: int, job: Job, task: Task[Any, Any] | None) -> Any:
         """Run the job's handler (or task) once, where it runs; returns what it returned, as
         the serializer encodes it."""
-        if self.serializer is not None:
-            if isinstance(job.payload, bytes):
-                job.payload = self._decoded(job.payload)
-            if job.parent_results:  # results of the jobs it ran after, as their workers encoded them
-                job.parent_results = [self._decoded(r) if isinstance(r, bytes) else r for r in job.parent_results]
         function: Callable[..., Any]
         args: Sequence[Any]
         kwargs: dict[str, Any]
@@ -568,7 +574,7 @@ class Worker:
             if isinstance(self._slots[slot], ProcessSlot):  # current_job() there: a copy of the job
                 call = functools.partial(_as_current_job, job.row(), call)
             result = await self._call(slot, call)
-        return result if self.serializer is None else self._encoded(result)
+        return self._encoded(result)
 
     def _task_call(self, job: Job) -> tuple[Task[Any, Any], Sequence[Any], dict[str, Any]]:
         """The task a payload names and its arguments (docs/protocol.md, "Tasks").
@@ -593,19 +599,33 @@ class Worker:
             raise _BadCall("TypeError", f"{name}() cannot take these arguments: {exc}") from None
         return task, args, kwargs
 
-    def _decoded(self, payload: bytes) -> Any:
-        assert self.serializer is not None
+    def _read(self, job: Job) -> None:
+        """Read the delivery's payload, and the results of the jobs it ran after, with the
+        serializer: the broker forwards them as the producer's and workers' bytes.
+
+        Raises:
+            _BadCall: the serializer cannot read them (no retry helps).
+        """
+        job.payload = self._decoded(job.payload, "payload")
+        if job.parent_results:
+            job.parent_results = [None if r is None else self._decoded(r, "parent result") for r in job.parent_results]
+
+    def _decoded(self, data: bytes, what: str) -> Any:
         try:
-            return self.serializer.loads(payload)
+            return self._codec.loads(data)
         except Exception as exc:
-            raise _BadCall("UndecodablePayload", f"the serializer cannot read the payload: {exc}") from exc
+            raise _BadCall("UndecodablePayload", f"the serializer cannot read the {what}: {exc}") from exc
 
     def _encoded(self, result: Any) -> bytes:
-        assert self.serializer is not None
         try:
-            return self.serializer.dumps(result)
+            data = self._codec.dumps(result)
         except (TypeError, ValueError, OverflowError) as exc:
             raise _BadCall("UnencodableResult", f"the serializer cannot encode the result: {exc}") from exc
+        if type(data) is not bytes:  # the wire carries a result as msgpack bin
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise _BadCall("UnencodableResult", f"the serializer made {type(data).__name__}, not bytes")
+            data = bytes(data)
+        return data
 
     async def _call(self, slot: int, call: Callable[[], Any]) -> Any:
         runner = self._slots[slot]
@@ -793,7 +813,7 @@ class Worker:
             log.warning("answers for %d jobs not delivered: %s", len(items), exc)
             return
         stale: list[int] = []
-        for index, code in future.result()["refused"]:
+        for index, code in refused_rows(future.result()):
             job_id = items[index][0]
             if code == "result_too_large":  # the broker failed the attempt instead
                 log.warning("job %d failed: ResultTooLarge: its result is over the broker's limit", job_id)

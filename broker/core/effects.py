@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobbroker.broker.protocol.rows import DeliveryRow, ResultRow
+
 __all__ = [
     "Deliver",
     "Effect",
@@ -23,18 +25,18 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Send these jobs to the worker session: [job_id, token, queue, payload, attempt, lease]."""
+    """Send these jobs to the worker session."""
 
     session: int
-    jobs: list[list[Any]]
+    jobs: list[DeliveryRow]
 
 
 @dataclass(frozen=True, slots=True)
 class ResultsReady:
-    """Send these outcomes to the watching session: [job_id, state, result or error]."""
+    """Send these outcomes to the watching session."""
 
     session: int
-    items: list[list[Any]]
+    items: list[ResultRow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +99,8 @@ Effect = Deliver | ResultsReady | ProgressReady | Revoke | SessionExpired | Work
 class Outbox:
     """Effects collected since the last flush, batched per session."""
 
-    deliveries: dict[int, list[list[Any]]] = field(default_factory=dict)
-    results: dict[int, list[list[Any]]] = field(default_factory=dict)
+    deliveries: dict[int, list[DeliveryRow]] = field(default_factory=dict)
+    results: dict[int, list[ResultRow]] = field(default_factory=dict)
     progress: dict[int, list[list[Any]]] = field(default_factory=dict)
     revoked: dict[int, list[list[Any]]] = field(default_factory=dict)
     notices: list[Effect] = field(default_factory=list)

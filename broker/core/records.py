@@ -154,16 +154,18 @@ class Queue:
 
     def rates(self, now: float) -> tuple[float, float]:
         """Jobs submitted and completed a second over the last RATE_WINDOW seconds (after a
-        sample at `now`). What changed since the window began, over the whole window: a burst
-        that ended 3 s ago still shows (docs/protocol.md, "stats"). Counts change only within a
-        sampling interval after a sample (Scheduler._note_rates), so when the newest sample
-        before the window is older than that, the next one holds the counts at its start."""
+        sample at `now`). What changed since the window began, divided by the time that covers
+        (docs/protocol.md, "stats"): a burst that ended 3 s ago still shows. Counts change only
+        within a sampling interval after a sample (Scheduler._note_rates), so when the newest
+        sample before the window is older than that, the next one holds the counts at its
+        start. A queue younger than the window: over its age (at least a sampling interval)."""
         samples = self.rate_samples
-        base = samples[0]
-        if len(samples) > 1 and base[0] + RATE_SAMPLE_EVERY <= now - RATE_WINDOW:
-            base = samples[1]
-        _, submitted, completed = base
-        return (self.submitted - submitted) / RATE_WINDOW, (self.completed - completed) / RATE_WINDOW
+        base_time, submitted, completed = samples[0]
+        if len(samples) > 1 and base_time + RATE_SAMPLE_EVERY <= now - RATE_WINDOW:
+            _, submitted, completed = samples[1]  # the counts at the window's start
+            base_time = now - RATE_WINDOW
+        span = max(now - base_time, RATE_SAMPLE_EVERY)
+        return (self.submitted - submitted) / span, (self.completed - completed) / span
 
 
 class Session:

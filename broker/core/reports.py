@@ -13,7 +13,6 @@ from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
 from jobbroker.broker.core.limits import check_listing
 from jobbroker.broker.core.records import Queue, Session
-from jobbroker.broker.protocol.messages import unpacked
 
 __all__ = ["LISTED_STATES", "WORKER_JOBS_SHOWN", "dead_list", "describe", "job_list", "metrics", "stats"]
 
@@ -209,7 +208,7 @@ def _describe(job: Job) -> dict[str, Any]:
         "after": job.parents,
         "waiting_on": job.waiting_on if job.state is JobState.WAITING else 0,
         "started": job.state is JobState.LEASED and job.started_at is not None,
-        "payload": unpacked(job.payload),
+        "payload": job.payload,  # opaque bytes, as submitted
         "result": job.result,
         "error": job.error,
         "progress": _progress(job),

@@ -60,7 +60,7 @@ from jobbroker.broker.core.records import RATE_SAMPLE_EVERY, Queue, RunTimes, Se
 from jobbroker.broker.core.reports import WORKER_JOBS_SHOWN
 from jobbroker.broker.core.schedules import Schedule, Schedules
 from jobbroker.broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
-from jobbroker.broker.protocol.messages import packed
+from jobbroker.broker.protocol.rows import DeliveryRow, Outcome, ResultRow
 
 __all__ = [
     "WORKER_JOBS_SHOWN",
@@ -352,7 +352,7 @@ class Scheduler:
     def _watch_one(self, session_id: int, job_id: int, owner: str | None) -> None:
         job = self._visible(job_id, owner)
         if job is None:
-            self._outbox.results.setdefault(session_id, []).append([job_id, "unknown", None])
+            self._outbox.results.setdefault(session_id, []).append(ResultRow(job_id, Outcome.UNKNOWN))
         elif job.state in FINAL_STATES:
             self._outbox.results.setdefault(session_id, []).append(_outcome(job))
         else:
@@ -713,7 +713,7 @@ class Scheduler:
         for schedule, tick in self.schedules.due(wall):
             key = f"schedule:{schedule.name}:{tick:.3f}"
             try:
-                self.submit(0, schedule.queue, [packed(schedule.payload)], now, keys=[key], **schedule.options)
+                self.submit(0, schedule.queue, [schedule.payload], now, keys=[key], **schedule.options)
             except (InvalidRequest, QueueFull, LimitExceeded) as exc:
                 fired.append((schedule.name, tick, str(exc)))
             else:
@@ -1098,16 +1098,19 @@ class Scheduler:
                 if batch is None:
                     batch = deliveries[session.id] = []
                 batch.append(
-                    [
-                        job.id,
-                        job.token,
-                        name,
-                        job.payload,
-                        job.attempts + 1,
-                        job.lease_seconds,
-                        job.timeout,
-                        job.parent_results,
-                    ]
+                    _new_row(
+                        DeliveryRow,
+                        (
+                            job.id,
+                            job.token,
+                            name,
+                            job.payload,
+                            job.attempts + 1,
+                            job.lease_seconds,
+                            job.timeout,
+                            job.parent_results,
+                        ),
+                    )
                 )
                 if len(session.leased) < session.prefetch:  # credit left
                     waiters.append(session)
@@ -1162,9 +1165,14 @@ class Scheduler:
             queue.sample(now)
 
 
-def _outcome(job: Job) -> list[Any]:
+# A row made from a tuple in C: a NamedTuple's own __new__ is a Python function, which costs
+# each delivery and result about 0.5 µs more.
+_new_row: Any = tuple.__new__
+
+
+def _outcome(job: Job) -> ResultRow:
     if job.state is _DONE:
-        return [job.id, "done", job.result]
+        return _new_row(ResultRow, (job.id, Outcome.DONE, job.result, None))
     if job.state is _DEAD:
-        return [job.id, "dead", job.error]
-    return [job.id, str(job.state), None]
+        return ResultRow(job.id, Outcome.DEAD, None, job.error)
+    return ResultRow(job.id, Outcome.CANCELLED)

@@ -15,6 +15,7 @@ import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from jobbroker.broker.errors import InvalidRequest
 
 __all__ = ["CronExpression", "Schedule", "Schedules", "schedule_from_settings"]
@@ -103,7 +104,7 @@ class Schedule:
 
     name: str
     queue: str
-    payload: Any
+    payload: bytes  # opaque, as a submit's (see payload_bytes)
     cron: str | None = None
     every: float | None = None
     tz: str = "UTC"
@@ -154,7 +155,7 @@ class Schedule:
         schedule = cls(
             record["name"],
             record["queue"],
-            record["payload"],
+            payload_bytes(record["payload"]),
             cron=record.get("cron"),
             every=record.get("every"),
             tz=record.get("tz", "UTC"),
@@ -164,6 +165,15 @@ class Schedule:
         )
         schedule.check()
         return schedule
+
+
+def payload_bytes(value: Any) -> bytes:
+    """A schedule's payload as its jobs carry it: bytes as they are (a `schedule_set`'s,
+    opaque); nil, and a config file's TOML value (or a record stored by version 1), packed as
+    msgpack, which is what the default serializer of the Python client reads."""
+    if type(value) is bytes:
+        return value
+    return msgpack.packb(value, use_bin_type=True)
 
 
 def schedule_from_settings(name: str, settings: dict[str, Any]) -> Schedule:
@@ -181,7 +191,7 @@ def schedule_from_settings(name: str, settings: dict[str, Any]) -> Schedule:
     schedule = Schedule(
         name,
         queue,
-        settings.pop("payload", None),
+        payload_bytes(settings.pop("payload", None)),
         cron=settings.pop("cron", None),
         every=None if settings.get("every") is None else float(settings.pop("every")),
         tz=settings.pop("tz", None) or "UTC",

@@ -32,7 +32,7 @@ __all__ = [
     "server_proof",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: payloads and results are opaque bytes (docs/protocol.md)
 ALGORITHM = "hmac-sha256"
 NONCE_SIZE = 32
 MAC_SIZE = 32

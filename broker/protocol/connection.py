@@ -24,6 +24,7 @@ from jobbroker.broker.errors import (
     MalformedMessage,
     ProtocolError,
     TlsMismatch,
+    UnsupportedVersion,
     UsageError,
 )
 from jobbroker.broker.protocol import auth
@@ -245,6 +246,8 @@ class _Connection:
 
     def _handshake(self, message: Message, events: list[Event]) -> None:
         if isinstance(message, ErrorReply):
+            if message.code == UnsupportedVersion.code:
+                raise UnsupportedVersion(f"the broker refused our protocol version: {message.message}")
             raise AuthenticationFailed(f"peer refused the handshake: {message.message}")
         next_state = _HANDSHAKE.get((self.role, self.state, message.op))
         if next_state is None:
@@ -265,8 +268,9 @@ class _Connection:
 
 def _check_hello_fields(version: int, nonce: bytes) -> None:
     if version != auth.PROTOCOL_VERSION:
-        raise AuthenticationFailed(
-            f"protocol version {version} is not supported (this side speaks {auth.PROTOCOL_VERSION})"
+        raise UnsupportedVersion(
+            f"protocol version {version} is not supported: this side speaks version {auth.PROTOCOL_VERSION} "
+            "only; upgrade the older side"
         )
     if len(nonce) != auth.NONCE_SIZE:
         raise AuthenticationFailed(f"nonce of {len(nonce)} bytes; {auth.NONCE_SIZE} required")
@@ -312,8 +316,11 @@ class ServerConnection(_Connection):
         return TlsMismatch("a TLS client at a plaintext port: this broker runs without --tls-cert")
 
     def _error_text(self, exc: ProtocolError) -> str:
-        # The cause stays in `error`, for the broker's log; the peer learns only that it failed.
-        return AUTH_FAILED_TEXT if isinstance(exc, AuthenticationFailed) else str(exc)
+        # The cause stays in `error`, for the broker's log; the peer learns only that it failed
+        # (but a version mismatch is said plainly: it tells nothing about names or secrets).
+        if isinstance(exc, AuthenticationFailed) and not isinstance(exc, UnsupportedVersion):
+            return AUTH_FAILED_TEXT
+        return str(exc)
 
     def _step(self, message: Message, events: list[Event]) -> None:
         if isinstance(message, Hello):

@@ -17,6 +17,18 @@ from typing import Any, ClassVar
 
 import msgpack
 from jobbroker.broker.errors import MalformedMessage
+from jobbroker.broker.protocol.rows import (
+    CompleteRow,
+    DeliveryRow,
+    FailRow,
+    ProgressedRow,
+    ProgressRow,
+    ReleaseRow,
+    ResultRow,
+    RevokedRow,
+    StartedRow,
+    TouchRow,
+)
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -36,7 +48,6 @@ __all__ = [
     "JobInfo",
     "JobList",
     "Message",
-    "Packed",
     "Progress",
     "Progressed",
     "QueuePurge",
@@ -59,27 +70,11 @@ __all__ = [
     "decode",
     "encode",
     "encode_items",
-    "packed",
     "request_id",
-    "unpacked",
 ]
 
-# Per-item layouts of the batch messages; msgpack carries them as arrays. A trailing column
-# typed `X | None` is optional: a row may stop before it (older peers) or carry nil.
-CompleteItem = tuple[int, int, Any]  # job_id, lease token, result
-# job_id, lease token, error type, error message, then optional: formatted traceback, final
-# (no retry: dead at once), retry delay in seconds (instead of the job's backoff)
-FailItem = tuple[int, int, str, str, str | None, bool | None, float | None]
-TouchItem = tuple[int, int, float]  # job_id, lease token, new lease in seconds (0: the job's own)
-ReleaseItem = tuple[int, int]  # job_id, lease token
-StartedItem = tuple[int, int]  # job_id, lease token
-RevokedItem = tuple[int, int, str]  # job_id, lease token, why the worker no longer holds it
-# job_id, token, queue, payload, attempt, lease, run-time limit in seconds (nil: none), the
-# results of the jobs it runs after, in `after` order (nil: it runs after none)
-DeliveryItem = tuple[int, int, str, Any, int, float, float | None, Any | None]
-ResultItem = tuple[int, str, Any]  # job_id, final state, result or error
-ProgressItem = tuple[int, int, float, str]  # job_id, lease token, fraction done (0..1), message
-ProgressedItem = tuple[int, float, str]  # job_id, fraction done, message
+# The rows of the batch messages are defined once, in rows.py; payloads and results are
+# opaque bytes (protocol version 2): the broker checks their length, never their content.
 
 
 class Message:
@@ -152,7 +147,7 @@ class Started(Message):
     turn needs none (the answer implies the start)."""
 
     op: ClassVar[str] = "started"
-    items: list[StartedItem]
+    items: list[StartedRow]
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -163,7 +158,7 @@ class Submit(Request):
     op: ClassVar[str] = "submit"
     id: int
     queue: str
-    payloads: list[Any]
+    payloads: list[bytes]  # opaque (docs/protocol.md, "Payloads and results")
     priority: int = 0
     delay: float = 0.0
     max_attempts: int | None = None
@@ -190,35 +185,35 @@ class Reserve(Request):
 class Complete(Request):
     op: ClassVar[str] = "complete"
     id: int
-    items: list[CompleteItem]
+    items: list[CompleteRow]
 
 
 @dataclass(frozen=True, slots=True)
 class Fail(Request):
     op: ClassVar[str] = "fail"
     id: int
-    items: list[FailItem]
+    items: list[FailRow]
 
 
 @dataclass(frozen=True, slots=True)
 class Touch(Request):
     op: ClassVar[str] = "touch"
     id: int
-    items: list[TouchItem]
+    items: list[TouchRow]
 
 
 @dataclass(frozen=True, slots=True)
 class Progress(Request):
     op: ClassVar[str] = "progress"
     id: int
-    items: list[ProgressItem]
+    items: list[ProgressRow]
 
 
 @dataclass(frozen=True, slots=True)
 class Release(Request):
     op: ClassVar[str] = "release"
     id: int
-    items: list[ReleaseItem]
+    items: list[ReleaseRow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +275,7 @@ class ScheduleSet(Request):
     id: int
     name: str
     queue: str
-    payload: Any = None
+    payload: bytes | None = None  # opaque, as a submit's
     cron: str | None = None
     every: float | None = None
     tz: str = "UTC"
@@ -367,7 +362,7 @@ class ErrorReply(Message):
 @dataclass(frozen=True, slots=True)
 class Deliver(Message):
     op: ClassVar[str] = "deliver"
-    jobs: list[DeliveryItem]
+    jobs: list[DeliveryRow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,13 +371,13 @@ class Revoked(Message):
     stop running them; an answer for them would be refused."""
 
     op: ClassVar[str] = "revoked"
-    items: list[RevokedItem]
+    items: list[RevokedRow]
 
 
 @dataclass(frozen=True, slots=True)
 class Results(Message):
     op: ClassVar[str] = "results"
-    items: list[ResultItem]
+    items: list[ResultRow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +385,7 @@ class Progressed(Message):
     """Progress reports of watched jobs."""
 
     op: ClassVar[str] = "progressed"
-    items: list[ProgressedItem]
+    items: list[ProgressedRow]
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -488,8 +483,8 @@ def _checker(annotation: Any) -> Checker:
         return optional
     if origin is dict:
         return _simple(dict, "a map")
-    if origin is list and typing.get_origin(args[0]) is tuple:
-        return _rows_checker(typing.get_args(args[0]))
+    if origin is list and _is_row_type(args[0]):
+        return _rows_checker(args[0])
     if origin is list and args[0] in (int, str, bytes):
         return _plain_list_checker(args[0])
     if origin is list:
@@ -520,38 +515,48 @@ def _plain_list_checker(kind: type) -> Checker:
     return check_plain_list
 
 
-def _rows_checker(columns: tuple[Any, ...]) -> Checker:
-    """list[tuple[...]]: an array of arrays, one item per column, each column int, str, float,
-    bool or Any; trailing columns typed `X | None` may be missing or nil."""
-    kinds: list[Any] = []
-    optional: list[bool] = []
-    for column in columns:
-        if typing.get_origin(column) in (types.UnionType, typing.Union):
-            kinds.append(next(a for a in typing.get_args(column) if a is not type(None)))
-            optional.append(True)
+def _is_row_type(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, tuple) and hasattr(annotation, "_fields")
+
+
+_SIMPLE_COLUMNS = (int, str, float, bool, bytes)
+
+
+def _rows_checker(row_type: Any) -> Checker:
+    """list[SomeRow]: an array of arrays, each checked column by column against the row's
+    NamedTuple (rows.py) and turned into one in place. Columns with a default may be missing
+    at the end; columns past the row's are ignored (a later version's)."""
+    hints = typing.get_type_hints(row_type)
+    fields: tuple[str, ...] = row_type._fields
+    defaults: dict[str, Any] = row_type._field_defaults
+    size = len(fields)
+    minimum = sum(1 for name in fields if name not in defaults)
+    if any(name in defaults for name in fields[:minimum]):
+        raise TypeError(f"columns with a default must come last: {row_type.__name__}")
+    fill = [defaults[name] for name in fields[minimum:]]
+    simple: list[tuple[int, type, bool]] = []  # index, kind, may be nil: checked inline
+    general: list[tuple[int, Checker]] = []  # the rest (maps, nested arrays)
+    for index, name in enumerate(fields):
+        annotation = hints[name]
+        kind, may_be_nil = annotation, False
+        if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+            kind = next(a for a in typing.get_args(annotation) if a is not type(None))
+            may_be_nil = True
+        if kind in _SIMPLE_COLUMNS:
+            simple.append((index, kind, may_be_nil))
         else:
-            kinds.append(column)
-            optional.append(False)
-    size = len(columns)
-    minimum = size
-    while minimum and optional[minimum - 1]:
-        minimum -= 1
-    if not all(optional[minimum:]) or any(optional[:minimum]):
-        raise TypeError(f"optional columns must come last: {columns!r}")
-    typed = [(index, kind, optional[index]) for index, kind in enumerate(kinds) if kind is not Any]
-    if any(kind not in (int, str, float, bool) for _, kind, _ in typed):
-        raise TypeError(f"no row checker for {columns!r}")
-    # Rows may carry columns past those listed (a later version's): they are ignored.
+            general.append((index, _checker(annotation)))
     shape = f"an array of arrays of at least {minimum}"
+    new = tuple.__new__
 
     def check_rows(value: Any) -> list[Any]:
         if type(value) is not list:
             raise _Invalid(shape)
-        for row in value:
+        for position, row in enumerate(value):
             if type(row) is not list or len(row) < minimum:
                 raise _Invalid(shape)
             length = len(row)
-            for index, kind, may_be_nil in typed:
+            for index, kind, may_be_nil in simple:
                 if index >= length:
                     break
                 item = row[index]
@@ -560,6 +565,16 @@ def _rows_checker(columns: tuple[Any, ...]) -> Checker:
                         row[index] = float(item)
                     elif not (may_be_nil and item is None):
                         raise _Invalid(f"{shape} with {kind.__name__} at position {index}")
+            for index, check in general:
+                if index >= length:
+                    break
+                try:
+                    row[index] = check(row[index])
+                except _Invalid as exc:
+                    raise _Invalid(f"{shape} with {exc} at position {index}") from None
+            if length != size:
+                row = row[:size] if length > size else row + fill[length - minimum :]
+            value[position] = new(row_type, row)
         return value
 
     return check_rows
@@ -599,51 +614,6 @@ def encode(message: Message) -> bytes:
 
 
 # The one list field of each push, which encode_items() fills item by item.
-class Packed(bytes):
-    """A value already packed as msgpack (a job's payload, as the broker holds it): it costs
-    its encoded size, and goes out spliced into the frames that carry it, never re-encoded."""
-
-    __slots__ = ()
-
-
-# One packer for packed(): msgpack.packb() makes a packer per call, which costs more than the
-# packing of a small payload. Called on the event loop's thread only.
-_PAYLOAD_PACKER = msgpack.Packer(use_bin_type=True)
-
-
-def packed(value: Any) -> Packed:
-    """`value` packed once, to be held and forwarded as it is.
-
-    Raises:
-        TypeError, ValueError, OverflowError: msgpack cannot encode it.
-    """
-    try:
-        return Packed(_PAYLOAD_PACKER.pack(value))
-    except BaseException:
-        _PAYLOAD_PACKER.reset()  # a failed pack may leave a partial value in the packer's buffer
-        raise
-
-
-def unpacked(value: Any) -> Any:
-    """The value of a Packed (any other value as it is), for a reply that shows it."""
-    return msgpack.unpackb(value, raw=False, strict_map_key=False) if type(value) is Packed else value
-
-
-def _pack_row(packer: Any, row: Any) -> bytes:
-    """One item of a push: a Packed column goes in as its bytes. The common case, a delivery
-    (its payload in column 3), takes three packs: the columns before and after the payload
-    each packed as an array whose one-byte header (at most 15 columns) is dropped."""
-    if type(row) is not list:
-        return packer.pack(row)
-    if len(row) < 16 and len(row) > 3 and type(row[3]) is Packed:
-        return packer.pack_array_header(len(row)) + packer.pack(row[:3])[1:] + row[3] + packer.pack(row[4:])[1:]
-    if any(type(column) is Packed for column in row):
-        return packer.pack_array_header(len(row)) + b"".join(
-            column if type(column) is Packed else packer.pack(column) for column in row
-        )
-    return packer.pack(row)
-
-
 _ITEMS_FIELD: dict[type[Message], str] = {Deliver: "jobs", Results: "items", Progressed: "items", Revoked: "items"}
 
 PushType = type[Deliver] | type[Results] | type[Progressed] | type[Revoked]
@@ -661,7 +631,7 @@ def encode_items(message_type: PushType, items: list[Any], max_size: int) -> tup
     size = len(head) + 5  # the array header takes at most 5 bytes
     parts: list[bytes] = []
     for item in items:
-        part = _pack_row(packer, item)
+        part = packer.pack(item)  # a payload or result goes in as msgpack bin: copied, not parsed
         if size + len(part) > max_size:
             break
         size += len(part)

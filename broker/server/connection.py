@@ -317,7 +317,7 @@ class BrokerProtocol(asyncio.Protocol):
     def queue_push(
         self,
         message_type: PushType,
-        items: list[list[Any]],
+        items: list[Any],
         needs_commit: bool,
     ) -> None:
         """Push items to this peer: encoded now as far as the high-water mark allows, the rest
@@ -484,7 +484,7 @@ class _Pushes:
 
     __slots__ = ("items", "message_type", "needs_commit", "progress", "start")
 
-    def __init__(self, message_type: PushType, items: list[list[Any]], needs_commit: bool) -> None:
+    def __init__(self, message_type: PushType, items: list[Any], needs_commit: bool) -> None:
         self.message_type = message_type
         self.items = items
         self.needs_commit = needs_commit

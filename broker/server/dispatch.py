@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import msgpack
 from jobbroker.broker.core.clock import Clock
 from jobbroker.broker.core.scheduler import Scheduler
 from jobbroker.broker.core.schedules import schedule_from_settings
@@ -51,7 +50,6 @@ from jobbroker.broker.protocol.messages import (
     Submit,
     Touch,
     Watch,
-    packed,
 )
 
 __all__ = ["Dispatcher", "Durability", "Limits", "Peer", "ids_text"]
@@ -211,13 +209,13 @@ class Dispatcher:
     def _on_submit(self, client: Peer, request: Submit, now: float) -> dict[str, Any]:
         if self._storage_error is not None:
             raise StorageUnavailable(f"the broker cannot store new jobs: {self._storage_error}")
-        # Payloads are held packed (the broker never looks inside): a payload costs its encoded
-        # size, is measured by it, stored as it is and spliced into deliveries.
-        payloads = [packed(payload) for payload in request.payloads]
+        # Payloads are opaque bytes (docs/protocol.md, "Payloads and results"): measured by
+        # their length, stored and forwarded as they came, never decoded.
+        payloads = request.payloads
         limit = self.config.max_payload_size
-        for index, payload in enumerate(payloads):
-            if len(payload) > limit:
-                raise LimitExceeded(f"payload {index} is over the limit of {limit} bytes")
+        oversized = _too_large(payloads, limit)
+        if oversized is not None:
+            raise LimitExceeded(f"payload {oversized} is over the limit of {limit} bytes")
         ids = self.scheduler.submit(
             client.session,
             request.queue,
@@ -303,6 +301,8 @@ class Dispatcher:
         return settings
 
     def _on_schedule_set(self, client: Peer, request: ScheduleSet, now: float) -> dict[str, Any]:
+        if request.payload is not None and len(request.payload) > self.config.max_payload_size:
+            raise LimitExceeded(f"the payload is over the limit of {self.config.max_payload_size} bytes")
         settings = {
             "queue": request.queue,
             "payload": request.payload,
@@ -379,16 +379,13 @@ def _run_anyway(policy: str) -> bool:
     return policy == "always"
 
 
-def _too_large(values: list[Any], limit: int, *, every: bool = False) -> Any:
-    """Which values encode to more than `limit` bytes: the first index (or, with every, the
-    set of all), or None / an empty set. Cheap in the common case: when all of them together
-    fit, none is checked alone."""
-    if len(msgpack.packb(values, use_bin_type=True)) <= limit:
+def _too_large(values: list[bytes], limit: int, *, every: bool = False) -> Any:
+    """Which payloads or results are longer than `limit` bytes: the first index (or, with
+    every, the set of all), or None / an empty set. One pass in C when none is."""
+    if not values or max(map(len, values)) <= limit:
         return set() if every else None
-    oversized = {i for i, value in enumerate(values) if len(msgpack.packb(value, use_bin_type=True)) > limit}
-    if every:
-        return oversized
-    return min(oversized) if oversized else None
+    oversized = {i for i, value in enumerate(values) if len(value) > limit}
+    return oversized if every else min(oversized)
 
 
 def _refusals(codes: list[str | None]) -> dict[str, Any]:

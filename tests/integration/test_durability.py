@@ -242,7 +242,7 @@ async def test_one_corrupt_row_is_refused_with_advice_and_recover_salvages_the_r
     broker.signal(signal.SIGKILL)
     broker.wait()
     with contextlib.closing(sqlite3.connect(data_dir / "jobs.sqlite3")) as db, db:
-        db.execute("UPDATE jobs SET payload = x'c1' WHERE id = ?", (ids[4],))  # not msgpack
+        db.execute("UPDATE jobs SET error = x'c1', state = 'dead' WHERE id = ?", (ids[4],))  # not msgpack
     refused = _serve_briefly(data_dir, secret_file)
     assert refused.returncode == 2 and "jobbroker recover" in refused.stderr, refused.stderr
 

@@ -87,7 +87,7 @@ async def test_each_role_may_do_its_part_and_nothing_else(secured: BrokerProcess
         crew = await Connection.open(host, port, CREW, credential="crew")
         try:
             with pytest.raises(Forbidden):
-                await crew.request(Submit, queue="work", payloads=[1])
+                await crew.request(Submit, queue="work", payloads=[b"\x01"])
             with pytest.raises(Forbidden):
                 await crew.request(Stats)
         finally:

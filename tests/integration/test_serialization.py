@@ -136,3 +136,38 @@ async def test_results_handed_to_dependents_are_decoded_with_the_serializer(brok
     finally:
         worker.stop()
         await running
+
+
+class _Reversed:
+    """A serializer whose bytes are no msgpack at all: the broker must not care."""
+
+    def dumps(self, value: Any) -> bytes:
+        return b"\xc1" + str(value).encode()[::-1]  # 0xc1: never valid msgpack
+
+    def loads(self, data: bytes) -> Any:
+        assert data[:1] == b"\xc1", data
+        return data[1:][::-1].decode()
+
+
+async def test_bytes_the_broker_cannot_decode_pass_through_unchanged(broker: BrokerProcess) -> None:
+    """Protocol version 2: payloads and results are opaque; the broker forwards any bytes."""
+    serializer = _Reversed()
+    seen: list[bytes] = []
+
+    def handler(payload: str) -> str:
+        seen.append(payload.encode())
+        return payload.upper()
+
+    worker = Worker(broker.address, secret=SECRET, queues=["opaque"], handler=handler, serializer=serializer)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with Client(broker.address, secret=SECRET, serializer=serializer) as client:
+            job_id = await client.submit("opaque", "héllo wörld")
+            assert await client.result(job_id, timeout=TIMEOUT) == "HÉLLO WÖRLD"
+            async with Client(broker.address, secret=SECRET) as plain:  # msgpack cannot read them
+                info = await plain.job(job_id)
+            assert info["result"] == serializer.dumps("HÉLLO WÖRLD")  # held and shown byte for byte
+    finally:
+        worker.stop()
+        await running
+    assert seen == ["héllo wörld".encode()]

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from jobbroker.broker import Broker, BrokerConfig
 from jobbroker.broker.core.scheduler import Scheduler
 from jobbroker.broker.errors import StorageError, StorageFailed
-from jobbroker.broker.protocol.messages import unpacked
 from jobbroker.broker.store import IdCeilings, Recovered, SqliteStore, WriteBatch, serialize
 
 from jobbroker import Client, ConnectionClosed, StorageUnavailable, Worker, current_job
@@ -58,7 +58,7 @@ async def test_failing_writes_withhold_acks_refuse_submits_and_recover(tmp_path:
                 while (after := await accepted()) is None:
                     await asyncio.sleep(0.2)
     reopened = SqliteStore(tmp_path / "data")
-    stored = {unpacked(job.payload): job.id for job in reopened.load(0.0, 0.0).jobs}
+    stored = {msgpack.unpackb(job.payload): job.id for job in reopened.load(0.0, 0.0).jobs}
     reopened.close()
     assert stored["before"] == before and stored["after"] == after
     assert "during" in stored and "refused" not in stored  # written on retry: at least once
@@ -240,7 +240,7 @@ async def test_no_lease_token_above_the_stored_ceiling_is_handed_out(tmp_path: P
     store = SqliteStore(tmp_path / "data")
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, 0.0)
-    scheduler.submit(1, "q", list(range(10)), 0.0)
+    scheduler.submit(1, "q", [msgpack.packb(n) for n in range(10)], 0.0)
     store.load(0.0, 0.0)
     store.write(serialize(scheduler.take_changes(), 0.0, 0.0), scheduler.next_job_id)
     store.close()

@@ -68,6 +68,20 @@ async def test_oversized_length_gets_an_error_and_a_close(broker: BrokerProcess,
     assert (await client.stats())["sessions"] >= 1
 
 
+async def test_a_version_1_hello_is_refused_in_clear_and_the_broker_serves_on(
+    broker: BrokerProcess, client: Client
+) -> None:
+    """Protocol version 2 (opaque payloads): a version 1 client learns why at its hello."""
+    hello = msgpack.packb({"op": "hello", "version": 1, "nonce": b"n" * 32, "client": "old", "credential": "default"})
+    frames, closed = await asyncio.to_thread(raw_exchange, broker.address, encode_frame(hello))
+    assert closed
+    (error,) = frames
+    assert isinstance(error, ErrorReply) and error.id is None and error.code == "unsupported_version"
+    assert "protocol version 1 is not supported" in error.message and "version 2" in error.message
+    broker.wait_for_output(r"protocol version 1 is not supported")
+    assert await client.submit("still-serving", 1) > 0
+
+
 async def test_silent_connection_is_cut_at_the_handshake_timeout(start_broker: Any) -> None:
     broker = start_broker("--handshake-timeout", "0.3")
     frames, closed = await asyncio.to_thread(raw_exchange, broker.address, b"")
@@ -80,12 +94,12 @@ async def test_malformed_request_after_auth_is_answered_and_the_connection_lives
     connection = await Connection.open(host, port, SECRET)
     try:
         with pytest.raises(Exception, match="queue name"):
-            await connection.request(Submit, queue="", payloads=[1])
+            await connection.request(Submit, queue="", payloads=[b"\x01"])
         protocol = connection._protocol
         assert protocol._signer is not None
         protocol._outgoing.append(encode_frame(protocol._signer.sign(msgpack.packb({"op": "warp", "id": 77}))))
         connection._write()
-        reply = await connection.request(Submit, queue="fine", payloads=[1])
+        reply = await connection.request(Submit, queue="fine", payloads=[b"\x01"])
         assert len(reply["job_ids"]) == 1
     finally:
         connection.close()
@@ -127,10 +141,10 @@ async def test_stale_completion_after_the_broker_takes_a_job_back_is_refused(
         await asyncio.wait_for(delivered.wait(), 10 * TIME_UNIT)  # taken back; `fresh` gets the job
         (new,) = second_deliveries
         assert new[0] == job_id and new[1] != token and new[4] == 2
-        assert revoked == [[job_id, token, "time limit"]]
-        refused = await stale.request(Complete, items=[[job_id, token, "stale"]])
+        assert revoked == [(job_id, token, "time limit")]
+        refused = await stale.request(Complete, items=[[job_id, token, b"stale"]])
         assert refused == {"refused": [[0, "lease_lost"]]}
-        assert await fresh.request(Complete, items=[[job_id, new[1], 441]]) == {"refused": []}
+        assert await fresh.request(Complete, items=[[job_id, new[1], msgpack.packb(441)]]) == {"refused": []}
         assert await client.result(job_id, timeout=5) == 441
         assert (await client.job(job_id))["error"]["type"] == "TimeLimitExceeded"
     finally:

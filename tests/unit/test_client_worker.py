@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgpack
 import pytest
 from jobbroker.broker.protocol.messages import Complete, Deliver, Fail, Request, Reserve, Submit
 from jobbroker.client.client import Client
@@ -56,17 +57,20 @@ async def test_a_delivery_runs_the_handler_and_its_outcome_goes_back() -> None:
     (reserve,) = side.requests(Reserve)
     assert (reserve.queues, reserve.prefetch) == (["q"], 4)
 
-    side.send(Deliver(jobs=[[1, 11, "q", 21, 1, 30.0, None, None], [2, 12, "q", "bad", 2, 30.0, None, None]]))
+    pack = msgpack.packb  # payloads and results are bytes: the default serializer's msgpack
+    side.send(
+        Deliver(jobs=[[1, 11, "q", pack(21), 1, 30.0, None, None], [2, 12, "q", pack("bad"), 2, 30.0, None, None]])
+    )
     await until(lambda: side.requests(Complete) and side.requests(Fail), "complete and fail")
-    assert [list(item) for r in side.requests(Complete) for item in r.items] == [[1, 11, {"doubled": 42}]]
+    assert [list(item) for r in side.requests(Complete) for item in r.items] == [[1, 11, pack({"doubled": 42})]]
     (failure,) = [item for r in side.requests(Fail) for item in r.items]
-    assert failure[:4] == [2, 12, "ValueError", "no good"] and "ValueError" in failure[4]
-    assert failure[5:] == [False, None]  # retried as the job says, after its backoff
+    assert failure[:4] == (2, 12, "ValueError", "no good") and "ValueError" in failure.traceback
+    assert (failure.final, failure.retry_delay) == (False, None)  # retried as the job says, after its backoff
 
-    side.send(Deliver(jobs=[[3, 13, "q", "later", 1, 30.0, None, None]]))
+    side.send(Deliver(jobs=[[3, 13, "q", pack("later"), 1, 30.0, None, None]]))
     await until(lambda: len(side.requests(Fail)) == 2, "the retry")
     retry = side.requests(Fail)[1].items[0]
-    assert retry[:3] == [3, 13, "Retry"] and retry[6] == 7.0
+    assert retry[:3] == (3, 13, "Retry") and retry.retry_delay == 7.0
     assert seen == [21, "bad", "later"]
     assert (worker.completed, worker.failed) == (1, 2)
 
@@ -94,6 +98,12 @@ async def test_submit_options_reach_the_wire_as_given() -> None:
         single = await client.submit("q", 3, backoff=0.5, max_backoff=8, after_policy="always", after=[1])
     assert ids == [1, 2] and single == 1
     many, one = broker.side.requests(Submit)
-    assert (many.queue, many.payloads, many.priority, many.delay, many.max_attempts) == ("q", [1, 2], 5, 2.0, 4)
+    assert (many.queue, many.payloads, many.priority, many.delay, many.max_attempts) == (
+        "q",
+        [b"\x01", b"\x02"],
+        5,
+        2.0,
+        4,
+    )
     assert (many.timeout, many.result_ttl, many.after, many.keys) == (9.0, 60.0, [7], ["a", None])
     assert (one.backoff, one.max_backoff, one.after, one.after_policy, one.priority) == (0.5, 8.0, [1], "always", 0)

@@ -1,7 +1,13 @@
 import struct
 
 import msgpack
-from jobbroker.broker.errors import AuthenticationFailed, FrameTooLarge, IntegrityError, TlsMismatch
+from jobbroker.broker.errors import (
+    AuthenticationFailed,
+    FrameTooLarge,
+    IntegrityError,
+    TlsMismatch,
+    UnsupportedVersion,
+)
 from jobbroker.broker.protocol import auth
 from jobbroker.broker.protocol.connection import Authenticated, ClientConnection, ServerConnection, State
 from jobbroker.broker.protocol.framing import FrameDecoder, encode_frame
@@ -53,7 +59,7 @@ def test_wrong_secret_is_refused_by_the_server() -> None:
     # A client that skips checking the broker's proof still cannot get in.
     server = ServerConnection(credentials(), session=1, heartbeat=5.0)
     client_nonce = auth.new_nonce()
-    server.receive_data(encode_frame(encode(Hello(version=1, nonce=client_nonce))))
+    server.receive_data(encode_frame(encode(Hello(version=auth.PROTOCOL_VERSION, nonce=client_nonce))))
     challenge = decode(FrameDecoder().feed(server.data_to_send())[0])
     wrong = auth.client_proof(b"w" * 32, "default", client_nonce, challenge.nonce)  # type: ignore[attr-defined]
     events = server.receive_data(encode_frame(msgpack.packb({"op": "authenticate", "proof": wrong})))
@@ -139,7 +145,9 @@ def test_every_handshake_failure_tells_the_peer_the_same_text() -> None:
     for credential, secret in (("default", b"w" * 32), ("nobody", SECRET)):
         server = ServerConnection(credentials(), session=1, heartbeat=5.0)
         client_nonce = auth.new_nonce()
-        server.receive_data(encode_frame(encode(Hello(version=1, nonce=client_nonce, credential=credential))))
+        server.receive_data(
+            encode_frame(encode(Hello(version=auth.PROTOCOL_VERSION, nonce=client_nonce, credential=credential)))
+        )
         challenge = decode(FrameDecoder().feed(server.data_to_send())[0])
         proof = auth.client_proof(secret, credential, client_nonce, challenge.nonce)  # type: ignore[attr-defined]
         server.receive_data(encode_frame(msgpack.packb({"op": "authenticate", "proof": proof})))
@@ -147,12 +155,33 @@ def test_every_handshake_failure_tells_the_peer_the_same_text() -> None:
         (reply,) = [decode(f) for f in FrameDecoder().feed(server.data_to_send())]
         assert isinstance(reply, ErrorReply) and reply.code == "auth_failed"
         texts.add(reply.message)
-    for bad_hello in (Hello(version=99, nonce=b"n" * 32), Stats(id=1)):
+    for bad_hello in (Hello(version=auth.PROTOCOL_VERSION, nonce=b"n" * 31), Stats(id=1)):
         server = ServerConnection(credentials(), session=1, heartbeat=5.0)
         server.receive_data(encode_frame(encode(bad_hello)))
         (reply,) = [decode(f) for f in FrameDecoder().feed(server.data_to_send())]
         texts.add(reply.message)  # type: ignore[attr-defined]
     assert texts == {"authentication failed"}
+
+
+def test_a_hello_of_another_version_is_refused_in_clear() -> None:
+    # A version says nothing of names or secrets: the peer is told plainly what to upgrade.
+    for version in (1, 99):
+        server = ServerConnection(credentials(), session=1, heartbeat=5.0)
+        server.receive_data(encode_frame(encode(Hello(version=version, nonce=b"n" * 32))))
+        assert server.state is State.CLOSED and isinstance(server.error, UnsupportedVersion)
+        (reply,) = [decode(f) for f in FrameDecoder().feed(server.data_to_send())]
+        assert isinstance(reply, ErrorReply) and reply.id is None and reply.code == "unsupported_version"
+        assert f"protocol version {version} is not supported" in reply.message
+        assert f"speaks version {auth.PROTOCOL_VERSION}" in reply.message
+
+
+def test_the_client_raises_unsupported_version_when_the_broker_refuses_its_version() -> None:
+    client = ClientConnection(SECRET)
+    client.initiate()
+    refusal = ErrorReply(id=None, code="unsupported_version", message="protocol version 2 is not supported")
+    client.receive_data(encode_frame(encode(refusal)))
+    assert client.state is State.CLOSED and isinstance(client.error, UnsupportedVersion)
+    assert "protocol version 2 is not supported" in str(client.error)
 
 
 def test_ops_the_broker_does_not_take_are_refused_with_their_id() -> None:
@@ -201,3 +230,41 @@ def test_after_the_handshake_no_bytes_are_taken_for_tls() -> None:
     client, server = connected_pair()
     client.send(Stats(id=0x1603))  # an ordinary frame, whatever its first bytes
     assert server.receive_data(client.data_to_send()) == [Stats(id=0x1603)]
+
+
+def test_requests_may_follow_authenticate_before_the_welcome_arrives() -> None:
+    # docs/protocol.md, "Handshake": the keys exist once the challenge is in, so a client may
+    # pipeline its first requests behind its proof; the broker reads them after checking it.
+    client = ClientConnection(SECRET)
+    server = ServerConnection(credentials(), session=3, heartbeat=5.0)
+    client.initiate()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())  # the challenge: the client sends its proof
+    client.send(Stats(id=1))  # MACed as the client's frame 0, before any welcome
+    events = server.receive_data(client.data_to_send())
+    assert [type(e).__name__ for e in events] == ["Authenticated", "Stats"]
+
+
+def test_a_body_nested_past_1024_levels_is_malformed_and_the_connection_goes_on() -> None:
+    client, server = connected_pair()
+    signer = client._signer
+    assert signer is not None
+
+    def body(arrays: int) -> bytes:  # {"op": "stats", "id": 1, "x": [[...[nil]...]]}
+        return (
+            b"\x83"
+            + msgpack.packb("op")
+            + msgpack.packb("stats")
+            + msgpack.packb("id")
+            + b"\x01"
+            + msgpack.packb("x")
+            + b"\x91" * arrays
+            + b"\xc0"
+        )
+
+    events = server.receive_data(encode_frame(signer.sign(body(1023))))  # the map and 1023 arrays: 1024 levels
+    assert events == [Stats(id=1)]
+    assert server.receive_data(encode_frame(signer.sign(body(1024)))) == []
+    (reply,) = client.receive_data(server.data_to_send())
+    assert isinstance(reply, ErrorReply) and reply.code == "malformed" and reply.id is None
+    assert server.state is State.OPEN

@@ -107,14 +107,14 @@ class Harness:
 def test_submit_reserve_complete_round_trip() -> None:
     h = Harness()
     producer, worker = h.peer(1, Role.PRODUCER, "app"), h.peer(2, Role.WORKER, "w")
-    assert h.submit(producer, [{"n": 1}, {"n": 2}]) == {"job_ids": [1, 2]}
+    assert h.submit(producer, [b"\x81\xa1n\x01", b"\x81\xa1n\x02"]) == {"job_ids": [1, 2]}
     h.dispatch.handle(worker, Reserve(id=7, queues=["q"], prefetch=10))
     assert worker.sent == [(7, {})]
     jobs = h.deliveries()[worker.session]
     assert [job[0] for job in jobs] == [1, 2]
     (first, first_token, *_), (second, second_token, *_) = jobs
     h.dispatch.started(worker, Started(items=[[first, first_token]]))
-    h.dispatch.handle(worker, Complete(id=8, items=[[first, first_token, "done"]]))
+    h.dispatch.handle(worker, Complete(id=8, items=[[first, first_token, b"done"]]))
     assert worker.last() == {"refused": []}
     h.dispatch.handle(worker, Fail(id=9, items=[[second, second_token, "ValueError", "boom"]]))
     assert worker.last() == {"refused": []}
@@ -125,34 +125,34 @@ def test_submit_reserve_complete_round_trip() -> None:
 def test_refusals_name_the_index_and_the_code() -> None:
     h = Harness()
     producer, worker = h.peer(1, Role.PRODUCER, "app"), h.peer(2, Role.WORKER, "w")
-    (job_id,) = h.submit(producer, ["x"])["job_ids"]
+    (job_id,) = h.submit(producer, [b"x"])["job_ids"]
     h.dispatch.handle(worker, Reserve(id=1, queues=["q"], prefetch=1))
     ((_, token, *_),) = h.deliveries()[worker.session]
-    h.dispatch.handle(worker, Complete(id=2, items=[[job_id, token + 1, "r"], [job_id, token, "r"]]))
+    h.dispatch.handle(worker, Complete(id=2, items=[[job_id, token + 1, b"r"], [job_id, token, b"r"]]))
     assert worker.last() == {"refused": [[0, "lease_lost"]]}
 
 
 def test_a_job_past_its_time_limit_on_the_fake_clock_is_lost_to_its_worker() -> None:
     h = Harness(heartbeat=1.0)
     producer, worker = h.peer(1, Role.PRODUCER, "app"), h.peer(2, Role.WORKER, "w")
-    (job_id,) = h.submit(producer, ["x"], timeout=10.0)["job_ids"]
+    (job_id,) = h.submit(producer, [b"x"], timeout=10.0)["job_ids"]
     h.dispatch.handle(worker, Reserve(id=1, queues=["q"], prefetch=1))
     ((_, token, *_),) = h.deliveries()[worker.session]
     h.dispatch.started(worker, Started(items=[[job_id, token]]))  # `now` from the dispatcher's clock
     h.clock.jump(10.0 + h.scheduler.time_limit_grace)
     h.scheduler.seen(worker.session, h.clock.now())
     h.scheduler.tick(h.clock.now())
-    h.dispatch.handle(worker, Complete(id=2, items=[[job_id, token, "late"]]))
+    h.dispatch.handle(worker, Complete(id=2, items=[[job_id, token, b"late"]]))
     assert worker.last() == {"refused": [[0, "lease_lost"]]}
 
 
 def test_a_result_over_the_limit_fails_its_job_instead() -> None:
     h = Harness()
     producer, worker = h.peer(1, Role.PRODUCER, "app"), h.peer(2, Role.WORKER, "w")
-    (job_id,) = h.submit(producer, ["x"], max_attempts=1)["job_ids"]
+    (job_id,) = h.submit(producer, [b"x"], max_attempts=1)["job_ids"]
     h.dispatch.handle(worker, Reserve(id=1, queues=["q"], prefetch=1))
     ((_, token, *_),) = h.deliveries()[worker.session]
-    h.dispatch.handle(worker, Complete(id=2, items=[[job_id, token, "r" * 200]]))
+    h.dispatch.handle(worker, Complete(id=2, items=[[job_id, token, b"r" * 200]]))
     assert worker.last() == {"refused": [[0, "result_too_large"]]}
     h.dispatch.handle(producer, JobInfo(id=3, job_id=job_id))
     assert producer.last()["job"]["state"] == "dead"
@@ -161,9 +161,9 @@ def test_a_result_over_the_limit_fails_its_job_instead() -> None:
 def test_errors_are_typed_replies_to_the_request() -> None:
     h = Harness()
     producer = h.peer(1, Role.PRODUCER, "app")
-    refused = h.submit(producer, ["x" * 200])
+    refused = h.submit(producer, [b"x" * 200])
     assert isinstance(refused, ErrorReply) and refused.code == "limit_exceeded" and "payload 0" in refused.message
-    h.dispatch.handle(producer, Submit(id=42, queue="q", payloads=["x"], after_policy="sometimes"))
+    h.dispatch.handle(producer, Submit(id=42, queue="q", payloads=[b"x"], after_policy="sometimes"))
     assert producer.sent[-1][0] == 42 and producer.last().code == "invalid_request"
     h.dispatch.handle(producer, JobInfo(id=43, job_id=999))
     assert producer.last().code == "not_found"
@@ -186,7 +186,7 @@ def test_an_owner_sees_and_cancels_only_its_own_jobs() -> None:
     h = Harness()
     alice, bob = h.peer(1, Role.PRODUCER, "alice"), h.peer(2, Role.PRODUCER, "bob")
     admin = h.peer(3)
-    (job_id,) = h.submit(alice, ["x"])["job_ids"]
+    (job_id,) = h.submit(alice, [b"x"])["job_ids"]
     h.dispatch.handle(bob, JobInfo(id=1, job_id=job_id))
     assert bob.last().code == "not_found"
     h.dispatch.handle(bob, Cancel(id=2, job_ids=[job_id]))
@@ -201,7 +201,7 @@ def test_submits_are_refused_while_storage_fails() -> None:
     h = Harness(active=True)
     producer = h.peer(1, Role.PRODUCER, "app")
     h.durability.storage_error = StorageError("disk full")
-    refused = h.submit(producer, ["x"])
+    refused = h.submit(producer, [b"x"])
     assert refused.code == "storage_unavailable" and "disk full" in refused.message
     assert not producer.needs_commit  # a refusal changes nothing, waits for nothing
 
@@ -210,7 +210,7 @@ def test_replies_that_tell_of_unwritten_changes_wait_for_the_commit() -> None:
     h = Harness(active=True)
     producer, worker = h.peer(1, Role.PRODUCER, "app"), h.peer(2, Role.WORKER, "w")
     h.durability.unwritten_jobs = {1}
-    h.submit(producer, ["x"])
+    h.submit(producer, [b"x"])
     assert producer.needs_commit
     producer.needs_commit = False
     h.dispatch.handle(producer, Watch(id=9, job_ids=[2]))  # not a job with unwritten changes
@@ -226,7 +226,7 @@ def test_nothing_waits_in_memory() -> None:
     h = Harness(active=False)
     producer = h.peer(1, Role.PRODUCER, "app")
     h.durability.unwritten_jobs = {1}
-    h.submit(producer, ["x"])
+    h.submit(producer, [b"x"])
     assert not producer.needs_commit
 
 

@@ -292,7 +292,7 @@ async def test_a_request_refused_not_leader_is_sent_again_to_the_leader(fakes: C
     leader = await fakes("ok")
     standby = await fakes("standby", leader=leader.address)  # says nothing in its welcome
     link = _link(standby.address)
-    assert (await link.call(Submit, queue="q", payloads=[1], retry=False))["job_ids"] == [1]
+    assert (await link.call(Submit, queue="q", payloads=[b"\x01"], retry=False))["job_ids"] == [1]
     assert [type(r) for r in standby.requests] == [Submit] and len(leader.requests) == 1
     link.close()
 
@@ -376,7 +376,7 @@ async def test_answers_refused_as_stale_cost_one_log_line_and_the_worker_goes_on
     from jobbroker import Worker
 
     broker = await fakes("ok")
-    broker.deliver = [[job_id, 7, "q", job_id, 1, 30.0, None, None] for job_id in range(1, 31)]
+    broker.deliver = [[job_id, 7, "q", bytes([job_id]), 1, 30.0, None, None] for job_id in range(1, 31)]
 
     async def handler(payload: int) -> int:
         return payload

@@ -9,26 +9,36 @@ from jobbroker.broker.protocol.messages import (
     Fail,
     Heartbeat,
     Reply,
+    Results,
     Submit,
     Watch,
     decode,
     encode,
+)
+from jobbroker.broker.protocol.rows import (
+    CompleteRow,
+    DeliveryRow,
+    FailRow,
+    ResultRow,
+    TouchRow,
 )
 
 SAMPLES = [
     Submit(
         id=1,
         queue="q",
-        payloads=[1, "two", {"three": [3]}, None, b"\x00"],
+        payloads=[b"\x01", b"two", b"\xc1 not msgpack", b"", b"\x00"],
         priority=5,
         keys=["a", None, "c", None, "e"],
     ),
-    Complete(id=2, items=[[1, 2, {"x": 1}], [3, 4, None]]),
-    Fail(id=3, items=[[1, 2, "ValueError", "bad"]]),
+    Complete(id=2, items=[CompleteRow(1, 2, b"\x81\xa1x\x01"), CompleteRow(3, 4, b"")]),
+    Fail(id=3, items=[FailRow(1, 2, "ValueError", "bad")]),
     Watch(id=4, job_ids=[1, 2, 3]),
     Reply(id=5, data={"job_ids": [1]}),
     ErrorReply(id=None, code="malformed", message="m"),
-    Deliver(jobs=[[1, 7, "q", [1, 2], 1, 30.0]]),
+    Deliver(
+        jobs=[DeliveryRow(1, 7, "q", b"\x92\x01\x02", 1, 30.0), DeliveryRow(2, 8, "q", b"", 1, 0.0, 5.0, [b"r", None])]
+    ),
     Heartbeat(),
 ]
 
@@ -46,7 +56,7 @@ def test_ints_are_accepted_where_floats_are_expected() -> None:
     message = decode(msgpack.packb({"op": "submit", "id": 1, "queue": "q", "payloads": [], "delay": 2}))
     assert isinstance(message, Submit) and message.delay == 2.0 and isinstance(message.delay, float)
     touch = decode(msgpack.packb({"op": "touch", "id": 1, "items": [[1, 2, 30]]}))
-    assert touch.items == [[1, 2, 30.0]] and isinstance(touch.items[0][2], float)  # type: ignore[attr-defined]
+    assert touch.items == [TouchRow(1, 2, 30.0)] and isinstance(touch.items[0].seconds, float)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -60,6 +70,9 @@ def test_ints_are_accepted_where_floats_are_expected() -> None:
         (msgpack.packb({"op": "watch", "id": 9, "job_ids": "1,2"}), "watch.job_ids must be an array"),
         (msgpack.packb({"op": "watch", "id": 9, "job_ids": [True]}), "watch.job_ids must be an array of int"),
         (msgpack.packb({"op": "complete", "id": 9, "items": [[1, 2]]}), "an array of arrays of at least 3"),
+        (msgpack.packb({"op": "complete", "id": 9, "items": [[1, 2, 3]]}), "with bytes at position 2"),
+        (msgpack.packb({"op": "submit", "id": 9, "queue": "q", "payloads": [{"n": 1}]}), "an array of bytes"),
+        (msgpack.packb({"op": "results", "items": [[1, "done", b"r", "no map"]]}), "with a map at position 3"),
         (msgpack.packb({"op": "fail", "id": 9, "items": [[1, 2, "E", 5]]}), "with str at position 3"),
         (msgpack.packb({"op": "stats", "id": "9"}), "stats.id must be an integer"),
         (msgpack.packb({"op": "stats", "id": 1, "x": msgpack.ExtType(5, b"zz")}), "extension type 5"),
@@ -87,7 +100,7 @@ def test_deeply_nested_garbage_is_a_protocol_error_not_a_crash() -> None:
 def test_encode_items_cuts_a_push_to_size_and_matches_encode() -> None:
     from jobbroker.broker.protocol.messages import Results, encode_items
 
-    items = [[i, "done", "r" * 1000] for i in range(10)]
+    items = [ResultRow(i, "done", b"r" * 1000) for i in range(10)]
     body, count = encode_items(Results, items, 1_000_000)
     assert count == 10 and body == encode(Results(items))
     body, count = encode_items(Results, items, 3500)
@@ -108,3 +121,40 @@ def test_bounded_text_says_how_much_it_cut_and_stays_within_its_limit() -> None:
     assert bounded("a\udcffb", 10) == "a\\udcffb"  # valid UTF-8, for msgpack
     head = bounded("y" * 3000, 2000)
     assert len(head) <= 2000 and head.startswith("yyy") and "characters cut" in head
+
+
+def test_rows_decode_as_their_named_types_with_defaults_filled_and_extra_columns_dropped() -> None:
+    # A row may stop before its optional columns and carry columns of a later version.
+    body = msgpack.packb({"op": "fail", "id": 1, "items": [[1, 2, "E", "m"], [3, 4, "E", "m", "tb", True, 2, "later"]]})
+    message = decode(body)
+    assert isinstance(message, Fail)
+    assert message.items == [FailRow(1, 2, "E", "m"), FailRow(3, 4, "E", "m", "tb", True, 2.0)]
+    assert message.items[1].retry_delay == 2.0 and isinstance(message.items[1].retry_delay, float)
+    deliver = decode(msgpack.packb({"op": "deliver", "jobs": [[1, 2, "q", b"p", 1, 30]]}))
+    assert isinstance(deliver, Deliver)
+    (row,) = deliver.jobs
+    assert type(row) is DeliveryRow and row.payload == b"p" and row.timeout is None and row.parents is None
+
+
+def test_a_row_encodes_as_the_array_it_decodes_from() -> None:
+    row = ResultRow(5, "dead", None, {"type": "E", "message": "m"})
+    assert msgpack.unpackb(msgpack.packb(row)) == [5, "dead", None, {"type": "E", "message": "m"}]
+    wire = {"op": "results", "items": [[5, "dead", None, {"type": "E", "message": "m"}]]}
+    assert decode(msgpack.packb(wire)) == Results(items=[row])
+
+
+def test_payloads_pass_through_as_bytes_whatever_they_hold() -> None:
+    # Not msgpack, a msgpack value nested past the depth limit, an extension type: all opaque.
+    payloads = [b"\xc1\xc1", b"\x91" * 5000 + b"\xc0", msgpack.packb(msgpack.ExtType(5, b"zz"))]
+    message = decode(encode(Submit(id=1, queue="q", payloads=payloads)))
+    assert isinstance(message, Submit) and message.payloads == payloads
+
+
+def test_refused_rows_are_read_by_name_and_checked() -> None:
+    from jobbroker.broker.protocol.rows import RefusedRow, refused_rows
+
+    assert refused_rows({"refused": [[0, "lease_lost"]]}) == [RefusedRow(0, "lease_lost")]
+    assert refused_rows({"refused": []}) == []
+    for bad in ({}, {"refused": [[0]]}, {"refused": [["0", "x"]]}):
+        with pytest.raises(MalformedMessage):
+            refused_rows(bad)

@@ -1,5 +1,5 @@
 from jobbroker.broker.core.jobs import Job, JobState
-from jobbroker.broker.core.records import RATE_WINDOW, Queue, RunTimes, Session
+from jobbroker.broker.core.records import Queue, RunTimes, Session
 
 
 def job(job_id: int, priority: int = 0, state: JobState = JobState.PENDING) -> Job:
@@ -34,7 +34,7 @@ def test_rates_cover_the_whole_window_from_the_samples() -> None:
     queue.sample(1.0)
     queue.submitted, queue.completed = 150, 100
     queue.sample(5.0)
-    assert queue.rates(5.0) == (150 / RATE_WINDOW, 100 / RATE_WINDOW)
+    assert queue.rates(5.0) == (150 / 5.0, 100 / 5.0)  # a queue younger than the window: over its age
     queue.sample(30.0)
     assert queue.rates(30.0) == (0.0, 0.0)  # nothing changed in the last window
     assert len(queue.rate_samples) <= 2  # old samples are dropped

@@ -22,7 +22,7 @@ def test_stats_are_exact_values_a_display_rounds() -> None:
     worker.queues = ("q",)
     worker.leased[1] = job(1, JobState.LEASED, started_at=0.0, delivered_at=0.0)
     stats = reports.stats({"q": queue}, [worker], jobs=1, draining=False, now=1.23456)
-    assert stats["queues"]["q"]["submitted_per_second"] == 0.1
+    assert stats["queues"]["q"]["submitted_per_second"] == 1 / 1.23456  # over the queue's age: not rounded
     assert stats["workers"][0]["last_heartbeat_age"] == 1.23456
     assert stats["workers"][0]["running"][0]["running_seconds"] == 1.23456
     assert stats["queues"]["q"]["workers"] == 1 and stats["sessions"] == 1

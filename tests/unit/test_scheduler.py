@@ -20,6 +20,7 @@ from jobbroker.broker.core.scheduler import (
     WorkerLost,
 )
 from jobbroker.broker.errors import InvalidRequest, JobNotFound, LimitExceeded, QueueFull
+from jobbroker.broker.protocol.rows import Outcome, ResultRow
 
 PRODUCER, WORKER_A, WORKER_B = 1, 2, 3
 
@@ -244,7 +245,7 @@ def test_dead_outcome_reaches_watchers_and_dead_jobs_can_be_requeued() -> None:
     token = h.deliveries()[WORKER_A][0][1]
     h.scheduler.fail(WORKER_A, [[job_id, token, "E", "m"]], h.now)
     (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
-    assert results.items == [[job_id, "dead", {"type": "E", "message": "m"}]]
+    assert results.items == [ResultRow(job_id, Outcome.DEAD, None, {"type": "E", "message": "m"})]
     assert h.scheduler.dead_requeue("q", None, h.now) == [job_id]
     ((again_id, _, _, _, attempt, _, _, _),) = h.deliveries()[WORKER_A]
     assert again_id == job_id and attempt == 1 and h.stats()["dead"] == 0
@@ -361,7 +362,7 @@ def test_cancel_pending_delayed_and_running_jobs() -> None:
     effects = h.flush()
     assert Revoke(WORKER_A, [[running, token, "cancelled"]]) in effects
     (results,) = [e for e in effects if isinstance(e, ResultsReady)]
-    assert results.items == [[pending, "cancelled", None]]
+    assert results.items == [ResultRow(pending, Outcome.CANCELLED)]
     assert h.stats()["pending"] == 0 and h.stats()["delayed"] == 0 and h.stats()["in_flight"] == 0
     assert h.scheduler.complete(WORKER_A, [[running, token, "late"]], h.now) == ["lease_lost"]
     assert h.scheduler.cancel([running], h.now) == ["invalid_state"]  # finished already
@@ -375,16 +376,16 @@ def test_results_are_pushed_to_watchers_and_expire_after_the_ttl() -> None:
     (job_id,) = h.submit([3], watch=True)
     h.scheduler.reserve(WORKER_A, ["q"], 1, h.now)
     token = h.deliveries()[WORKER_A][0][1]
-    h.scheduler.complete(WORKER_A, [[job_id, token, 9]], h.now)
+    h.scheduler.complete(WORKER_A, [[job_id, token, b"9"]], h.now)
     (results,) = [e for e in h.flush() if isinstance(e, ResultsReady)]
-    assert results == ResultsReady(PRODUCER, [[job_id, "done", 9]])
+    assert results == ResultsReady(PRODUCER, [ResultRow(job_id, Outcome.DONE, b"9")])
     h.scheduler.watch(PRODUCER, [job_id])  # a late watcher gets it at once
-    assert ResultsReady(PRODUCER, [[job_id, "done", 9]]) in h.flush()
+    assert ResultsReady(PRODUCER, [ResultRow(job_id, Outcome.DONE, b"9")]) in h.flush()
     h.jump(60.0)
     with pytest.raises(JobNotFound):
         h.scheduler.job_info(job_id)
     h.scheduler.watch(PRODUCER, [job_id])
-    assert ResultsReady(PRODUCER, [[job_id, "unknown", None]]) in h.flush()
+    assert ResultsReady(PRODUCER, [ResultRow(job_id, Outcome.UNKNOWN)]) in h.flush()
 
 
 def test_a_worker_on_several_queues() -> None:
@@ -566,6 +567,18 @@ def test_rates_count_a_burst_for_ten_seconds_after_it_ends() -> None:
     h.jump(2.0)  # the burst is now more than 10 s old (give or take the 1 s sampling interval)
     assert h.stats()["submitted_per_second"] == 0.0 and h.stats()["done_per_second"] == 0.0
     assert len(jobs) == 1000
+
+
+def test_rates_divide_by_the_time_they_cover_not_a_fixed_ten_seconds() -> None:
+    h = Harness()
+    h.submit(list(range(100)), queue="young")
+    h.jump(2.0)
+    h.submit(list(range(100)), queue="young")
+    assert h.stats("young")["submitted_per_second"] == 100.0  # 200 jobs in 2 s, not 200 / 10
+    for _ in range(30):  # a steady 50 a second reads as that, within a sampling interval
+        h.jump(1.0)
+        h.submit(list(range(50)), queue="steady")
+    assert 45.0 <= h.stats("steady")["submitted_per_second"] <= 55.0
 
 
 # --- queue controls (issue 14) ------------------------------------------------------------

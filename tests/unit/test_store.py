@@ -8,12 +8,12 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import msgpack
 import pytest
 from jobbroker.broker.core.clock import FakeClock
 from jobbroker.broker.core.jobs import Job, JobState
 from jobbroker.broker.core.scheduler import Deliver, Scheduler, SchedulerConfig
 from jobbroker.broker.errors import StorageError, StorageFailed
-from jobbroker.broker.protocol.messages import unpacked
 from jobbroker.broker.store import (
     SESSION_BLOCK,
     TOKEN_BLOCK,
@@ -34,10 +34,10 @@ def scheduler_with_history(clock: FakeClock) -> Scheduler:
     scheduler = Scheduler(SchedulerConfig(result_ttl=100.0), track_changes=True)
     now = clock.now()
     scheduler.open_session(1, now)
-    scheduler.submit(1, "q", ["pending-1", "pending-2"], now, priority=1, keys=["k1", None])
-    scheduler.submit(1, "q", ["delayed"], now, delay=30.0)
-    scheduler.submit(1, "q", ["to-lease", "to-finish", "to-kill"], now, priority=9, max_attempts=1)
-    scheduler.submit(1, "q", ["to-cancel"], now)
+    scheduler.submit(1, "q", [b"pending-1", b"pending-2"], now, priority=1, keys=["k1", None])
+    scheduler.submit(1, "q", [b"delayed"], now, delay=30.0)
+    scheduler.submit(1, "q", [b"to-lease", b"to-finish", b"to-kill"], now, priority=9, max_attempts=1)
+    scheduler.submit(1, "q", [b"to-cancel"], now)
     scheduler.cancel([7], now)
     scheduler.stored(scheduler.next_job_id)  # as the broker does once their creation is committed
     scheduler.reserve(1, ["q"], 3, now)
@@ -45,7 +45,7 @@ def scheduler_with_history(clock: FakeClock) -> Scheduler:
     (leased, leased_token), (finished, finished_token), (killed, killed_token) = [(j[0], j[1]) for j in deliver.jobs]
     assert leased == 4
     scheduler.started(1, [[leased, leased_token]], now)
-    scheduler.complete(1, [[finished, finished_token, {"answer": 42}]], now)
+    scheduler.complete(1, [[finished, finished_token, msgpack.packb({"answer": 42})]], now)
     scheduler.fail(1, [[killed, killed_token, "ValueError", "boom"]], now)
     scheduler.reserve(1, ["q"], 0, now)
     return scheduler
@@ -76,10 +76,12 @@ def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
         6: "dead",
         7: "cancelled",
     }
-    assert by_id[1].key == "k1" and unpacked(by_id[1].payload) == "pending-1" and by_id[1].priority == 1
+    assert by_id[1].key == "k1" and by_id[1].payload == b"pending-1" and by_id[1].priority == 1
     assert by_id[3].not_before == pytest.approx(later.now() + 20.0)
     assert by_id[4].attempts == 0
-    assert by_id[5].result == {"answer": 42} and by_id[5].expires_at == pytest.approx(later.now() + 90.0)
+    assert msgpack.unpackb(by_id[5].result) == {"answer": 42} and by_id[5].expires_at == pytest.approx(
+        later.now() + 90.0
+    )
     assert by_id[6].error == {"type": "ValueError", "message": "boom"}
 
 
@@ -94,9 +96,9 @@ def test_restore_brings_jobs_held_as_leased_back_and_keeps_order_keys_and_result
 
     info = restored.job_info(4)  # was leased on its only attempt: dead, not looping
     assert info["state"] == "dead" and info["error"]["type"] == "LeaseLost"
-    assert restored.submit(1, "q", ["again"], now, keys=["k1"]) == [1]  # the key still dedupes
-    assert restored.submit(1, "q", ["new"], now) == [8]  # ids are never reused
-    assert restored.job_info(5)["result"] == {"answer": 42}
+    assert restored.submit(1, "q", [b"again"], now, keys=["k1"]) == [1]  # the key still dedupes
+    assert restored.submit(1, "q", [b"new"], now) == [8]  # ids are never reused
+    assert msgpack.unpackb(restored.job_info(5)["result"]) == {"answer": 42}
     restored.reserve(1, ["q"], 10, now)
     restored.stored(restored.next_job_id)
     (deliver,) = [e for e in restored.flush(now) if isinstance(e, Deliver)]
@@ -152,7 +154,7 @@ def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
     clock = FakeClock()
     scheduler = Scheduler(SchedulerConfig(result_ttl=100.0), track_changes=True)
     scheduler.open_session(1, clock.now())
-    done_id, retried_id = scheduler.submit(1, "q", ["a", "b"], clock.now(), backoff=5.0)
+    done_id, retried_id = scheduler.submit(1, "q", [b"a", b"b"], clock.now(), backoff=5.0)
     store = SqliteStore(tmp_path / "data")
     first = serialize(scheduler.take_changes(), clock.now(), WALL)
     assert len(first.inserts) == 2
@@ -162,7 +164,7 @@ def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
     scheduler.reserve(1, ["q"], 2, clock.now())
     (deliver,) = [e for e in scheduler.flush(clock.now()) if isinstance(e, Deliver)]
     tokens = {job[0]: job[1] for job in deliver.jobs}
-    scheduler.complete(1, [[done_id, tokens[done_id], [1, 2]]], clock.now())
+    scheduler.complete(1, [[done_id, tokens[done_id], b"\x92\x01\x02"]], clock.now())
     scheduler.fail(1, [[retried_id, tokens[retried_id], "E", "later"]], clock.now())
     second = serialize(scheduler.take_changes(), clock.now(), WALL)
     assert second.inserts == [] and len(second.updates) == 2
@@ -172,8 +174,8 @@ def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
     reopened = SqliteStore(tmp_path / "data")
     jobs = {job.id: job for job in reopened.load(0.0, WALL).jobs}
     reopened.close()
-    assert jobs[done_id].state is JobState.DONE and jobs[done_id].result == [1, 2]
-    assert unpacked(jobs[done_id].payload) == "a"
+    assert jobs[done_id].state is JobState.DONE and jobs[done_id].result == b"\x92\x01\x02"
+    assert jobs[done_id].payload == b"a"
     assert jobs[retried_id].state is JobState.DELAYED and jobs[retried_id].attempts == 1
     assert jobs[retried_id].not_before == pytest.approx(5.0) and jobs[retried_id].error == {
         "type": "E",
@@ -184,7 +186,7 @@ def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
 def test_a_job_created_and_forgotten_between_writes_is_never_written() -> None:
     scheduler = Scheduler(SchedulerConfig(result_ttl=1.0), track_changes=True)
     scheduler.open_session(1, 0.0)
-    (job_id,) = scheduler.submit(1, "q", ["x"], 0.0)
+    (job_id,) = scheduler.submit(1, "q", [b"x"], 0.0)
     scheduler.cancel([job_id], 0.0)
     scheduler.tick(2.0)
     assert not scheduler.take_changes()
@@ -195,7 +197,7 @@ def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_toge
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, clock.now())
     scheduler.open_session(2, clock.now())
-    ids = scheduler.submit(1, "q", list(range(50)), clock.now())
+    ids = scheduler.submit(1, "q", [msgpack.packb(n) for n in range(50)], clock.now())
     store = SqliteStore(tmp_path / "data")
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
     scheduler.stored(scheduler.next_job_id)
@@ -218,15 +220,15 @@ def test_a_new_job_is_delivered_only_once_its_creation_is_stored() -> None:
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, 0.0)
     scheduler.reserve(1, ["q"], 10, 0.0)
-    first, cancelled = scheduler.submit(1, "q", ["x", "cancelled"], 0.0)
-    delayed = scheduler.submit(1, "q", ["soon"], 0.0, delay=0.5)[0]
+    first, cancelled = scheduler.submit(1, "q", [b"x", b"cancelled"], 0.0)
+    delayed = scheduler.submit(1, "q", [b"soon"], 0.0, delay=0.5)[0]
     assert not [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
     assert scheduler.stats(0.0)["queues"]["q"]["pending"] == 2
     scheduler.cancel([cancelled], 0.0)
     boundary = scheduler.next_job_id
     assert len(serialize(scheduler.take_changes(), 0.0, WALL).inserts) == 3
     scheduler.tick(1.0)  # the delayed job is due before its commit completes: it waits too
-    (later,) = scheduler.submit(1, "q", ["later"], 1.0)  # after the changes were taken
+    (later,) = scheduler.submit(1, "q", [b"later"], 1.0)  # after the changes were taken
     assert not [e for e in scheduler.flush(1.0) if isinstance(e, Deliver)]
     scheduler.stored(boundary)  # the commit of the first three is done
     (deliver,) = [e for e in scheduler.flush(1.0) if isinstance(e, Deliver)]
@@ -244,7 +246,7 @@ def test_memory_mode_delivers_at_once() -> None:
     scheduler = Scheduler()
     scheduler.open_session(1, 0.0)
     scheduler.reserve(1, ["q"], 10, 0.0)
-    scheduler.submit(1, "q", ["x"], 0.0)
+    scheduler.submit(1, "q", [b"x"], 0.0)
     assert [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
 
 
@@ -267,11 +269,11 @@ def test_restore_counts_lease_tokens_from_the_recovered_value() -> None:
     scheduler = Scheduler(track_changes=True)
     scheduler.restore([], 1, 0.0, next_token=1000)
     scheduler.open_session(1, 0.0)
-    (job_id,) = scheduler.submit(1, "q", ["x"], 0.0)
+    (job_id,) = scheduler.submit(1, "q", [b"x"], 0.0)
     scheduler.stored(scheduler.next_job_id)
     scheduler.reserve(1, ["q"], 1, 0.0)
     (deliver,) = [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
-    assert deliver.jobs[0][:2] == [job_id, 1000] and scheduler.next_token == 1001
+    assert deliver.jobs[0][:2] == (job_id, 1000) and scheduler.next_token == 1001
 
 
 def test_merged_batches_keep_the_higher_ceilings() -> None:
@@ -320,7 +322,7 @@ def test_a_full_disk_is_retried_and_any_other_write_error_stops_the_broker() -> 
 def _store_with_jobs(data: Path, count: int) -> list[int]:
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, 0.0)
-    ids = scheduler.submit(1, "q", [{"n": n, "pad": "x" * 300} for n in range(count)], 0.0)
+    ids = scheduler.submit(1, "q", [msgpack.packb({"n": n, "pad": "x" * 300}) for n in range(count)], 0.0)
     store = SqliteStore(data)
     store.load(0.0, WALL)
     store.write(serialize(scheduler.take_changes(), 0.0, WALL), scheduler.next_job_id)
@@ -331,7 +333,7 @@ def _store_with_jobs(data: Path, count: int) -> list[int]:
 def test_recover_salvages_around_a_corrupt_row(tmp_path: Path) -> None:
     ids = _store_with_jobs(tmp_path / "data", 10)
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")) as db, db:
-        db.execute("UPDATE jobs SET result = x'c1', state = 'done' WHERE id = ?", (ids[3],))
+        db.execute("UPDATE jobs SET error = x'c1', state = 'dead' WHERE id = ?", (ids[3],))  # not msgpack
     report = recover(tmp_path / "data")
     assert (report.salvaged, report.dropped) == (9, [ids[3]]) and report.next_job_id == 11
     assert "dropped 1 unreadable jobs: ids 4" in report.describe()
@@ -359,7 +361,7 @@ def test_recover_salvages_the_readable_pages_of_a_damaged_file(tmp_path: Path) -
     salvaged = store.load(0.0, WALL)
     store.close()
     assert {job.id for job in salvaged.jobs} < set(ids) and salvaged.next_job_id == 2001
-    assert all(unpacked(job.payload)["pad"] == "x" * 300 for job in salvaged.jobs)
+    assert all(msgpack.unpackb(job.payload)["pad"] == "x" * 300 for job in salvaged.jobs)
 
 
 def test_queue_controls_survive_a_restart(tmp_path: Path) -> None:
@@ -386,7 +388,7 @@ def test_a_jobs_own_options_survive_a_restart(tmp_path: Path) -> None:
     clock = FakeClock()
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, clock.now())
-    (job_id,) = scheduler.submit(1, "q", ["x"], clock.now(), timeout=9.0, result_ttl=1234.0, max_backoff=7.0)
+    (job_id,) = scheduler.submit(1, "q", [b"x"], clock.now(), timeout=9.0, result_ttl=1234.0, max_backoff=7.0)
     store = SqliteStore(tmp_path / "data")
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
     store.close()
@@ -401,14 +403,14 @@ def test_jobs_waiting_for_others_survive_a_restart(tmp_path: Path) -> None:
     scheduler = Scheduler(track_changes=True)
     now = clock.now()
     scheduler.open_session(1, now)
-    first, second = scheduler.submit(1, "q", ["a", "b"], now)
-    (child,) = scheduler.submit(1, "q", ["c"], now, after=[first, second])
+    first, second = scheduler.submit(1, "q", [b"a", b"b"], now)
+    (child,) = scheduler.submit(1, "q", [b"c"], now, after=[first, second])
     scheduler.stored(scheduler.next_job_id)
     scheduler.reserve(1, ["q"], 1, now)
     (deliver,) = [e for e in scheduler.flush(now) if isinstance(e, Deliver)]
     ((job_id, token, *_),) = deliver.jobs
     assert job_id == first
-    scheduler.complete(1, [[first, token, "A"]], now)  # the child keeps this result
+    scheduler.complete(1, [[first, token, b"A"]], now)  # the child keeps this result
     store = SqliteStore(tmp_path / "data")
     store.write(serialize(scheduler.take_changes(), now, WALL), scheduler.next_job_id)
     store.close()
@@ -424,7 +426,7 @@ def test_jobs_waiting_for_others_survive_a_restart(tmp_path: Path) -> None:
     (deliver,) = [e for e in restored.flush(0.0) if isinstance(e, Deliver)]
     ((job_id, token, *_),) = deliver.jobs
     assert job_id == second
-    restored.complete(2, [[second, token, "B"]], 0.0)
+    restored.complete(2, [[second, token, b"B"]], 0.0)
     (deliver,) = [e for e in restored.flush(0.0) if isinstance(e, Deliver)]
     ((job_id, _, _, _, _, _, _, parents),) = deliver.jobs
-    assert (job_id, parents) == (child, ["A", "B"])
+    assert (job_id, parents) == (child, [b"A", b"B"])

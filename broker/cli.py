@@ -208,6 +208,7 @@ _OTHER_VARIABLES = frozenset(
         "JOBBROKER_TLS_CA",
         "JOBBROKER_TEST_TIME_UNIT",
         "JOBBROKER_REQUIRE_BROWSER",
+        "JOBBROKER_REQUIRE_POSTGRES",
         "JOBBROKER_TEST_FAULTS",
     }
 )
@@ -339,6 +340,15 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--handshake-timeout", type=float, default=5.0, help="seconds to authenticate (5)")
     serve.add_argument("--data-dir", default=None, help=f"where jobs are kept (default {default_store_dir()})")
     serve.add_argument("--memory", action="store_true", help="keep jobs in memory only: lost when the broker stops")
+    serve.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="keep jobs in PostgreSQL instead of --data-dir: postgresql://USER@HOST:PORT/DB",
+    )
+    serve.add_argument(
+        "--store-password-file", default=None, help="file holding the --store password (else the URL's or PGPASSFILE)"
+    )
     serve.add_argument(
         "--fsync",
         default="always",
@@ -528,10 +538,12 @@ def _serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     _raise_open_file_limit()
-    if args.memory and args.data_dir:
-        raise ConfigError("--memory and --data-dir exclude each other")
+    if sum(map(bool, (args.memory, args.data_dir, args.store))) > 1:
+        raise ConfigError("--memory, --data-dir and --store exclude each other")
     config = BrokerConfig(
-        data_dir=None if args.memory else Path(args.data_dir or default_store_dir()),
+        data_dir=None if args.memory or args.store else Path(args.data_dir or default_store_dir()),
+        store_url=args.store,
+        store_password_file=Path(args.store_password_file) if args.store_password_file else None,
         fsync=FsyncMode(args.fsync),
         host=args.host,
         port=args.port,

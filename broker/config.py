@@ -37,6 +37,9 @@ class BrokerConfig:
         data_dir: where jobs are kept (SQLite); None keeps them in memory only. The CLI
             defaults to a directory next to the secret.
         fsync: when group commits reach the disk (broker/store.py, FsyncMode).
+        store_url: keep jobs in PostgreSQL there instead (`postgresql://USER@HOST:PORT/DB`,
+            broker/pgstore.py); data_dir is then unused.
+        store_password_file: the PostgreSQL password, if not in the URL or PGPASSFILE.
         max_connections: connections held at once; more are refused. A tenth of them are
             kept for authenticated connections.
         max_handshakes_per_ip: unauthenticated connections (handshakes in progress) from one
@@ -62,6 +65,8 @@ class BrokerConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     data_dir: Path | None = None
     fsync: FsyncMode = FsyncMode.ALWAYS
+    store_url: str | None = field(default=None, repr=False)  # may hold a password
+    store_password_file: Path | None = None
     max_connections: int = 10_000
     max_handshakes_per_ip: int = 128
     max_payload_size: int = 1024 * 1024

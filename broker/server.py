@@ -96,9 +96,9 @@ from jobbroker.broker.store import (
     FsyncMode,
     IdCeilings,
     MemoryStore,
-    SqliteStore,
     Store,
     WriteBatch,
+    open_store,
     serialize,
 )
 from jobbroker.broker.web import WebServer
@@ -495,7 +495,8 @@ class Broker:
         secret: the shared secret of the one credential, "default" (admin), when no
             `credentials` are given.
         credentials: the named credentials clients authenticate as, with their roles.
-        store: where jobs are kept; default: SQLite in config.data_dir, or memory if that is None.
+        store: where jobs are kept; default: PostgreSQL at config.store_url, else SQLite in
+            config.data_dir, or memory if that is None.
     """
 
     def __init__(
@@ -523,8 +524,8 @@ class Broker:
         self._unauthenticated_by_address: dict[str, OrderedDict[_BrokerProtocol, None]] = {}
         self._web: WebServer | None = None
         self._given_store = store
-        self.store: Store = store or MemoryStore()  # opened in start() when config.data_dir is set
-        durable = store.durable if store is not None else config.data_dir is not None
+        self.store: Store = store or MemoryStore()  # opened in start() when config names a store
+        durable = store.durable if store is not None else (config.data_dir or config.store_url) is not None
         self.scheduler = Scheduler(config.scheduler, track_changes=durable)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writing: _Batch | None = None  # the group commit in flight: at most one
@@ -596,8 +597,7 @@ class Broker:
         if self.scheduler.track_changes:
             started = time.perf_counter()
             if self._given_store is None:
-                assert self.config.data_dir is not None
-                self.store = SqliteStore(self.config.data_dir, self.config.fsync)
+                self.store = open_store(self.config)
             try:
                 recovered = self.store.load(loop.time(), time.time())
             except BaseException:
@@ -614,7 +614,7 @@ class Broker:
             sys.setswitchinterval(min(sys.getswitchinterval(), _WRITER_SWITCH_INTERVAL))
             log.info(
                 "data in %s (fsync %s): recovered %d jobs in %.2fs",
-                self.config.data_dir or self.store,
+                (self.config.store_url is None and self.config.data_dir) or self.store,
                 self.config.fsync,
                 len(recovered.jobs),
                 time.perf_counter() - started,

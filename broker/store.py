@@ -27,14 +27,17 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import msgpack
 from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
 from jobbroker.broker.core.scheduler import Changes
-from jobbroker.broker.errors import StorageError, StorageFailed
+from jobbroker.broker.errors import ConfigError, StorageError, StorageFailed
 from jobbroker.broker.protocol.messages import Packed
+
+if TYPE_CHECKING:
+    from jobbroker.broker.config import BrokerConfig
 
 __all__ = [
     "FsyncMode",
@@ -47,6 +50,7 @@ __all__ = [
     "Store",
     "Update",
     "WriteBatch",
+    "open_store",
     "recover",
     "serialize",
 ]
@@ -145,6 +149,26 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def open_store(config: BrokerConfig) -> Store:
+    """The durable store a config names: PostgreSQL at config.store_url, else SQLite in
+    config.data_dir.
+
+    Raises:
+        ConfigError: a store URL that cannot be used, or the PostgreSQL driver is missing.
+        StorageError: the store cannot be opened.
+    """
+    if config.store_url is not None:
+        try:
+            from jobbroker.broker.pgstore import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"the PostgreSQL store needs psycopg ({exc}): pip install 'jobbroker[postgresql]'"
+            ) from None
+        return PostgresStore(config.store_url, config.fsync, password_file=config.store_password_file)
+    assert config.data_dir is not None, "a durable store needs data_dir or store_url"
+    return SqliteStore(config.data_dir, config.fsync)
 
 
 class MemoryStore:

@@ -7,9 +7,9 @@ transaction from the writer thread, and the server acknowledges only once write(
 that is once COMMIT has returned. What differs:
 
 - Batches go through binary COPY into per-connection temporary tables, then one INSERT ...
-  ON CONFLICT, one UPDATE ... FROM and one DELETE each (benchmarks/stores.py measured COPY at
-  three to four times the rate of `executemany` pipelines or `unnest` arrays, for a tenth of
-  the client CPU the writer thread would take from the event loop).
+  ON CONFLICT, one UPDATE ... FROM and one DELETE each: measured at three to four times the
+  rate of `executemany` pipelines or `unnest` arrays, for a tenth of the client CPU that the
+  writer thread would take from the event loop (figures in the commit that added this file).
 - Every write is idempotent (inserts are upserts, ceilings only rise), and every failure is
   retryable (StorageError, never StorageFailed): PostgreSQL, not this process, owns the
   fsync, so a failed or lost COMMIT never means that acknowledged data is gone. A lost

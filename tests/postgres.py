@@ -86,8 +86,11 @@ class PostgresServer:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{said}\n{log}")
 
     def start(self) -> None:
-        for attempt in range(3):  # another process may take the free port before the server does
-            self.port = _free_port()
+        """Start on a free port, or on the port it had before (after stop_server())."""
+        again = self.port != 0
+        for attempt in range(1 if again else 3):  # another process may take a free port first
+            if not again:
+                self.port = _free_port()
             options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root}"
             options += f" -c fsync={'on' if self.fsync else 'off'} -c max_connections=60 -c shared_buffers=128MB"
             if not self.fsync:
@@ -96,7 +99,7 @@ class PostgresServer:
                 self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30", "-o", options, "start")
                 return
             except RuntimeError:
-                if attempt == 2:
+                if again or attempt == 2:
                     raise
 
     def restart(self) -> None:

@@ -6,15 +6,18 @@ ceilings, queue controls and schedules; load() once at start, write() one batch 
 transaction from the writer thread, and the server acknowledges only once write() returns,
 that is once COMMIT has returned. What differs:
 
-- Batches go through binary COPY into per-connection temporary tables, then one INSERT ...
-  ON CONFLICT, one UPDATE ... FROM and one DELETE each: measured at three to four times the
-  rate of `executemany` pipelines or `unnest` arrays, for a tenth of the client CPU that the
-  writer thread would take from the event loop (figures in the commit that added this file).
-- Every write is idempotent (inserts are upserts, ceilings only rise), and every failure is
-  retryable (StorageError, never StorageFailed): PostgreSQL, not this process, owns the
-  fsync, so a failed or lost COMMIT never means that acknowledged data is gone. A lost
-  connection (a PostgreSQL restart, a failover) fails the write; the server withholds its
-  acknowledgements and writes the batch again, and the next write() connects anew.
+- New jobs go in by one binary COPY; changes by a binary COPY into a per-connection temporary
+  table and one UPDATE ... FROM; deletes by one DELETE. Binary COPY was measured at three to
+  four times the rate of `executemany` pipelines or `unnest` arrays, for a tenth of the client
+  CPU that the writer thread would take from the event loop (figures in the commit that added
+  this file).
+- Every write is idempotent (a batch written again after a lost COMMIT that did land meets
+  a stored id: its new jobs then go through a staging table and INSERT ... ON CONFLICT;
+  ceilings only rise), and every failure is retryable (StorageError, never StorageFailed):
+  PostgreSQL, not this process, owns the fsync, so a failed or lost COMMIT never means that
+  acknowledged data is gone. A lost connection (a PostgreSQL restart, a failover) fails the
+  write; the server withholds its acknowledgements and writes the batch again, and the next
+  write() connects anew.
 - The schema is versioned in jobbroker_meta and migrated at start under an advisory lock; a
   database written by a newer broker is refused.
 - jobbroker_leader holds one row where a leader epoch lives (epoch 0 for now): leadership
@@ -35,6 +38,7 @@ from typing import Any
 
 import psycopg
 import psycopg.conninfo
+import psycopg.errors
 from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job
 from jobbroker.broker.errors import ConfigError, StorageError
@@ -314,48 +318,60 @@ class PostgresStore:
                 outcome is unknown): write it again; a lost connection is opened anew then.
         """
         try:
-            conn = self._connect()
-            # Fencing (issue 15) belongs inside this transaction: a check of the leader epoch.
-            with conn.transaction(), conn.cursor() as cursor:
-                self._write_jobs(cursor, batch)
-                for name, record in batch.schedules.items():
-                    if record is None:
-                        cursor.execute("DELETE FROM jobbroker_schedules WHERE name = %s", (name,))
-                    else:
-                        cursor.execute(
-                            "INSERT INTO jobbroker_schedules VALUES (%s, %s) "
-                            "ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
-                            (name, record),
-                        )
-                for name, controls in batch.controls.items():
-                    if controls is None:
-                        cursor.execute("DELETE FROM jobbroker_queue_controls WHERE name = %s", (name,))
-                    else:
-                        cursor.execute(
-                            "INSERT INTO jobbroker_queue_controls VALUES (%s, %s, %s, %s) ON CONFLICT (name) "
-                            "DO UPDATE SET paused = EXCLUDED.paused, concurrency = EXCLUDED.concurrency, "
-                            "rate = EXCLUDED.rate",
-                            (name, *controls),
-                        )
-                meta: list[Any] = ["next_job_id", next_job_id]
-                if batch.ceilings is not None:
-                    meta += ["token_ceiling", batch.ceilings.token, "session_ceiling", batch.ceilings.session]
-                cursor.execute(_META.format(", ".join(["(%s, %s)"] * (len(meta) // 2))), meta)
+            try:
+                self._transaction(batch, next_job_id, upsert=False)
+            except psycopg.errors.UniqueViolation:
+                # A job of the batch is stored already: this is a batch written again after a
+                # COMMIT whose outcome was lost, and that COMMIT did land. Again, as upserts.
+                self._transaction(batch, next_job_id, upsert=True)
         except psycopg.Error as exc:
             self._forget_broken_connection()
             raise StorageError(f"cannot write to {self.url}: {self._scrub(exc)}") from exc
 
-    def _write_jobs(self, cursor: psycopg.Cursor[Any], batch: WriteBatch) -> None:
-        """Inserts, updates and deletes, each through one statement. A batch merged from
-        several (WriteBatch.then) may change a job twice: the latest row of each id is kept
-        (a statement may touch a row only once, and UPDATE ... FROM would pick one at random)."""
+    def _transaction(self, batch: WriteBatch, next_job_id: int, *, upsert: bool) -> None:
+        conn = self._connect()
+        # Fencing (issue 15) belongs inside this transaction: a check of the leader epoch.
+        with conn.transaction(), conn.cursor() as cursor:
+            self._write_jobs(cursor, batch, upsert=upsert)
+            for name, record in batch.schedules.items():
+                if record is None:
+                    cursor.execute("DELETE FROM jobbroker_schedules WHERE name = %s", (name,))
+                else:
+                    cursor.execute(
+                        "INSERT INTO jobbroker_schedules VALUES (%s, %s) "
+                        "ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
+                        (name, record),
+                    )
+            for name, controls in batch.controls.items():
+                if controls is None:
+                    cursor.execute("DELETE FROM jobbroker_queue_controls WHERE name = %s", (name,))
+                else:
+                    cursor.execute(
+                        "INSERT INTO jobbroker_queue_controls VALUES (%s, %s, %s, %s) ON CONFLICT (name) "
+                        "DO UPDATE SET paused = EXCLUDED.paused, concurrency = EXCLUDED.concurrency, "
+                        "rate = EXCLUDED.rate",
+                        (name, *controls),
+                    )
+            meta: list[Any] = ["next_job_id", next_job_id]
+            if batch.ceilings is not None:
+                meta += ["token_ceiling", batch.ceilings.token, "session_ceiling", batch.ceilings.session]
+            cursor.execute(_META.format(", ".join(["(%s, %s)"] * (len(meta) // 2))), meta)
+
+    def _write_jobs(self, cursor: psycopg.Cursor[Any], batch: WriteBatch, *, upsert: bool) -> None:
+        """Inserts, updates and deletes, each through one statement. New jobs are copied
+        straight into their table, or with `upsert` through a staging table and INSERT ... ON
+        CONFLICT (which writes each row twice). A batch merged from several (WriteBatch.then)
+        may change a job twice: the latest row of each id is kept (a statement may touch a
+        row only once, and UPDATE ... FROM would pick one at random)."""
         if batch.inserts:
             inserts: dict[int, Row] = {row[0]: row for row in batch.inserts}
-            with cursor.copy("COPY jobbroker_new_jobs FROM STDIN (FORMAT BINARY)") as copy:
+            table = "jobbroker_new_jobs" if upsert else "jobbroker_jobs"
+            with cursor.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(_JOB_TYPES)
                 for row in inserts.values():
                     copy.write_row(row)
-            cursor.execute(_INSERT_NEW)
+            if upsert:
+                cursor.execute(_INSERT_NEW)
         if batch.updates:
             updates: dict[int, Update] = {update[-1]: update for update in batch.updates}
             with cursor.copy("COPY jobbroker_changed_jobs FROM STDIN (FORMAT BINARY)") as copy:

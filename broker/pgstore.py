@@ -329,40 +329,57 @@ class PostgresStore:
             raise StorageError(f"cannot write to {self.url}: {self._scrub(exc)}") from exc
 
     def _transaction(self, batch: WriteBatch, next_job_id: int, *, upsert: bool) -> None:
+        """BEGIN, the COPYs, then every other statement and COMMIT in one round trip (a
+        simple query of several statements, their values integers written out): a group
+        commit waits on few round trips to the server, and its rows never pass as text."""
         conn = self._connect()
-        # Fencing (issue 15) belongs inside this transaction: a check of the leader epoch.
-        with conn.transaction(), conn.cursor() as cursor:
-            self._write_jobs(cursor, batch, upsert=upsert)
-            for name, record in batch.schedules.items():
-                if record is None:
-                    cursor.execute("DELETE FROM jobbroker_schedules WHERE name = %s", (name,))
+        final: list[str] = []
+        try:
+            with conn.cursor() as cursor:
+                if batch.inserts or batch.updates or batch.schedules or batch.controls:
+                    cursor.execute("BEGIN")
                 else:
-                    cursor.execute(
-                        "INSERT INTO jobbroker_schedules VALUES (%s, %s) "
-                        "ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
-                        (name, record),
-                    )
-            for name, controls in batch.controls.items():
-                if controls is None:
-                    cursor.execute("DELETE FROM jobbroker_queue_controls WHERE name = %s", (name,))
-                else:
-                    cursor.execute(
-                        "INSERT INTO jobbroker_queue_controls VALUES (%s, %s, %s, %s) ON CONFLICT (name) "
-                        "DO UPDATE SET paused = EXCLUDED.paused, concurrency = EXCLUDED.concurrency, "
-                        "rate = EXCLUDED.rate",
-                        (name, *controls),
-                    )
-            meta: list[Any] = ["next_job_id", next_job_id]
-            if batch.ceilings is not None:
-                meta += ["token_ceiling", batch.ceilings.token, "session_ceiling", batch.ceilings.session]
-            cursor.execute(_META.format(", ".join(["(%s, %s)"] * (len(meta) // 2))), meta)
+                    final.append("BEGIN")
+                # Fencing (issue 15) belongs inside this transaction: a check of the leader epoch.
+                self._write_jobs(cursor, batch, final, upsert=upsert)
+                for name, record in batch.schedules.items():
+                    if record is None:
+                        cursor.execute("DELETE FROM jobbroker_schedules WHERE name = %s", (name,))
+                    else:
+                        cursor.execute(
+                            "INSERT INTO jobbroker_schedules VALUES (%s, %s) "
+                            "ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
+                            (name, record),
+                        )
+                for name, controls in batch.controls.items():
+                    if controls is None:
+                        cursor.execute("DELETE FROM jobbroker_queue_controls WHERE name = %s", (name,))
+                    else:
+                        cursor.execute(
+                            "INSERT INTO jobbroker_queue_controls VALUES (%s, %s, %s, %s) ON CONFLICT (name) "
+                            "DO UPDATE SET paused = EXCLUDED.paused, concurrency = EXCLUDED.concurrency, "
+                            "rate = EXCLUDED.rate",
+                            (name, *controls),
+                        )
+                meta = [("next_job_id", next_job_id)]
+                if batch.ceilings is not None:
+                    meta += [("token_ceiling", batch.ceilings.token), ("session_ceiling", batch.ceilings.session)]
+                final.append(_META.format(", ".join(f"('{name}', {int(value)})" for name, value in meta)))
+                final.append("COMMIT")
+                cursor.execute("; ".join(final))
+        except BaseException:
+            if not conn.broken and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+            raise
 
-    def _write_jobs(self, cursor: psycopg.Cursor[Any], batch: WriteBatch, *, upsert: bool) -> None:
-        """Inserts, updates and deletes, each through one statement. New jobs are copied
-        straight into their table, or with `upsert` through a staging table and INSERT ... ON
-        CONFLICT (which writes each row twice). A batch merged from several (WriteBatch.then)
-        may change a job twice: the latest row of each id is kept (a statement may touch a
-        row only once, and UPDATE ... FROM would pick one at random)."""
+    def _write_jobs(self, cursor: psycopg.Cursor[Any], batch: WriteBatch, final: list[str], *, upsert: bool) -> None:
+        """Inserts, updates and deletes. New jobs are copied straight into their table, or
+        with `upsert` through a staging table and INSERT ... ON CONFLICT (which writes each
+        row twice); changes are copied into a staging table for one UPDATE ... FROM. The
+        statements that follow the COPYs go into `final`. A batch merged from several
+        (WriteBatch.then) may change a job twice: the latest row of each id is kept (a
+        statement may touch a row only once, and UPDATE ... FROM would pick one at random)."""
         if batch.inserts:
             inserts: dict[int, Row] = {row[0]: row for row in batch.inserts}
             table = "jobbroker_new_jobs" if upsert else "jobbroker_jobs"
@@ -371,16 +388,17 @@ class PostgresStore:
                 for row in inserts.values():
                     copy.write_row(row)
             if upsert:
-                cursor.execute(_INSERT_NEW)
+                final.append(_INSERT_NEW)
         if batch.updates:
             updates: dict[int, Update] = {update[-1]: update for update in batch.updates}
             with cursor.copy("COPY jobbroker_changed_jobs FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(_UPDATE_TYPES)
                 for update in updates.values():
                     copy.write_row(update)
-            cursor.execute(_UPDATE_CHANGED)
+            final.append(_UPDATE_CHANGED)
         if batch.deletes:
-            cursor.execute("DELETE FROM jobbroker_jobs WHERE id = ANY(%s::bigint[])", (batch.deletes,))
+            ids = ",".join(str(int(job_id)) for job_id in batch.deletes)
+            final.append(f"DELETE FROM jobbroker_jobs WHERE id = ANY('{{{ids}}}'::bigint[])")
 
     def _forget_broken_connection(self) -> None:
         """After a failure: a connection that is lost, or not idle, is closed, and the next

@@ -1,5 +1,5 @@
 """What the PostgreSQL store does beyond the contract it shares with SQLite (tests/unit/test_store.py):
-schema version, a lost connection, passwords, and errors that say what is wrong."""
+schema version, a lost connection, passwords, settings, and errors that say what is wrong."""
 
 from __future__ import annotations
 
@@ -126,3 +126,16 @@ def test_a_database_with_a_meta_table_not_ours_is_refused(pg_url: str) -> None:
         conn.execute("CREATE TABLE jobbroker_meta (name text PRIMARY KEY, value bigint NOT NULL)")
     with pytest.raises(StorageError, match="not a jobbroker database"):
         PostgresStore(pg_url)
+
+
+def test_the_store_setting_comes_from_a_flag_the_environment_or_the_config_file(tmp_path: Path) -> None:
+    from jobbroker.broker.cli import parse_args
+
+    config = tmp_path / "jobbroker.toml"
+    config.write_text('store = "postgresql://file@db/jobs"\nstore_password_file = "/etc/pw"\n')
+    from_file = parse_args(["serve", "--config", str(config)], {})
+    assert (from_file.store, from_file.store_password_file) == ("postgresql://file@db/jobs", "/etc/pw")
+    from_environment = parse_args(["serve", "--config", str(config)], {"JOBBROKER_STORE": "postgresql://env@db/j"})
+    assert from_environment.store == "postgresql://env@db/j"
+    from_flag = parse_args(["serve", "--store", "postgresql://flag@db/j"], {"JOBBROKER_STORE": "postgresql://e@db/j"})
+    assert from_flag.store == "postgresql://flag@db/j"

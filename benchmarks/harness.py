@@ -35,10 +35,23 @@ def start_broker(
     argv = [sys.executable, "-m", "jobbroker", "serve", "--port", "0", "--secret-file", str(secret_file)]
     process = start([*argv, "--log-level", "warning", *options], log)
     try:
-        return process, f"127.0.0.1:{wait_for_port(log, timeout)}"
+        address = f"127.0.0.1:{wait_for_port(log, timeout)}"
+        profile_broker(process.pid, name)
+        return process, address
     except BaseException:
         kill(process)
         raise
+
+
+def profile_broker(pid: int, name: str) -> None:
+    """With $JOBBROKER_PROFILE_DIR set, py-spy samples the broker until it exits and writes its
+    stacks (collapsed, for flamegraph tools or `sort | head`) to DIR/NAME-PID.txt."""
+    directory = os.environ.get("JOBBROKER_PROFILE_DIR")
+    if not directory:
+        return
+    output = Path(directory) / f"{name}-{pid}.txt"
+    command = ["py-spy", "record", "--pid", str(pid), "--rate", "500", "--format", "raw", "-o", str(output)]
+    subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def kill(process: subprocess.Popen[bytes]) -> None:

@@ -17,7 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from jobbroker.broker.errors import ConfigError
-from jobbroker.broker.protocol.auth import DEFAULT_CREDENTIAL, MAX_SECRETS_PER_CREDENTIAL, Credential, load_secret_file
+from jobbroker.broker.protocol.credentials import (
+    DEFAULT_CREDENTIAL,
+    MAX_SECRETS_PER_CREDENTIAL,
+    Credential,
+    load_secret_file,
+)
 from jobbroker.broker.protocol.messages import (
     Cancel,
     Complete,

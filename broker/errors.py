@@ -13,7 +13,8 @@
     │   ├── TlsMismatch          one side speaks TLS and the other plain TCP
     │   └── IntegrityError       a frame's MAC did not verify (altered, replayed, reordered)
     ├── ConnectionClosed         the connection is gone; `cause` says why
-    │   └── BrokerUnreachable    no broker answered at the address (refused, unknown host, timeout)
+    │   ├── BrokerUnreachable    no broker answered at the addresses (refused, unknown host, timeout)
+    │   └── Unacknowledged       lost before the reply: the request may or may not have been applied
     ├── BrokerError              the broker refused a request; `code` is the wire error code
     │   ├── QueueFull
     │   ├── JobNotFound
@@ -21,6 +22,7 @@
     │   ├── InvalidState         e.g. cancelling a job that is already running
     │   ├── InvalidRequest
     │   ├── Forbidden            the credential's role does not allow it
+    │   ├── NotLeader            a standby answered: `leader` is the leading broker's address
     │   ├── LimitExceeded        over a batch, payload, result or queue-count limit
     │   │   └── ReplyTooLarge    the reply would not fit in a frame (or the connection's budget)
     │   └── StorageUnavailable   the broker cannot persist new jobs right now
@@ -62,6 +64,7 @@ __all__ = [
     "LeaseLost",
     "LimitExceeded",
     "MalformedMessage",
+    "NotLeader",
     "ProtocolError",
     "QueueFull",
     "ReplyTooLarge",
@@ -72,6 +75,7 @@ __all__ = [
     "StorageUnavailable",
     "TimeLimitExceeded",
     "TlsMismatch",
+    "Unacknowledged",
     "UnencodablePayload",
     "UsageError",
     "broker_error",
@@ -166,17 +170,39 @@ class ConnectionClosed(JobbrokerError):
 
 class BrokerUnreachable(ConnectionClosed):
     """No broker could be reached at `address` (connection refused, unknown host, no answer,
-    or not a jobbroker broker). Raised at once for a broker never reached before, rather than
-    after minutes of retries."""
+    or not a jobbroker broker), or, given several addresses, no leader at any of them.
+    Raised at once for brokers never reached before, rather than after minutes of retries.
 
-    def __init__(self, address: str, cause: BaseException | None = None) -> None:
-        reason = _describe_os_error(cause) if cause is not None else "no answer"
-        JobbrokerError.__init__(self, f"cannot reach the broker at {address}: {reason}")
+    Args:
+        address: the address, or the addresses tried, separated by commas.
+        cause: the (last) failure.
+        tried: each address tried and its last failure, when there were several.
+    """
+
+    def __init__(
+        self, address: str, cause: BaseException | None = None, *, tried: dict[str, BaseException] | None = None
+    ) -> None:
+        if tried and len(tried) > 1:
+            reasons = "; ".join(f"{where}: {_describe_os_error(error)}" for where, error in tried.items())
+            message = f"cannot reach the broker at any of {', '.join(tried)} ({reasons})"
+        else:
+            reason = _describe_os_error(cause) if cause is not None else "no answer"
+            message = f"cannot reach the broker at {address}: {reason}"
+        JobbrokerError.__init__(self, message)
         self.cause = cause
         self.address = address
+        self.tried = dict(tried or {})
+
+
+class Unacknowledged(ConnectionClosed):
+    """The connection was lost after a request was sent and before its reply, and the request
+    was not one that can be sent again blindly (a submit without idempotency keys): it may or
+    may not have been applied. Give submits keys to have such a loss retried safely."""
 
 
 def _describe_os_error(error: BaseException) -> str:
+    if isinstance(error, NotLeader):
+        return f"a standby, naming the leader {error.leader}" if error.leader else "a standby, no leader known"
     if isinstance(error, ProtocolError):
         return f"what answers there does not speak jobbroker's protocol ({error})"
     if isinstance(error, TimeoutError):
@@ -221,6 +247,18 @@ class Forbidden(BrokerError):
     """The credential's role does not allow this request (or this job is another's)."""
 
     code = "forbidden"
+
+
+class NotLeader(BrokerError):
+    """The broker is a standby (docs/protocol.md, "Standbys"): it did nothing with the request.
+    `leader` is the leading broker's advertised "HOST:PORT", or None when it does not know one
+    (a takeover in progress). The client goes there and sends the request again."""
+
+    code = "not_leader"
+
+    def __init__(self, message: str, leader: str | None = None) -> None:
+        super().__init__(message)
+        self.leader = leader
 
 
 class LimitExceeded(BrokerError):
@@ -310,14 +348,18 @@ _BROKER_ERRORS: dict[str, type[BrokerError]] = {
         InvalidRequest,
         Forbidden,
         LimitExceeded,
+        NotLeader,
         ReplyTooLarge,
         StorageUnavailable,
     )
 }
 
 
-def broker_error(code: str, message: str) -> BrokerError:
-    """The typed exception for a wire error code; unknown codes give a plain BrokerError."""
+def broker_error(code: str, message: str, leader: str | None = None) -> BrokerError:
+    """The typed exception for a wire error code; unknown codes give a plain BrokerError.
+    `leader` is the error message's field of that name (kept by NotLeader only)."""
+    if code == NotLeader.code:
+        return NotLeader(message, leader)
     cls = _BROKER_ERRORS.get(code)
     if cls is None:
         return BrokerError(message, code)

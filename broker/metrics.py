@@ -3,31 +3,17 @@ prometheus_client.
 
 Nothing here runs on the hot paths: the server keeps plain integer counters and the scheduler
 its own counts; at each scrape, the HTTP thread asks the event loop for one consistent
-snapshot and turns it into metric families.
+snapshot (broker/reports.py's metrics(), plain data) and turns it into metric families.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from jobbroker.broker.core.scheduler import RunTimes
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-__all__ = ["MetricsCollector", "TrafficCounters"]
-
-
-@dataclass(slots=True)
-class TrafficCounters:
-    """What the server counts as it goes: plain integers, bumped on the event loop."""
-
-    frames_in: int = 0
-    frames_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    auth_failures: int = 0
-    dead_workers: int = 0
+__all__ = ["MetricsCollector"]
 
 
 _QUEUE_GAUGES = {
@@ -54,7 +40,8 @@ _TRAFFIC = {
 
 
 class MetricsCollector:
-    """Turns one snapshot (the scheduler's metrics() plus "traffic") into metric families."""
+    """Turns one snapshot (reports.metrics(): the scheduler's counts with "run_time_bounds",
+    plus "traffic") into metric families."""
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self._snapshot = snapshot
@@ -91,9 +78,10 @@ class MetricsCollector:
         run_time = HistogramMetricFamily(
             "jobbroker_job_run_seconds", "Time from delivery to completion", labels=["queue"]
         )
+        bounds = [*map(str, data["run_time_bounds"]), "+Inf"]
         for queue, counts in queues.items():
             cumulative, buckets = 0, []
-            for bound, count in zip([*map(str, RunTimes.BOUNDS), "+Inf"], counts["run_time_counts"], strict=True):
+            for bound, count in zip(bounds, counts["run_time_counts"], strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
             run_time.add_metric([queue], buckets, counts["run_time_sum"])

@@ -16,7 +16,6 @@ acknowledged (docs/protocol.md, "Durability"). recover() salvages what a damaged
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import json
 import os
@@ -27,17 +26,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, Any, Protocol
 
 import msgpack
+from jobbroker.broker.config import BrokerConfig, FsyncMode  # FsyncMode re-exported for `from store import`
+from jobbroker.broker.core.changes import Changes
 from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
-from jobbroker.broker.core.scheduler import Changes
 from jobbroker.broker.errors import ConfigError, StorageError, StorageFailed
 from jobbroker.broker.protocol.messages import Packed
-
-if TYPE_CHECKING:
-    from jobbroker.broker.config import BrokerConfig
 
 __all__ = [
     "FsyncMode",
@@ -89,12 +86,6 @@ ControlsRow = tuple[bool, int | None, float | None]  # a queue's paused, concurr
 # A change of a stored job: state, attempts, result, error, not_before, expires_at,
 # parent_results, id.
 Update = tuple[str, int, bytes | None, bytes | None, float, float, bytes | None, int]
-
-
-class FsyncMode(enum.StrEnum):
-    ALWAYS = "always"  # fsync every group commit before acknowledging it
-    INTERVAL = "interval"  # commit before acknowledging; fsync at most a second later
-    NEVER = "never"  # commit before acknowledging; fsync left to the OS
 
 
 # Lease tokens and session ids are not written with any row, so the store keeps a ceiling for

@@ -34,6 +34,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from jobbroker.broker.config import is_loopback
 from jobbroker.broker.errors import ConfigError
 from jobbroker.broker.metrics import MetricsCollector
+from jobbroker.broker.reports import ReportSource, metrics, overview
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 __all__ = ["SESSION_COOKIE", "WebServer"]
@@ -146,7 +147,7 @@ class WebServer:
 
     Args:
         loop: the broker's event loop.
-        metrics, overview: called on that loop (see WebApp).
+        reports: what the broker hands over, read on that loop (see broker/reports.py).
         host, port: where to listen (loopback unless you mean otherwise; 0 picks a port).
         token: see WebApp; required off loopback.
         tls: serve HTTPS with this context (the broker's own, when it has one).
@@ -158,8 +159,7 @@ class WebServer:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        metrics: Callable[[], dict[str, Any]],
-        overview: Callable[[], dict[str, Any]],
+        reports: ReportSource,
         host: str,
         port: int,
         *,
@@ -169,7 +169,7 @@ class WebServer:
         if token is None and not is_loopback(host):
             raise ConfigError(f"the metrics port on {host} (not loopback) needs a token: --metrics-token-file")
         self._loop = loop
-        app = WebApp(self._on_loop(metrics), self._on_loop(overview), token)
+        app = WebApp(self._on_loop(lambda: metrics(reports)), self._on_loop(lambda: overview(reports)), token)
         server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
         try:
             self._server = server_class((host, port), _QuietHandler)

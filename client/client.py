@@ -17,7 +17,9 @@ from jobbroker.broker.errors import (
     JobDead,
     JobNotFound,
     LimitExceeded,
+    NotLeader,
     ResultTimeout,
+    Unacknowledged,
     UnencodablePayload,
     UsageError,
     broker_error,
@@ -43,7 +45,7 @@ from jobbroker.broker.protocol.messages import (
     Submit,
     Watch,
 )
-from jobbroker.client.connection import Connection, Link
+from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
 from jobbroker.client.progress import show_progress
 from jobbroker.client.serializers import Serializer
 
@@ -61,7 +63,10 @@ class Client:
     """A connection to the broker for producers and admins.
 
     Args:
-        address: "HOST:PORT" of the broker; default $JOBBROKER_CONNECT, else 127.0.0.1:7878.
+        address: "HOST:PORT" of the broker; or several, as "h1:7878,h2:7878" or a list, for
+            brokers sharing one database of which one leads (README, "Standby brokers"): the
+            client follows the leader. Default $JOBBROKER_CONNECT (commas too), else
+            127.0.0.1:7878.
         secret: the shared secret (bytes). Default: $JOBBROKER_SECRET_FILE,
             $JOBBROKER_SECRET, then the default secret file the broker writes.
         secret_file: read the secret from this file instead.
@@ -75,6 +80,8 @@ class Client:
             yet; by default the first connection fails at once with BrokerUnreachable.
         serializer: turns payloads into bytes and results back (client.serializers); the
             workers must use the same. Default: payloads travel as msgpack values.
+        dial: how to open the byte stream to the broker (client.connection.Dial): TCP by
+            default; tests join a broker in memory.
 
     Use as `async with Client(...) as client:`; or call connect() and close().
 
@@ -84,7 +91,7 @@ class Client:
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         *,
         secret: bytes | str | None = None,
         secret_file: str | None = None,
@@ -94,6 +101,7 @@ class Client:
         reconnect_timeout: float = 30.0,
         serializer: Serializer | None = None,
         wait_for_broker: bool = False,
+        dial: Dial = dial_tcp,
     ) -> None:
         self.serializer = serializer
         self._link = Link.from_settings(
@@ -108,6 +116,7 @@ class Client:
             on_lost=self._on_lost,
             reconnect_timeout=reconnect_timeout,
             wait_for_broker=wait_for_broker,
+            dial=dial,
         )
         self._reconnecting: asyncio.Task[None] | None = None
         self._rewatching: asyncio.Future[None] | None = None
@@ -190,11 +199,24 @@ class Client:
         Raises:
             QueueFull: the queue is at its pending limit.
             InvalidRequest: a bad argument.
+            Unacknowledged: without `key`, the connection was lost (the broker died, a standby
+                took over) after the submit was sent and before it was acknowledged: the job
+                may or may not have been stored. With `key` the submit is sent again instead.
         """
         if self.serializer is not None:
             payload = self._serialized([payload])[0]
         options = _SubmitOptions.of(
-            queue, priority, delay, max_attempts, lease, backoff, timeout, result_ttl, max_backoff, after, after_policy
+            queue,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            lease=lease,
+            backoff=backoff,
+            timeout=timeout,
+            result_ttl=result_ttl,
+            max_backoff=max_backoff,
+            after=after,
+            after_policy=after_policy,
         )
         group = self._submit_groups.get(options)
         if group is None:
@@ -261,9 +283,20 @@ class Client:
 
         Raises:
             UnencodablePayload: a payload cannot be encoded (nothing was submitted).
+            Unacknowledged: as submit(), unless every job has a key (then it is resent).
         """
         options = _SubmitOptions.of(
-            queue, priority, delay, max_attempts, lease, backoff, timeout, result_ttl, max_backoff, after, after_policy
+            queue,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            lease=lease,
+            backoff=backoff,
+            timeout=timeout,
+            result_ttl=result_ttl,
+            max_backoff=max_backoff,
+            after=after,
+            after_policy=after_policy,
         )
         return await self._submit(options, self._serialized(list(payloads)), keys)
 
@@ -312,6 +345,14 @@ class Client:
                 after=None if options.after is None else list(options.after),
                 after_policy=options.after_policy,
             )
+        except Unacknowledged as exc:
+            # Without keys a resend could store the jobs twice: say so rather than guess.
+            raise Unacknowledged(
+                f"the connection to the broker was lost before it acknowledged the submit of "
+                f"{len(payloads)} job(s) to queue {options.queue!r}: they may or may not have been stored "
+                "(give each job an idempotency key, key= or keys=, to have such a submit resent safely)",
+                exc.cause,
+            ) from None
         except FrameTooLarge as exc:
             raise LimitExceeded(
                 f"{len(payloads)} payloads make a frame of {exc.size} bytes; the broker takes {exc.limit}: "
@@ -413,7 +454,9 @@ class Client:
         payloads = list(payloads)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[list[Any]]] = []
-        options = _SubmitOptions(queue, priority, 0.0, max_attempts, lease, None, job_timeout, None, None, None, "done")
+        options = _SubmitOptions.of(
+            queue, priority=priority, max_attempts=max_attempts, lease=lease, timeout=job_timeout
+        )
         try:
             async with asyncio.timeout(timeout):
                 submits = [
@@ -614,7 +657,7 @@ class Client:
         reply = await self._link.call(DeadList, queue=queue, limit=limit)
         return list(reply["jobs"])
 
-    async def drain(self, on: bool = True) -> int:
+    async def drain(self, *, on: bool = True) -> int:
         """Stop the broker delivering jobs (on=False: start again); jobs already taken run to
         their end. Admins only. Returns how many jobs are in flight."""
         reply = await self._link.call(Drain, on=on)
@@ -641,8 +684,8 @@ async def _rewatch(connection: Connection, job_ids: list[int]) -> None:
     for start in range(0, len(job_ids), _REWATCH_BATCH):
         try:
             await connection.request(Watch, job_ids=job_ids[start : start + _REWATCH_BATCH])
-        except ConnectionClosed:
-            return  # the next connection asks again
+        except (ConnectionClosed, NotLeader):
+            return  # the next connection (to the leader) asks again
         except Exception as exc:  # a refusal: logged, the waiters keep waiting (a timeout ends them)
             log.warning("watching %d jobs again failed: %s", len(job_ids), exc)
             return
@@ -675,18 +718,20 @@ class _SubmitOptions(NamedTuple):
     def of(
         cls,
         queue: str,
-        priority: int,
-        delay: float,
-        max_attempts: int | None,
-        lease: float | None,
-        backoff: float | None,
-        timeout: float | None,
-        result_ttl: float | None,
-        max_backoff: float | None,
-        after: Sequence[int] | None,
-        after_policy: str,
+        *,
+        priority: int = 0,
+        delay: float = 0.0,
+        max_attempts: int | None = None,
+        lease: float | None = None,
+        backoff: float | None = None,
+        timeout: float | None = None,
+        result_ttl: float | None = None,
+        max_backoff: float | None = None,
+        after: Sequence[int] | None = None,
+        after_policy: str = "done",
     ) -> _SubmitOptions:
-        """The options as submit() and submit_many() take them (hashable: a group's key)."""
+        """The options as submit(), submit_many() and map() take them, by name (hashable: a
+        group's key); defaults as submit()'s."""
         return cls(
             queue,
             priority,

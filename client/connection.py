@@ -13,7 +13,8 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
 from jobbroker.broker.errors import (
@@ -23,12 +24,14 @@ from jobbroker.broker.errors import (
     ConnectionClosed,
     FrameTooLarge,
     IntegrityError,
+    NotLeader,
     ProtocolError,
     TlsMismatch,
+    Unacknowledged,
     broker_error,
 )
-from jobbroker.broker.protocol.auth import DEFAULT_CREDENTIAL, resolve_secret
 from jobbroker.broker.protocol.connection import ClientConnection, State
+from jobbroker.broker.protocol.credentials import DEFAULT_CREDENTIAL
 from jobbroker.broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from jobbroker.broker.protocol.messages import (
     Deliver,
@@ -42,38 +45,41 @@ from jobbroker.broker.protocol.messages import (
     Revoked,
     Welcome,
 )
+from jobbroker.client.settings import ClientSettings, client_tls, default_address
 
 log = logging.getLogger("jobbroker.client")
 
-DEFAULT_ADDRESS = "127.0.0.1:7878"
-
-
-def default_address(environ: Mapping[str, str] | None = None) -> str:
-    """$JOBBROKER_CONNECT; else the loopback on $JOBBROKER_PORT (where a broker started with
-    that variable listens); else 127.0.0.1:7878."""
-    environ = os.environ if environ is None else environ
-    if environ.get("JOBBROKER_CONNECT"):
-        return environ["JOBBROKER_CONNECT"]
-    if environ.get("JOBBROKER_PORT"):
-        return f"127.0.0.1:{environ['JOBBROKER_PORT']}"
-    return DEFAULT_ADDRESS
-
-
-__all__ = ["Connection", "Link", "backoff_delays", "client_tls", "is_retryable", "parse_address"]
-
-
-def client_tls(tls: ssl.SSLContext | str | os.PathLike[str] | None) -> ssl.SSLContext | None:
-    """A TLS context from what the caller gave: a context as is, or a CA file to verify the
-    broker's certificate against, or None for plain TCP."""
-    if tls is None or isinstance(tls, ssl.SSLContext):
-        return tls
-    try:
-        return ssl.create_default_context(cafile=os.fspath(tls))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load CA file {tls}: {exc}") from exc
+# client_tls and default_address live in client/settings.py; kept importable from here.
+__all__ = [
+    "Connection",
+    "Dial",
+    "Link",
+    "Rotation",
+    "backoff_delays",
+    "client_tls",
+    "default_address",
+    "dial_tcp",
+    "is_retryable",
+    "parse_address",
+    "parse_addresses",
+]
 
 
 PushHandler = Callable[[Deliver | Results | Progressed | Revoked], None]
+# Opens the byte stream to host:port (over TLS with a context) and attaches the protocol the
+# factory makes, as loop.create_connection does: the one place the client touches sockets, so
+# that tests can join a client to a broker in memory (tests/unit/memory_broker.py).
+Dial = Callable[[Callable[[], asyncio.Protocol], str, int, "ssl.SSLContext | None"], Awaitable[object]]
+
+
+async def dial_tcp(
+    protocol_factory: Callable[[], asyncio.Protocol], host: str, port: int, tls: ssl.SSLContext | None
+) -> None:
+    """The usual Dial: TCP, with TLS when given a context."""
+    await asyncio.get_running_loop().create_connection(
+        protocol_factory, host, port, ssl=tls, server_hostname=host if tls is not None else None
+    )
+
 
 _HEARTBEAT = Heartbeat()
 # Connection-level error codes after which the broker closes the connection (docs/protocol.md).
@@ -94,8 +100,37 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """The brokers to try, in order, as "HOST:PORT" strings: from "h1:7878,h2:7878" or a list of
+    such strings (each item may itself hold commas). Repeats are dropped.
+
+    Raises:
+        ConfigError: no address, or one that is not HOST:PORT.
+    """
+    items = [addresses] if isinstance(addresses, str) else list(addresses)
+    found: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"a broker address is a 'HOST:PORT' string, not {item!r}")
+        for part in item.split(","):
+            try:
+                host, port = parse_address(part.strip())
+            except ValueError:
+                where = f" in {item!r}" if "," in item else ""
+                raise ConfigError(
+                    f"broker address {part.strip()!r}{where} is not HOST:PORT (several: HOST:PORT,HOST:PORT)"
+                ) from None
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if address not in found:
+                found.append(address)
+    if not found:
+        raise ConfigError("no broker address given")
+    return found
+
+
 def _log_unanswered(future: asyncio.Future[dict[str, Any]]) -> None:
-    if not future.cancelled() and future.exception() is not None:
+    # NotLeader needs no word: the connection to the standby closes and the Link moves on.
+    if not future.cancelled() and not isinstance(future.exception(), NotLeader | None):
         log.warning("request failed: %s", future.exception())
 
 
@@ -159,6 +194,11 @@ class Connection:
         self._closed_before_data = False  # the broker closed without a byte: a TLS port?
         self.heartbeat = 5.0
         self.session = 0
+        # A standby (docs/protocol.md, "Standbys"): it named `leader` in its welcome, or refused
+        # a request with not_leader. Not used for new requests; closed once none is pending.
+        self.standby = False
+        self.leader: str | None = None
+        self.served = False  # a request succeeded: this broker led (for Link's search)
 
     @classmethod
     async def open(
@@ -173,8 +213,9 @@ class Connection:
         timeout: float = 10.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         tls: ssl.SSLContext | None = None,
+        dial: Dial = dial_tcp,
     ) -> Connection:
-        """Connect (over TLS with `tls`) and authenticate as `credential`.
+        """Connect (over TLS with `tls`, through `dial`) and authenticate as `credential`.
 
         Raises:
             OSError: the broker cannot be reached; ssl.SSLError: TLS failed (wrong CA).
@@ -186,9 +227,7 @@ class Connection:
         self = cls(secret, credential=credential, client=client, on_push=on_push, max_frame_size=max_frame_size)
         try:
             async with asyncio.timeout(timeout):
-                await self._loop.create_connection(
-                    lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls is not None else None
-                )
+                await dial(lambda: _Protocol(self), host, port, tls)
                 self._protocol.initiate()
                 self._write()
                 try:
@@ -213,6 +252,9 @@ class Connection:
             raise
         self.heartbeat = welcome.heartbeat
         self.session = welcome.session
+        if welcome.leader is not None:
+            self.standby = True
+            self.leader = welcome.leader
         self._heartbeat_timer = self._loop.call_later(self.heartbeat, self._on_heartbeat_timer)
         return self
 
@@ -274,6 +316,7 @@ class Connection:
         protocol = self._protocol
         for event in protocol.receive_data(data):
             if isinstance(event, Reply):
+                self.served = True
                 future = self._pending.pop(event.id, None)
                 if future is not None and not future.done():
                     future.set_result(event.data)
@@ -289,6 +332,9 @@ class Connection:
             error = protocol.error
             self._write()  # our error frame, if any
             self._fail(ConnectionClosed("protocol error", error) if error else ConnectionClosed("closed"))
+        elif self.standby and not self._pending and self._welcome.done():
+            # Every request it had has its answer: nothing more to do on a standby.
+            self._fail(ConnectionClosed("the broker is a standby", NotLeader("not the leader", self.leader)))
         else:
             self._schedule_write()
 
@@ -306,8 +352,13 @@ class Connection:
             self._fail(ConnectionClosed("broker closed the connection", cause))
             return
         future = self._pending.pop(event.id, None)
+        if event.code == NotLeader.code:
+            # A standby applied nothing; the other requests in flight get their own answers
+            # (in order) before _data_received closes the connection.
+            self.standby = True
+            self.leader = event.leader
         if future is not None and not future.done():
-            future.set_exception(broker_error(event.code, event.message))
+            future.set_exception(broker_error(event.code, event.message, event.leader))
 
     def _on_heartbeat_timer(self) -> None:
         silent_for = self._loop.time() - self._last_received
@@ -364,27 +415,93 @@ async def _speaks_tls(host: str, port: int) -> bool:
     return True
 
 
+class Rotation:
+    """Which broker address to try next (docs/protocol.md, "Standbys"): the leader a standby
+    named, else the next address of the list, starting after the one last connected to. A
+    round ends when every address, and every leader named during it, has been tried once;
+    the caller then waits (backoff) and starts the next round. Pure: no I/O, no clock.
+
+    A search (new_search) spans the rounds until a broker serves us; `errors` keeps the last
+    failure of each address tried during it, for BrokerUnreachable.
+    """
+
+    def __init__(self, addresses: Sequence[str]) -> None:
+        if not addresses:
+            raise ValueError("no broker address given")
+        self.addresses = list(addresses)
+        self._start = 0  # index of the address a new search begins with
+        self._queue: deque[str] = deque()
+        self._tried: set[str] = set()
+        self.errors: dict[str, BaseException] = {}
+        self.hung_up = False  # a broker answered then hung up during this search
+        self.new_search()
+
+    def new_search(self) -> None:
+        self.errors = {}
+        self.hung_up = False
+        self.new_round()
+
+    def new_round(self) -> None:
+        count = len(self.addresses)
+        self._queue = deque(self.addresses[(self._start + step) % count] for step in range(count))
+        self._tried = set()
+
+    def next(self) -> str | None:
+        """The address to try now, or None: this round is over."""
+        while self._queue:
+            address = self._queue.popleft()
+            if address not in self._tried:
+                self._tried.add(address)
+                return address
+        return None
+
+    def follow(self, leader: str) -> None:
+        """A standby named the leader: try it next (listed or not), unless tried this round."""
+        if leader not in self._tried:
+            self._queue.appendleft(leader)
+
+    def failed(self, address: str, error: BaseException, *, hung_up: bool = False) -> None:
+        self.errors[address] = error
+        self.hung_up = self.hung_up or hung_up
+
+    def connected(self, address: str) -> None:
+        """A connection to `address` is up: when it is lost, the next search starts after it
+        (a dead leader's machine is the slowest address to try)."""
+        if address in self.addresses:
+            self._start = (self.addresses.index(address) + 1) % len(self.addresses)
+
+
 class Link:
-    """One live Connection to the broker, replaced with backoff when it is lost.
+    """One live Connection to the leading broker, replaced with backoff when it is lost.
+
+    Given several addresses, it follows the leader (docs/protocol.md, "Standbys"): on a lost
+    or refused connection, or a standby's answer, it goes to the leader the standby named, else
+    to the next address; after a whole round of addresses failed it waits (backoff_delays).
 
     Args:
-        address: "HOST:PORT".
+        address: "HOST:PORT", several separated by commas, or a list of them.
         secret: the shared secret.
         client: a name for the broker's logs and stats.
         on_push: called with every delivery or result pushed by the broker.
         on_connect: called with each new connection (to watch or reserve again) before use.
         on_lost: called when a connection is lost (not when the link is closed).
-        reconnect_timeout: how long to keep trying to reach a broker that went away before
-            giving up with the last error.
-        wait_for_broker: also keep trying (for reconnect_timeout) when the broker has never
-            been reached; else a first connection that fails raises BrokerUnreachable at once.
+        reconnect_timeout: how long to keep trying to reach a broker that went away (or to
+            find the leader) before giving up with BrokerUnreachable.
+        wait_for_broker: also keep trying (for reconnect_timeout) when no broker has ever
+            been reached; else a first round of addresses that all refuse raises
+            BrokerUnreachable at once.
         credential: the credential name to authenticate as.
         tls: a client TLS context, to speak TLS to the broker.
+        dial: how to open the byte stream (default TCP; tests join a broker in memory).
+        backoff: makes the delays between reconnect attempts (default backoff_delays()).
+
+    Raises:
+        ConfigError: an address that is not HOST:PORT.
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         secret: bytes,
         *,
         client: str,
@@ -396,9 +513,17 @@ class Link:
         credential: str = DEFAULT_CREDENTIAL,
         tls: ssl.SSLContext | None = None,
         wait_for_broker: bool = False,
+        dial: Dial = dial_tcp,
+        backoff: Callable[[], Iterator[float]] = backoff_delays,
     ) -> None:
-        self.host, self.port = parse_address(address)
-        self.address = f"{self.host}:{self.port}"
+        self.addresses = parse_addresses(address)
+        self._rotation = Rotation(self.addresses)
+        self._dial = dial
+        self._backoff = backoff
+        self._delays = backoff()
+        self._search_started = 0.0
+        self.address = self.addresses[0]  # the broker connected to last (or to try first)
+        self.host, self.port = parse_address(self.address)
         self.wait_for_broker = wait_for_broker
         self._reached = False  # a broker answered once: worth waiting for when it goes away
         self._last_complaint = float("-inf")
@@ -418,7 +543,7 @@ class Link:
     @classmethod
     def from_settings(
         cls,
-        address: str | None,
+        address: str | Sequence[str] | None,
         *,
         secret: bytes | str | None,
         secret_file: str | None,
@@ -426,22 +551,24 @@ class Link:
         tls: ssl.SSLContext | str | os.PathLike[str] | None,
         **options: Any,
     ) -> Link:
-        """A link from a Client's or Worker's arguments, the environment filling the gaps: the
-        address as default_address() finds it, the secret as resolve_secret() finds it,
-        $JOBBROKER_CREDENTIAL (else "default"), $JOBBROKER_TLS_CA (else plain TCP)."""
-        return cls(
-            address or default_address(),
-            resolve_secret(secret, secret_file),
-            credential=credential or os.environ.get("JOBBROKER_CREDENTIAL") or DEFAULT_CREDENTIAL,
-            tls=client_tls(tls if tls is not None else os.environ.get("JOBBROKER_TLS_CA") or None),
-            **options,
+        """A link from a Client's or Worker's arguments, the environment filling the gaps
+        (ClientSettings.resolve).
+
+        Raises:
+            ConfigError: no usable secret, or an unusable CA file.
+        """
+        settings = ClientSettings.resolve(
+            address, secret=secret, secret_file=secret_file, credential=credential, tls=tls
         )
+        return cls(settings.address, settings.secret, credential=settings.credential, tls=settings.tls, **options)
 
     @property
     def current(self) -> Connection | None:
-        """The live connection, if any."""
+        """The live connection to the leader, if any (not one to a standby)."""
         connection = self._connection
-        return connection if connection is not None and not connection.is_closed else None
+        if connection is None or connection.is_closed or connection.standby:
+            return None
+        return connection
 
     async def get(self) -> Connection:
         """The live connection, connecting first if there is none.
@@ -449,8 +576,8 @@ class Link:
         Raises:
             ConnectionClosed: the link was closed.
             AuthenticationFailed: the broker refused our secret.
-            BrokerUnreachable: no broker at the address (at once if never reached and not
-            wait_for_broker; else after reconnect_timeout).
+            BrokerUnreachable: no broker at any address, naming each (at once if none was ever
+            reached and not wait_for_broker; else after reconnect_timeout).
         """
         connection = self.current
         if connection is not None:
@@ -466,63 +593,129 @@ class Link:
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self.reconnect_timeout
-        first = not (self._reached or self.wait_for_broker)
-        if first:  # a broker never reached: a wrong address should say so in seconds
-            give_up_at = loop.time() + FIRST_CONNECT_PATIENCE
-        delays = backoff_delays()
+        rotation = self._rotation
+        previous = self._connection
+        standby = previous is not None and previous.standby
+        # A standby that never served us: still looking for the leader, so the search, its
+        # rounds and their backoff go on (no busy loop while no broker leads).
+        if not (standby and previous is not None and not previous.served):
+            rotation.new_search()
+            self._delays = self._backoff()
+            self._search_started = loop.time()
+        if standby and previous is not None:
+            rotation.failed(self.address, NotLeader("a standby", previous.leader))
+            self._follow(previous.leader)
         while True:
             if self._closed:
                 raise ConnectionClosed("closed by the client")
+            address = rotation.next()
+            if address is None:  # every address failed this round
+                await self._between_rounds(loop)
+                rotation.new_round()
+                continue
+            host, port = parse_address(address)
+            first = not (self._reached or self.wait_for_broker)
             try:
                 connection = await Connection.open(
-                    self.host,
-                    self.port,
+                    host,
+                    port,
                     self._secret,
                     credential=self._credential,
                     tls=self._tls,
                     client=self._client,
                     on_push=self._on_push,
                     timeout=min(self.connect_timeout, FIRST_CONNECT_TIMEOUT) if first else self.connect_timeout,
+                    dial=self._dial,
                 )
             except Exception as exc:
                 if not is_retryable(exc):
                     raise
                 # Nothing listens there (refused, no such host, no answer) or what answers does
-                # not speak our protocol: say so now. A broker that answered and then hung up
-                # (at its connection limit, restarting) is worth a few more tries.
+                # not speak our protocol; a broker that answered and then hung up (at its
+                # connection limit, restarting) is worth a few more tries even if never reached.
                 hung_up = isinstance(exc, ConnectionClosed) and not isinstance(_root_cause(exc), ProtocolError)
-                if (first and not hung_up) or loop.time() >= give_up_at:
-                    raise BrokerUnreachable(self.address, _root_cause(exc)) from exc
-                self._complain(exc, loop.time())
-                await asyncio.sleep(min(next(delays), max(0.0, give_up_at - loop.time())))
+                rotation.failed(address, _root_cause(exc), hung_up=hung_up)
                 continue
             self._reached = True
+            if connection.standby:  # its welcome named the leader: go there before any request
+                connection.close()
+                rotation.failed(address, NotLeader("a standby", connection.leader))
+                log.info("the broker at %s is a standby; going to the leader at %s", address, connection.leader)
+                self._follow(connection.leader)
+                continue
+            rotation.connected(address)
+            self.address, self.host, self.port = address, host, port
             connection.closed.add_done_callback(self._connection_closed)
             if self._on_connect is not None:
                 self._on_connect(connection)
             return connection
 
-    def _complain(self, error: BaseException, now: float) -> None:
-        """Say that the broker is unreachable, at most once every 10 s while retrying."""
-        if now - self._last_complaint >= 10.0:
+    def _follow(self, leader: str | None) -> None:
+        if leader is None:
+            return
+        try:
+            [address] = parse_addresses(leader)
+        except (ConfigError, ValueError):
+            log.warning("a standby named the leader %r, which is not HOST:PORT: ignored", leader)
+            return
+        self._rotation.follow(address)
+
+    async def _between_rounds(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a round in which every address failed: give up (BrokerUnreachable naming each
+        address tried), or wait the next backoff delay."""
+        rotation = self._rotation
+        never_reached = not (self._reached or self.wait_for_broker)
+        # A broker never reached: a wrong address should say so in seconds.
+        patience = FIRST_CONNECT_PATIENCE if never_reached else self.reconnect_timeout
+        give_up_at = self._search_started + patience
+        if (never_reached and not rotation.hung_up) or loop.time() >= give_up_at:
+            raise self._unreachable()
+        now = loop.time()
+        if now - self._last_complaint >= 10.0:  # at most once every 10 s while retrying
             self._last_complaint = now
-            log.warning("%s; retrying", BrokerUnreachable(self.address, _root_cause(error)))
+            log.warning("%s; retrying", self._unreachable())
+        await asyncio.sleep(min(next(self._delays), max(0.0, give_up_at - now)))
+
+    def _unreachable(self) -> BrokerUnreachable:
+        errors = self._rotation.errors
+        if not errors:
+            return BrokerUnreachable(",".join(self.addresses))
+        if len(errors) == 1:
+            [(address, error)] = errors.items()
+            return BrokerUnreachable(address, error)
+        return BrokerUnreachable(",".join(errors), list(errors.values())[-1], tried=dict(errors))
 
     def _connection_closed(self, closed: asyncio.Future[ConnectionClosed]) -> None:
         if not self._closed and self._on_lost is not None:
             self._on_lost(closed.result())
 
     async def call(self, request_type: type[Request], *, retry: bool = True, **fields: Any) -> dict[str, Any]:
-        """Send a request and await its reply. With retry, a request lost with its connection
-        is sent again on the next one (use it only where that is harmless)."""
+        """Send a request to the leader and await its reply. A request a standby refused
+        (NotLeader: it applied nothing) is always sent again, to the leader. With retry, a
+        request lost with its connection is sent again on the next one (use it only where
+        that is harmless); without, that loss raises Unacknowledged.
+
+        Raises:
+            Unacknowledged: without retry, the connection was lost before the reply: the
+                request may or may not have been applied.
+            BrokerUnreachable, ConnectionClosed, BrokerError: as get(), or the broker refused.
+        """
         while True:
-            connection = await self.get()
+            connection = await self.get()  # nothing is sent before this returns
             try:
                 return await connection.request(request_type, **fields)
+            except NotLeader:
+                continue
             except ConnectionClosed as exc:
-                if not retry or self._closed or not is_retryable(exc):
+                if retry and not self._closed and is_retryable(exc):
+                    continue
+                if retry:
                     raise
+                raise Unacknowledged(
+                    f"the connection to the broker was lost before it answered {request_type.op!r}: "
+                    "it may or may not have been applied",
+                    exc.cause,
+                ) from exc
 
     def close(self) -> None:
         """Close the connection and stop reconnecting. Idempotent."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from jobbroker.client.client import Client, ProgressReport
@@ -40,7 +40,7 @@ class SyncClient:
     Safe to call from one thread at a time.
     """
 
-    def __init__(self, address: str | None = None, **options: Any) -> None:
+    def __init__(self, address: str | Sequence[str] | None = None, **options: Any) -> None:
         self._client = Client(address, **options)  # raises ConfigError before any thread starts
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="jobbroker-sync-client", daemon=True)

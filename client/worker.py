@@ -27,6 +27,7 @@ from jobbroker.broker.errors import (
     ConnectionClosed,
     Fail,
     FrameTooLarge,
+    NotLeader,
     Retry,
     TimeLimitExceeded,
     UsageError,
@@ -49,7 +50,7 @@ from jobbroker.broker.protocol.messages import (
     Touch,
     bounded,
 )
-from jobbroker.client.connection import Connection, Link
+from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
 from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadPool, ThreadSlot
 from jobbroker.client.serializers import Serializer
 from jobbroker.client.tasks import Task
@@ -169,7 +170,10 @@ class Worker:
     made with @task, dispatched by the name in each payload; `queues` defaults to theirs).
 
     Args:
-        address: "HOST:PORT" of the broker; default $JOBBROKER_CONNECT, else 127.0.0.1:7878.
+        address: "HOST:PORT" of the broker; or several ("h1:7878,h2:7878" or a list) for
+            brokers of which one leads: the worker follows the leader, and jobs it was running
+            when it lost its broker are dropped and run again there (README, "Standby
+            brokers"). Default $JOBBROKER_CONNECT (commas too), else 127.0.0.1:7878.
         queues: queue names to take jobs from, in order of preference.
         handler: `f(payload) -> result`, a coroutine function or a plain one. Its return
             value (any msgpack value) completes the job; an exception fails it with the
@@ -200,11 +204,13 @@ class Worker:
             can start at once until a slot frees.
         serializer: the producers' serializer (client.serializers): payloads sent as its bytes
             are decoded before the handler sees them, and results encoded with it.
+        dial: how to open the byte stream to the broker (client.connection.Dial): TCP by
+            default; tests join a broker in memory.
     """
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         *,
         queues: Sequence[str] | None = None,
         handler: Handler | None = None,
@@ -224,6 +230,7 @@ class Worker:
         hand_back_after: float = 10.0,
         serializer: Serializer | None = None,
         wait_for_broker: bool = False,
+        dial: Dial = dial_tcp,
     ) -> None:
         if (handler is None) == (tasks is None):
             raise UsageError("a worker takes a handler or tasks (one of them)")
@@ -276,6 +283,7 @@ class Worker:
             on_connect=self._on_connect,
             reconnect_timeout=reconnect_timeout,
             wait_for_broker=wait_for_broker,
+            dial=dial,
         )
         self._waiting: deque[Job] = deque()  # delivered, not started
         self._running: dict[int, Job] = {}  # runner slot -> the job it runs
@@ -310,19 +318,23 @@ class Worker:
         # handler that finishes without suspending runs start to end in one step.
         self._runners = [asyncio.ensure_future(self._runner(slot)) for slot in range(self.concurrency)]
         watchdog = asyncio.ensure_future(self._watch_buffer())
-        address = f"{self._link.host}:{self._link.port}"
         try:
             while not self._stopping:
                 # stop() ends a wait for the broker too, not only a connected spell.
                 connection = await self._unless_stopped(self._link.get())
                 if connection is None:
                     break
+                address = self._link.address  # with several addresses: the one that answered
                 log.info("connected to the broker at %s (session %d)", address, connection.session)
                 await self._unless_stopped(connection.wait_closed())
                 if not self._stopping:
                     reason = connection.closed.result()
+                    if isinstance(reason.cause, NotLeader):  # it refused our reserve: held nothing
+                        log.info("the broker at %s is a standby; looking for the leader", address)
+                        continue
                     log.warning("lost the broker at %s (%s); reconnecting", address, _reason(reason))
-                    # The broker requeued everything we held: stop what still runs of it.
+                    # The broker requeued everything we held (a new leader, after a takeover,
+                    # delivers it again: lease tokens do not survive it): stop what still runs.
                     self._lose_all("the connection to the broker was lost")
         finally:
             watchdog.cancel()
@@ -764,16 +776,23 @@ class Worker:
             self._send(connection, request_type, items[half:])
             return
         self._answers.add(future)
-        future.add_done_callback(functools.partial(self._answered, request_type is Complete, items))
+        future.add_done_callback(functools.partial(self._answered, request_type, items))
 
-    def _answered(self, completions: bool, items: list[list[Any]], future: asyncio.Future[dict[str, Any]]) -> None:
+    def _answered(
+        self,
+        request_type: type[Complete] | type[messages.Fail],
+        items: list[list[Any]],
+        future: asyncio.Future[dict[str, Any]],
+    ) -> None:
         self._answers.discard(future)
+        completions = request_type is Complete
         if future.cancelled():
             return
         exc = future.exception()
         if exc is not None:
             log.warning("answers for %d jobs not delivered: %s", len(items), exc)
             return
+        stale: list[int] = []
         for index, code in future.result()["refused"]:
             job_id = items[index][0]
             if code == "result_too_large":  # the broker failed the attempt instead
@@ -781,11 +800,16 @@ class Worker:
                 self.completed -= 1
                 self.failed += 1
             else:
-                log.info("job %d: answer refused (%s): it was taken from this worker meanwhile", job_id, code)
+                stale.append(job_id)
                 if completions:
                     self.completed -= 1
                 else:
                     self.failed -= 1
+        if stale:
+            # Taken from this worker meanwhile (cancelled, presumed dead, or a takeover: its
+            # leases did not survive): one line for the batch, however many; the jobs run again.
+            shown = ", ".join(map(str, stale[:10])) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
+            log.info("answers refused for %d jobs taken from this worker meanwhile: %s", len(stale), shown)
 
 
 # Frames of the machinery between the runner and the handler, left out of stored tracebacks.

@@ -2,6 +2,6 @@
 
 import sys
 
-from jobbroker.broker.cli import main
+from jobbroker.cli import main
 
 sys.exit(main())

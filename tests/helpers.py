@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from jobbroker.broker.protocol.auth import Credential
 from jobbroker.broker.protocol.connection import ClientConnection, ServerConnection
+from jobbroker.broker.protocol.credentials import Credential
 
 SECRET = b"test-secret-0123456789abcdef"
 

@@ -1,6 +1,7 @@
 """A job and its lifecycle. The lifecycle is one table (docs/protocol.md, "Job states"):
-every legal (state, event) pair and the state it leads to. transition() is the only way a
-job's state changes."""
+every legal (state, event) pair and the state it leads to. next_state() reads it; a job held
+by the scheduler changes state only in Scheduler._move, which keeps the per-state records
+(counts, deadlines, FIFOs, leases) in step with the table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from jobbroker.broker.errors import InvalidTransition
 
-__all__ = ["FINAL_STATES", "TRANSITIONS", "Job", "JobEvent", "JobState", "transition"]
+__all__ = ["FINAL_STATES", "TRANSITIONS", "Job", "JobEvent", "JobState", "next_state", "transition"]
 
 
 class JobState(enum.StrEnum):
@@ -141,13 +142,23 @@ class Job:
         return f"<Job {self.id} {self.queue} {self.state} attempt {self.attempts}/{self.max_attempts}>"
 
 
-def transition(job: Job, event: JobEvent) -> None:
-    """Move `job` along the lifecycle table.
+def next_state(job: Job, event: JobEvent) -> JobState:
+    """The state `event` moves `job` to, by the lifecycle table; the job is left as it is.
 
     Raises:
         InvalidTransition: the table has no row for (job.state, event).
     """
     try:
-        job.state = TRANSITIONS[job.state, event]
+        return TRANSITIONS[job.state, event]
     except KeyError:
         raise InvalidTransition(f"job {job.id}: no transition from {job.state} on {event}") from None
+
+
+def transition(job: Job, event: JobEvent) -> None:
+    """Move `job` along the lifecycle table (the scheduler moves jobs with Scheduler._move,
+    which also keeps its per-state records in step).
+
+    Raises:
+        InvalidTransition: the table has no row for (job.state, event).
+    """
+    job.state = next_state(job, event)

@@ -1,5 +1,6 @@
-"""Authentication (docs/protocol.md, "Handshake" and "Frame MACs"): where the shared secret
-comes from, the mutual HMAC-SHA256 challenge-response, and the per-frame MACs that follow.
+"""Authentication's crypto (docs/protocol.md, "Handshake" and "Frame MACs"): the mutual
+HMAC-SHA256 challenge-response and the per-frame MACs that follow. Where secrets come from
+(files, the environment, the data directory) is protocol/credentials.py's business.
 
 The secret never crosses the wire. Each side sends a fresh 32-byte nonce; each proves it holds
 the secret by an HMAC over the protocol version, the algorithm, its role and both nonces, so a
@@ -12,34 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import struct
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-from jobbroker.broker.errors import ConfigError, IntegrityError
+from jobbroker.broker.errors import IntegrityError
 
 __all__ = [
     "ALGORITHM",
-    "DEFAULT_CREDENTIAL",
     "MAC_SIZE",
-    "MAX_SECRETS_PER_CREDENTIAL",
-    "MIN_SECRET_SIZE",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
-    "Credential",
     "FrameSigner",
     "FrameVerifier",
     "client_proof",
-    "default_data_dir",
-    "default_secret_path",
     "derive_session_keys",
-    "load_secret_file",
     "new_nonce",
     "proof_matches",
-    "resolve_secret",
     "server_proof",
 ]
 
@@ -47,26 +36,9 @@ PROTOCOL_VERSION = 1
 ALGORITHM = "hmac-sha256"
 NONCE_SIZE = 32
 MAC_SIZE = 32
-MIN_SECRET_SIZE = 16
-DEFAULT_CREDENTIAL = "default"  # the name a client authenticates as unless told otherwise
 
 _SEQUENCE = struct.Struct(">Q")
 _PREFIX = f"jobbroker/{PROTOCOL_VERSION}|{ALGORITHM}|".encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """A name the broker knows, its role, and its secrets (two or more while rotating).
-
-    Roles are "producer", "worker" and "admin"; broker/access.py says what each may do.
-    """
-
-    name: str
-    role: str
-    secrets: tuple[bytes, ...]
-
-
-MAX_SECRETS_PER_CREDENTIAL = 8
 
 
 def new_nonce() -> bytes:
@@ -149,65 +121,3 @@ class FrameVerifier:
             raise IntegrityError(f"MAC of frame {self._sequence} does not verify")
         self._sequence += 1
         return body
-
-
-def default_data_dir() -> Path:
-    """Where the broker keeps its secret and data unless told otherwise."""
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
-        return Path(base) / "jobbroker"
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "jobbroker"
-
-
-def default_secret_path() -> Path:
-    return default_data_dir() / "secret"
-
-
-def load_secret_file(path: str | os.PathLike[str]) -> bytes:
-    """The file's content without its trailing newline.
-
-    Raises:
-        ConfigError: the file cannot be read, can be read by others than its owner (POSIX),
-            or holds a secret that is too short.
-    """
-    try:
-        if os.name == "posix" and os.stat(path).st_mode & 0o077:
-            # As ssh does with private keys: a secret others can read is no secret.
-            raise ConfigError(f"secret file {path} is readable by others: chmod 600 {path}")
-        secret = Path(path).read_bytes().rstrip(b"\r\n")
-    except OSError as exc:
-        raise ConfigError(f"cannot read secret file {path}: {exc.strerror or exc}") from exc
-    return _checked(secret, f"secret file {path}")
-
-
-def _checked(secret: bytes, origin: str) -> bytes:
-    if len(secret) < MIN_SECRET_SIZE:
-        raise ConfigError(f"{origin} holds {len(secret)} bytes; a secret needs at least {MIN_SECRET_SIZE}")
-    return secret
-
-
-def resolve_secret(secret: bytes | str | None = None, secret_file: str | os.PathLike[str] | None = None) -> bytes:
-    """The shared secret, from the first of: `secret`, `secret_file`, $JOBBROKER_SECRET_FILE,
-    $JOBBROKER_SECRET, the default secret file.
-
-    Raises:
-        ConfigError: none of them gives a usable secret.
-    """
-    if secret is not None:
-        return _checked(secret.encode() if isinstance(secret, str) else bytes(secret), "the given secret")
-    if secret_file is not None:
-        return load_secret_file(secret_file)
-    env_file = os.environ.get("JOBBROKER_SECRET_FILE")
-    if env_file:
-        return load_secret_file(env_file)
-    env_secret = os.environ.get("JOBBROKER_SECRET")
-    if env_secret:
-        return _checked(env_secret.encode(), "$JOBBROKER_SECRET")
-    default = default_secret_path()
-    if default.exists():
-        return load_secret_file(default)
-    raise ConfigError(
-        f"no secret: pass --secret-file, set $JOBBROKER_SECRET_FILE or $JOBBROKER_SECRET, "
-        f"or start the broker on this machine once so that it writes {default}"
-    )

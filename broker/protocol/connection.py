@@ -27,6 +27,7 @@ from jobbroker.broker.errors import (
     UsageError,
 )
 from jobbroker.broker.protocol import auth
+from jobbroker.broker.protocol.credentials import DEFAULT_CREDENTIAL, MAX_SECRETS_PER_CREDENTIAL, Credential
 from jobbroker.broker.protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
 from jobbroker.broker.protocol.messages import (
     Authenticate,
@@ -105,7 +106,7 @@ class _Connection:
 
     def __init__(self, max_frame_size: int, nonce: bytes | None) -> None:
         self._secret = b""  # the credential's secret in use, once known
-        self._credential = auth.DEFAULT_CREDENTIAL
+        self._credential = DEFAULT_CREDENTIAL
         self._decoder = FrameDecoder(max_frame_size)
         self._max_frame_size = max_frame_size
         # The largest frame the peer takes: the broker announces its own in the welcome; the
@@ -280,27 +281,31 @@ class ServerConnection(_Connection):
         heartbeat: the heartbeat interval in seconds, sent in the welcome.
         max_frame_size: largest frame body accepted.
         nonce: the broker's nonce; random unless a test fixes it.
+        leader: on a standby, the leading broker's advertised "HOST:PORT", sent in the welcome
+            (docs/protocol.md, "Standbys"); None on the leader. May be set until the welcome.
     """
 
     role = Role.SERVER
 
     def __init__(
         self,
-        credentials: Mapping[str, auth.Credential],
+        credentials: Mapping[str, Credential],
         *,
         session: int,
         heartbeat: float,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         nonce: bytes | None = None,
+        leader: str | None = None,
     ) -> None:
         super().__init__(max_frame_size, nonce)
         self.state = State.AWAIT_HELLO
+        self.leader = leader
         self._credentials = credentials
         self._candidates: tuple[bytes, ...] = ()
         self.session = session
         self.heartbeat = heartbeat
         self.client_name = ""
-        self.credential: auth.Credential | None = None  # known once authenticated
+        self.credential: Credential | None = None  # known once authenticated
         self.claimed_credential = ""  # the name the hello asked for, for logs
 
     def _tls_mismatch(self) -> TlsMismatch:
@@ -339,6 +344,7 @@ class ServerConnection(_Connection):
                     heartbeat=self.heartbeat,
                     max_frame_size=self._max_frame_size,
                     role=credential.role,
+                    leader=self.leader,
                 )
             )
             events.append(Authenticated(client=self.client_name, credential=credential.name, role=credential.role))
@@ -361,7 +367,7 @@ class ClientConnection(_Connection):
         self,
         secret: bytes,
         *,
-        credential: str = auth.DEFAULT_CREDENTIAL,
+        credential: str = DEFAULT_CREDENTIAL,
         client: str = "",
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         nonce: bytes | None = None,
@@ -392,7 +398,7 @@ class ClientConnection(_Connection):
         if isinstance(message, Challenge):
             _check_hello_fields(message.version, message.nonce)
             expected = auth.server_proof(self._secret, self._credential, self._nonce, message.nonce)
-            proofs = message.proofs[: auth.MAX_SECRETS_PER_CREDENTIAL]
+            proofs = message.proofs[:MAX_SECRETS_PER_CREDENTIAL]
             if not any(auth.proof_matches(expected, proof) for proof in proofs):
                 raise AuthenticationFailed(
                     f"broker proof does not match: wrong secret or unknown credential {self._credential!r}, "

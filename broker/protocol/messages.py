@@ -129,6 +129,9 @@ class Welcome(Message):
     heartbeat: float
     max_frame_size: int
     role: str = "admin"
+    # Set by a standby only: the leading broker's advertised "HOST:PORT" (docs/protocol.md,
+    # "Standbys"), so that a client moves there before sending a request.
+    leader: str | None = None
 
 
 # --- both directions --------------------------------------------------------------------
@@ -358,6 +361,7 @@ class ErrorReply(Message):
     id: int | None
     code: str
     message: str
+    leader: str | None = None  # with code "not_leader": the leading broker's "HOST:PORT", if known
 
 
 @dataclass(frozen=True, slots=True)

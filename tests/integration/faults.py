@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobbroker.broker.cli import main
 from jobbroker.broker.store import SqliteStore
+
+from jobbroker.cli import main
 
 SQLITE_FULL = 13
 SQLITE_IOERR_FSYNC = 10 | (4 << 8)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import trustme
-from jobbroker.broker.cli import _metrics_token
 from jobbroker.broker.config import BrokerConfig
+from jobbroker.broker.config import metrics_token as _metrics_token
 from jobbroker.broker.errors import ConfigError
 from jobbroker.broker.server import Broker
 from jobbroker.broker.web import SESSION_COOKIE

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from jobbroker.broker.config import BrokerConfig
 from jobbroker.broker.errors import ConfigError, StorageError
 from jobbroker.broker.store import SESSION_BLOCK, TOKEN_BLOCK, FsyncMode, IdCeilings, WriteBatch
 
@@ -129,7 +130,7 @@ def test_a_database_with_a_meta_table_not_ours_is_refused(pg_url: str) -> None:
 
 
 def test_the_store_setting_comes_from_a_flag_the_environment_or_the_config_file(tmp_path: Path) -> None:
-    from jobbroker.broker.cli import parse_args
+    from jobbroker.cli import parse_args
 
     config = tmp_path / "jobbroker.toml"
     config.write_text('store = "postgresql://file@db/jobs"\nstore_password_file = "/etc/pw"\n')
@@ -139,3 +140,10 @@ def test_the_store_setting_comes_from_a_flag_the_environment_or_the_config_file(
     assert from_environment.store == "postgresql://env@db/j"
     from_flag = parse_args(["serve", "--store", "postgresql://flag@db/j"], {"JOBBROKER_STORE": "postgresql://e@db/j"})
     assert from_flag.store == "postgresql://flag@db/j"
+    config = BrokerConfig.load(config, {})
+    assert (config.store_url, config.store_password_file, config.data_dir) == (
+        "postgresql://file@db/jobs",
+        Path("/etc/pw"),
+        None,
+    )
+    assert "file@db" not in repr(config)  # a URL may hold a password

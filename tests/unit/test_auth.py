@@ -2,9 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
-from jobbroker.broker.config import ensure_secret_file
 from jobbroker.broker.errors import ConfigError, IntegrityError
 from jobbroker.broker.protocol import auth
+from jobbroker.broker.protocol.credentials import (
+    default_secret_path,
+    ensure_secret_file,
+    load_secret_file,
+    resolve_secret,
+)
 
 SECRET = b"k" * 32
 
@@ -56,29 +61,27 @@ def test_frame_macs_detect_tampering_replay_and_reordering() -> None:
         auth.FrameVerifier(key).verify(b"short")
 
 
-def test_secret_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.delenv("JOBBROKER_SECRET_FILE", raising=False)
-    monkeypatch.delenv("JOBBROKER_SECRET", raising=False)
+def test_secret_resolution_order(tmp_path: Path) -> None:
+    environ = {"XDG_DATA_HOME": str(tmp_path / "data")}
     with pytest.raises(ConfigError, match="no secret"):
-        auth.resolve_secret()
+        resolve_secret(environ=environ)
 
-    default, path, created = ensure_secret_file()
+    default, path, created = ensure_secret_file(default_secret_path(environ))
     assert created and path == tmp_path / "data" / "jobbroker" / "secret"
     assert os.stat(path).st_mode & 0o777 == 0o600
-    assert auth.resolve_secret() == default
+    assert resolve_secret(environ=environ) == default
 
-    monkeypatch.setenv("JOBBROKER_SECRET", "e" * 20)
-    assert auth.resolve_secret() == b"e" * 20
+    environ["JOBBROKER_SECRET"] = "e" * 20
+    assert resolve_secret(environ=environ) == b"e" * 20
 
     secret_file = tmp_path / "file"
     secret_file.write_bytes(b"f" * 20 + b"\n")
     secret_file.chmod(0o600)
-    monkeypatch.setenv("JOBBROKER_SECRET_FILE", str(secret_file))
-    assert auth.resolve_secret() == b"f" * 20  # trailing newline dropped
+    environ["JOBBROKER_SECRET_FILE"] = str(secret_file)
+    assert resolve_secret(environ=environ) == b"f" * 20  # trailing newline dropped
 
-    assert auth.resolve_secret(secret_file=default_path_file(tmp_path)) == b"g" * 20
-    assert auth.resolve_secret(secret=b"h" * 20) == b"h" * 20
+    assert resolve_secret(secret_file=default_path_file(tmp_path), environ=environ) == b"g" * 20
+    assert resolve_secret(secret=b"h" * 20, environ=environ) == b"h" * 20
 
 
 def default_path_file(tmp_path: Path) -> Path:
@@ -90,12 +93,12 @@ def default_path_file(tmp_path: Path) -> Path:
 
 def test_short_secrets_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at least 16"):
-        auth.resolve_secret(secret=b"abc")
+        resolve_secret(secret=b"abc", environ={})
     path = tmp_path / "short"
     path.write_bytes(b"abc\n")
     path.chmod(0o600)
     with pytest.raises(ConfigError, match="at least 16"):
-        auth.load_secret_file(path)
+        load_secret_file(path)
 
 
 def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
@@ -103,7 +106,7 @@ def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
     path.write_bytes(b"x" * 32)
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="readable by others"):
-        auth.load_secret_file(path)
+        load_secret_file(path)
 
 
 def test_generated_secret_is_kept_on_the_next_start(tmp_path: Path) -> None:

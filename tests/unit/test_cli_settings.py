@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
-from jobbroker.broker.cli import parse_args
 from jobbroker.broker.errors import ConfigError
+
+from jobbroker.cli import parse_args
 
 
 def test_defaults() -> None:
@@ -62,15 +63,14 @@ def test_other_commands_are_untouched_by_serve_settings() -> None:
 
 def test_every_serve_setting_is_in_the_readme_table() -> None:
     """README's one table of settings: a row per flag, with its variable and config key."""
-    from jobbroker.broker.cli import _parser
+    from jobbroker.broker.config import SETTINGS
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    _, serve = _parser()
-    for action in serve._actions:
-        if not action.option_strings or action.dest in ("help", "config", "secret_file", "log_level", "log_format"):
+    for setting in SETTINGS:
+        if setting.name in ("secret_file", "log_level", "log_format"):
             continue
-        row = f"| `{action.option_strings[0]}` | `JOBBROKER_{action.dest.upper()}` | `{action.dest}` |"
-        assert row in readme, f"README's settings table lacks {action.option_strings[0]}"
+        row = f"| `{setting.flag}` | `{setting.variable}` | `{setting.name}` |"
+        assert row in readme, f"README's settings table lacks {setting.flag}"
 
 
 def test_clients_follow_the_brokers_port_variable() -> None:

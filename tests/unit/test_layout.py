@@ -1,7 +1,10 @@
 """The architecture, checked: pure layers import no asyncio; public names are as listed."""
 
+import ast
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jobbroker.broker as broker
 import jobbroker.client as client
@@ -16,9 +19,16 @@ import jobbroker
         "jobbroker.broker.protocol.framing",
         "jobbroker.broker.protocol.messages",
         "jobbroker.broker.protocol.auth",
+        "jobbroker.broker.protocol.credentials",
         "jobbroker.broker.protocol.connection",
         "jobbroker.broker.core.scheduler",
         "jobbroker.broker.core.clock",
+        "jobbroker.broker.core.effects",
+        "jobbroker.broker.core.records",
+        "jobbroker.broker.core.limits",
+        "jobbroker.broker.core.reports",
+        "jobbroker.broker.core.changes",
+        "jobbroker.broker.server.dispatch",
     ],
 )
 def test_pure_layers_import_no_asyncio_or_sockets(module: str) -> None:
@@ -27,13 +37,68 @@ def test_pure_layers_import_no_asyncio_or_sockets(module: str) -> None:
     assert out.strip() == "[]"
 
 
-def test_client_imports_only_the_protocol_and_errors_of_the_broker() -> None:
-    code = "import sys, jobbroker.client; print(sorted(m for m in sys.modules if m.startswith('jobbroker.broker.')))"
+@pytest.mark.parametrize("module", ["jobbroker.broker.reports", "jobbroker.broker.metrics"])
+def test_the_reports_of_the_http_port_import_nothing_of_the_job_core(module: str) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('jobbroker.broker.core')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+BROKER = Path(__file__).resolve().parents[2] / "broker"
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of each `import` and `from ... import` of a source file."""
+    found: list[tuple[str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend((alias.name, []) for alias in node.names)
+    return found
+
+
+def test_the_http_port_imports_nothing_of_the_job_core() -> None:
+    """web.py serves what reports.py makes of the server's plain data."""
+    for name in ("web.py", "reports.py", "metrics.py"):
+        modules = [module for module, _ in _imports(BROKER / name)]
+        assert not [m for m in modules if m.startswith("jobbroker.broker.core")], name
+
+
+def test_the_rooms_of_the_server_use_no_private_names_of_each_other() -> None:
+    for path in sorted((BROKER / "server").glob("*.py")):
+        for module, names in _imports(path):
+            if module.startswith("jobbroker.broker.server"):
+                assert not [n for n in names if n.startswith("_")], (path.name, module, names)
+
+
+@pytest.mark.parametrize("module", ["jobbroker.client", "jobbroker.client.cli", "jobbroker.client.settings"])
+def test_client_imports_only_the_protocol_and_errors_of_the_broker(module: str) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('jobbroker.broker.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = eval(out)
     assert loaded and all(
         m == "jobbroker.broker.errors" or m.startswith("jobbroker.broker.protocol") for m in loaded
     ), loaded
+
+
+def test_the_credentials_module_needs_only_the_standard_library() -> None:
+    code = "import sys, jobbroker.broker.protocol.credentials; print('msgpack' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_the_environment_is_read_in_one_place_per_side() -> None:
+    """broker/config.py on the broker's side, client/settings.py on the client's; the rest
+    is handed the mapping (web.py's `environ` is WSGI's, not the process's)."""
+    root = Path(__file__).resolve().parents[2]
+    readers = {
+        path.relative_to(root).as_posix()
+        for folder in ("broker", "client", "jobbroker")
+        for path in (root / folder).rglob("*.py")
+        if re.search(r"os\.environ|os\.getenv", path.read_text())
+    }
+    assert readers == {"broker/config.py", "client/settings.py", "jobbroker/cli.py"}, readers
 
 
 @pytest.mark.parametrize(

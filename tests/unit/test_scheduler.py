@@ -754,3 +754,12 @@ def test_purging_a_queue_cancels_its_waiting_jobs_too() -> None:
     waiting = h.submit(["a", "b"], after=[parent])
     assert sorted(h.scheduler.purge_queue("q", h.now)) == waiting
     assert h.stats()["waiting"] == 0
+
+
+def test_purge_cancels_a_job_and_the_jobs_waiting_for_it_once() -> None:
+    h = Harness()
+    first = h.submit(["a"])
+    second = h.submit(["b"], after=first)
+    assert sorted(h.scheduler.purge_queue("q", h.now)) == first + second
+    assert [h.scheduler.job_info(i)["state"] for i in first + second] == ["cancelled", "cancelled"]
+    assert h.stats()["pending"] == h.stats()["waiting"] == h.stats()["delayed"] == 0

@@ -18,6 +18,8 @@ sys.path.insert(0, str(HERE))
 import baselines  # noqa: E402
 import throughput  # noqa: E402
 
+from tests.postgres import find_binaries  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +30,12 @@ def main() -> None:
     jobs, workers, pending = (20_000, [1, 2], 100_000) if args.quick else (args.jobs, args.workers, 1_000_000)
 
     print(f"== throughput, {jobs:,} jobs (n -> n*n), every result collected, loopback; jobs/s", flush=True)
-    ours = throughput.run(jobs, workers, ["memory", "durable"])
+    modes = ["memory", "durable"]
+    if find_binaries() is not None:  # else said below, and left out
+        modes.append("postgresql")
+    else:
+        print("(no PostgreSQL binaries: the postgresql store is left out; apt-get install postgresql)")
+    ours = throughput.run(jobs, workers, modes)
     theirs = baselines.run(jobs, workers)
     columns = [f"W={w}" for w in workers]
     table: dict[str, dict[int, float | str]] = {}
@@ -44,12 +51,13 @@ def main() -> None:
     for ours_name in (
         "jobbroker memory, batched (map)",
         "jobbroker durable, batched (map)",
+        "jobbroker postgresql, batched (map)",
         "jobbroker memory, per-job submit",
     ):
         for name, _, _ in theirs[: len(theirs) // len(workers)]:
             ratios = []
             for w in workers:
-                mine, base = table[ours_name].get(w), table[name].get(w)
+                mine, base = table.get(ours_name, {}).get(w), table[name].get(w)
                 ratios.append(
                     f"{mine / base:11.1f}x" if isinstance(mine, float) and isinstance(base, float) else f"{'-':>12}"
                 )

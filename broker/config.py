@@ -79,6 +79,9 @@ class BrokerConfig:
         data_dir: where jobs are kept (SQLite); None keeps them in memory only. The CLI
             defaults to a directory next to the secret.
         fsync: when group commits reach the disk (broker/store.py, FsyncMode).
+        store_url: keep jobs in PostgreSQL there instead (`postgresql://USER@HOST:PORT/DB`,
+            broker/pgstore.py); data_dir is then unused.
+        store_password_file: the PostgreSQL password, if not in the URL or PGPASSFILE.
         max_connections: connections held at once; more are refused. A tenth of them are
             kept for authenticated connections.
         max_handshakes_per_ip: unauthenticated connections (handshakes in progress) from one
@@ -104,6 +107,8 @@ class BrokerConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     data_dir: Path | None = None
     fsync: FsyncMode = FsyncMode.ALWAYS
+    store_url: str | None = field(default=None, repr=False)  # may hold a password
+    store_password_file: Path | None = None
     max_connections: int = 10_000
     max_handshakes_per_ip: int = 128
     max_payload_size: int = 1024 * 1024
@@ -278,6 +283,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("handshake_timeout", "seconds to authenticate", "handshake_timeout", float),
     Setting("data_dir", "where jobs are kept", "data_dir", shown_default="$XDG_DATA_HOME/jobbroker/data"),
     Setting("memory", "keep jobs in memory only: lost when the broker stops", kind=bool, own_default=False),
+    Setting("store", "keep jobs in PostgreSQL instead of --data-dir: postgresql://USER@HOST:PORT/DB", "store_url"),
+    Setting(
+        "store_password_file",
+        "file holding the --store password (else the URL's or PGPASSFILE)",
+        "store_password_file",
+    ),
     Setting(
         "fsync",
         "always: fsync each group commit before acknowledging; interval: at most 1 s later; never",
@@ -320,6 +331,7 @@ _OTHER_VARIABLES = frozenset(
         "JOBBROKER_TLS_CA",
         "JOBBROKER_TEST_TIME_UNIT",
         "JOBBROKER_REQUIRE_BROWSER",
+        "JOBBROKER_REQUIRE_POSTGRES",
         "JOBBROKER_TEST_FAULTS",
     }
 )
@@ -430,17 +442,18 @@ def config_from_settings(values: Mapping[str, Any], environ: Mapping[str, str]) 
     """
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
-    if values["memory"] and values["data_dir"]:
-        raise ConfigError("--memory and --data-dir exclude each other")
+    if sum(map(bool, (values["memory"], values["data_dir"], values["store"]))) > 1:
+        raise ConfigError("--memory, --data-dir and --store exclude each other")
     top: dict[str, Any] = {}
     scheduler: dict[str, Any] = {}
     for setting in SETTINGS:
         if setting.target is not None:
             owner, _, field_name = setting.target.rpartition(".")
             (scheduler if owner == "scheduler" else top)[field_name] = values[setting.name]
-    for name in ("tls_cert", "tls_key"):
+    for name in ("tls_cert", "tls_key", "store_password_file"):
         top[name] = Path(top[name]) if top[name] else None
-    top["data_dir"] = None if values["memory"] else Path(values["data_dir"] or default_store_dir(environ))
+    stored_elsewhere = values["memory"] or values["store"]
+    top["data_dir"] = None if stored_elsewhere else Path(values["data_dir"] or default_store_dir(environ))
     top["fsync"] = FsyncMode(top["fsync"])
     top["metrics_token"] = metrics_token(
         values["metrics_token_file"], values["metrics_port"], values["metrics_host"], environ

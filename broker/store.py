@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import msgpack
-from jobbroker.broker.config import FsyncMode  # a setting; re-exported for `from store import FsyncMode`
+from jobbroker.broker.config import BrokerConfig, FsyncMode  # FsyncMode re-exported for `from store import`
 from jobbroker.broker.core.changes import Changes
 from jobbroker.broker.core.controls import QueueControls
 from jobbroker.broker.core.jobs import Job, JobState
-from jobbroker.broker.errors import StorageError, StorageFailed
+from jobbroker.broker.errors import ConfigError, StorageError, StorageFailed
 
 __all__ = [
     "FsyncMode",
@@ -46,6 +46,7 @@ __all__ = [
     "Store",
     "Update",
     "WriteBatch",
+    "open_store",
     "recover",
     "serialize",
 ]
@@ -138,6 +139,26 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def open_store(config: BrokerConfig) -> Store:
+    """The durable store a config names: PostgreSQL at config.store_url, else SQLite in
+    config.data_dir.
+
+    Raises:
+        ConfigError: a store URL that cannot be used, or the PostgreSQL driver is missing.
+        StorageError: the store cannot be opened.
+    """
+    if config.store_url is not None:
+        try:
+            from jobbroker.broker.pgstore import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"the PostgreSQL store needs psycopg ({exc}): pip install 'jobbroker[postgresql]'"
+            ) from None
+        return PostgresStore(config.store_url, config.fsync, password_file=config.store_password_file)
+    assert config.data_dir is not None, "a durable store needs data_dir or store_url"
+    return SqliteStore(config.data_dir, config.fsync)
 
 
 class MemoryStore:

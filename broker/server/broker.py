@@ -53,12 +53,7 @@ from jobbroker.broker.server.admission import Admission
 from jobbroker.broker.server.commit import COMPACT_EVERY, GroupCommit
 from jobbroker.broker.server.connection import BrokerProtocol
 from jobbroker.broker.server.dispatch import Dispatcher, ids_text
-from jobbroker.broker.store import (
-    FsyncMode,
-    MemoryStore,
-    SqliteStore,
-    Store,
-)
+from jobbroker.broker.store import FsyncMode, MemoryStore, Store, open_store
 from jobbroker.broker.web import WebServer
 
 __all__ = ["COMPACT_EVERY", "Broker", "serve"]
@@ -91,7 +86,8 @@ class Broker:
         secret: the shared secret of the one credential, "default" (admin), when no
             `credentials` are given.
         credentials: the named credentials clients authenticate as, with their roles.
-        store: where jobs are kept; default: SQLite in config.data_dir, or memory if that is None.
+        store: where jobs are kept; default: PostgreSQL at config.store_url, else SQLite in
+            config.data_dir, or memory if that is None.
         clock: the one source of time (monotonic and wall) of the broker and its scheduler;
             default: the system's (time.monotonic(), time.time()).
     """
@@ -120,8 +116,8 @@ class Broker:
         self.reply_budget = max(config.max_write_buffer - self.high_water, 1)
         self._web: WebServer | None = None
         self._given_store = store
-        self.store: Store = store or MemoryStore()  # opened in start() when config.data_dir is set
-        durable = store.durable if store is not None else config.data_dir is not None
+        self.store: Store = store or MemoryStore()  # opened in start() when config names a store
+        durable = store.durable if store is not None else (config.data_dir or config.store_url) is not None
         self.scheduler = Scheduler(config.scheduler, track_changes=durable)
         self._commit = GroupCommit(self.scheduler, self.clock, _CommitHost(self))
         self._connections: dict[int, BrokerProtocol] = {}
@@ -171,8 +167,7 @@ class Broker:
         if self.scheduler.track_changes:
             started = time.perf_counter()
             if self._given_store is None:
-                assert self.config.data_dir is not None
-                self.store = SqliteStore(self.config.data_dir, self.config.fsync)
+                self.store = open_store(self.config)
             try:
                 recovered = self.store.load(clock.now(), clock.wall())
             except BaseException:
@@ -185,7 +180,7 @@ class Broker:
             self._commit.open(loop, self.store, recovered.ceilings, sync_every=self.config.fsync is FsyncMode.INTERVAL)
             log.info(
                 "data in %s (fsync %s): recovered %d jobs in %.2fs",
-                self.config.data_dir or self.store,
+                (self.config.store_url is None and self.config.data_dir) or self.store,
                 self.config.fsync,
                 len(recovered.jobs),
                 time.perf_counter() - started,

@@ -104,7 +104,7 @@ def start_broker(tmp_path: Path, secret_file: Path, processes: list[Process]) ->
         module = "jobbroker" if faults is None else "faults"
         argv = [sys.executable, "-m", module, "serve", "--port", str(port), "--secret-file", str(secret_file)]
         argv += ["--heartbeat", str(HEARTBEAT * TIME_UNIT)]
-        if "--memory" not in args:
+        if "--memory" not in args and "--store" not in args:
             argv += ["--data-dir", str(data_dir or tmp_path / f"data-{count}")]
         argv += args
         env = None if faults is None else {"JOBBROKER_TEST_FAULTS": str(faults)}

@@ -63,7 +63,8 @@ def test_defaults_come_from_the_dataclasses() -> None:
         ({}, "", {"colour": 1}, r"overrides: unknown setting 'colour'"),
         ({}, "[queues.q]\nrate = 'fast'\n", {}, r"broker.toml: queues.q.rate: 'fast' is not a rate"),
         ({}, "[queues.q]\nspeed = 1\n", {}, r"unknown queue setting 'speed'"),
-        ({}, "", {"memory": True, "data_dir": "/x"}, "--memory and --data-dir exclude each other"),
+        ({}, "", {"memory": True, "data_dir": "/x"}, "--memory, --data-dir and --store exclude each other"),
+        ({}, "", {"store": "postgresql://u@h/d", "data_dir": "/x"}, "--memory, --data-dir and --store exclude each"),
         ({}, "", {"tls_cert": "/c.pem"}, "--tls-cert and --tls-key go together"),
     ],
 )

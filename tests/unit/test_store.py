@@ -1,4 +1,6 @@
-"""The SQLite store on a temporary directory, and the scheduler's restore()."""
+"""The stores, SQLite on a temporary directory and PostgreSQL in a database of the tests' own
+server (tests/conftest.py), against one contract (the tests taking `open_store`); SQLite's own
+faults and recovery; the scheduler's restore()."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import contextlib
 import errno
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -17,9 +20,9 @@ from jobbroker.broker.errors import StorageError, StorageFailed
 from jobbroker.broker.store import (
     SESSION_BLOCK,
     TOKEN_BLOCK,
-    FsyncMode,
     IdCeilings,
     SqliteStore,
+    Store,
     WriteBatch,
     _write_error,
     recover,
@@ -27,6 +30,18 @@ from jobbroker.broker.store import (
 )
 
 WALL = 1_800_000_000.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """Opens a store on one place, anew at each call (a restart): a data directory, or a new
+    database of the tests' PostgreSQL server (skipped, saying why, where there is none)."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "data")
+    from jobbroker.broker.pgstore import PostgresStore
+
+    url = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url)
 
 
 def scheduler_with_history(clock: FakeClock) -> Scheduler:
@@ -51,16 +66,16 @@ def scheduler_with_history(clock: FakeClock) -> Scheduler:
     return scheduler
 
 
-def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
+def test_rows_round_trip_through_the_store(open_store: Callable[[], Store]) -> None:
     clock = FakeClock()
     original = scheduler_with_history(clock)
-    store = SqliteStore(tmp_path / "data")
+    store = open_store()
     batch = serialize(original.take_changes(), clock.now(), WALL)
     assert len(batch.inserts) == 7 and batch.updates == [] and batch.deletes == []
     store.write(batch, original.next_job_id)
     store.close()
 
-    reopened = SqliteStore(tmp_path / "data")
+    reopened = open_store()
     later = FakeClock(start=5000.0)  # another process: another monotonic origin
     recovered = reopened.load(later.now(), WALL + 10.0)  # ten seconds later
     reopened.close()
@@ -117,8 +132,8 @@ def test_leased_job_with_attempts_left_comes_back_pending_with_the_attempt_count
     assert deliver.jobs[0][4] == 2  # second attempt
 
 
-def test_deletes_free_the_rows(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "data", FsyncMode.NEVER)
+def test_deletes_free_the_rows(open_store: Callable[[], Store]) -> None:
+    store = open_store()
     clock = FakeClock()
     scheduler = scheduler_with_history(clock)
     batch = serialize(scheduler.take_changes(), clock.now(), WALL)
@@ -150,12 +165,12 @@ def test_unusable_directory_is_a_clear_error(tmp_path: Path) -> None:
         SqliteStore(tmp_path / "a-file" / "data")
 
 
-def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
+def test_later_changes_are_written_as_updates(open_store: Callable[[], Store]) -> None:
     clock = FakeClock()
     scheduler = Scheduler(SchedulerConfig(result_ttl=100.0), track_changes=True)
     scheduler.open_session(1, clock.now())
     done_id, retried_id = scheduler.submit(1, "q", [b"a", b"b"], clock.now(), backoff=5.0)
-    store = SqliteStore(tmp_path / "data")
+    store = open_store()
     first = serialize(scheduler.take_changes(), clock.now(), WALL)
     assert len(first.inserts) == 2
     store.write(first, scheduler.next_job_id)
@@ -171,7 +186,7 @@ def test_later_changes_are_written_as_updates(tmp_path: Path) -> None:
     store.write(second, scheduler.next_job_id)
     store.close()
 
-    reopened = SqliteStore(tmp_path / "data")
+    reopened = open_store()
     jobs = {job.id: job for job in reopened.load(0.0, WALL).jobs}
     reopened.close()
     assert jobs[done_id].state is JobState.DONE and jobs[done_id].result == b"\x92\x01\x02"
@@ -192,13 +207,15 @@ def test_a_job_created_and_forgotten_between_writes_is_never_written() -> None:
     assert not scheduler.take_changes()
 
 
-def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_together(tmp_path: Path) -> None:
+def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_together(
+    open_store: Callable[[], Store],
+) -> None:
     clock = FakeClock()
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, clock.now())
     scheduler.open_session(2, clock.now())
     ids = scheduler.submit(1, "q", [msgpack.packb(n) for n in range(50)], clock.now())
-    store = SqliteStore(tmp_path / "data")
+    store = open_store()
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
     scheduler.stored(scheduler.next_job_id)
     scheduler.reserve(2, ["q"], 40, clock.now())
@@ -210,7 +227,7 @@ def test_deliveries_are_not_written_and_jobs_that_changed_alike_are_updated_toge
     assert len(batch.updates) == 40 and len({update[:-1] for update in batch.updates}) == 1
     store.write(batch, scheduler.next_job_id)
     store.close()
-    reopened = SqliteStore(tmp_path / "data")
+    reopened = open_store()
     states = {job.id: (str(job.state), job.attempts) for job in reopened.load(0.0, WALL).jobs}
     reopened.close()
     assert [states[i] for i in ids] == [("pending", 1)] * 40 + [("pending", 0)] * 10
@@ -250,14 +267,14 @@ def test_memory_mode_delivers_at_once() -> None:
     assert [e for e in scheduler.flush(0.0) if isinstance(e, Deliver)]
 
 
-def test_ids_continue_above_stored_ceilings_after_a_restart(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "data")
+def test_ids_continue_above_stored_ceilings_after_a_restart(open_store: Callable[[], Store]) -> None:
+    store = open_store()
     first = store.load(0.0, WALL)
     assert (first.next_token, first.next_session) == (1, 1)
     assert first.ceilings == IdCeilings(1 + TOKEN_BLOCK, 1 + SESSION_BLOCK)
     store.write(WriteBatch(ceilings=IdCeilings(5 * TOKEN_BLOCK, 7 * SESSION_BLOCK)), 1)
     store.close()
-    reopened = SqliteStore(tmp_path / "data")
+    reopened = open_store()
     second = reopened.load(0.0, WALL)
     reopened.close()
     # Whatever the first run handed out stayed below its ceilings: the second starts there.
@@ -364,16 +381,16 @@ def test_recover_salvages_the_readable_pages_of_a_damaged_file(tmp_path: Path) -
     assert all(msgpack.unpackb(job.payload)["pad"] == "x" * 300 for job in salvaged.jobs)
 
 
-def test_queue_controls_survive_a_restart(tmp_path: Path) -> None:
+def test_queue_controls_survive_a_restart(open_store: Callable[[], Store]) -> None:
     clock = FakeClock()
     scheduler = Scheduler(track_changes=True)
     scheduler.configure_queue("slow", clock.now(), paused=True, concurrency=2, rate=7.5)
     scheduler.configure_queue("gone", clock.now(), paused=True)
     scheduler.configure_queue("gone", clock.now(), paused=False)
-    store = SqliteStore(tmp_path / "data")
+    store = open_store()
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
     store.close()
-    reopened = SqliteStore(tmp_path / "data")
+    reopened = open_store()
     recovered = reopened.load(0.0, WALL)
     reopened.close()
     assert set(recovered.controls) == {"slow"}
@@ -384,21 +401,21 @@ def test_queue_controls_survive_a_restart(tmp_path: Path) -> None:
     assert (queue["paused"], queue["concurrency"], queue["rate"]) == (True, 2, 7.5)
 
 
-def test_a_jobs_own_options_survive_a_restart(tmp_path: Path) -> None:
+def test_a_jobs_own_options_survive_a_restart(open_store: Callable[[], Store]) -> None:
     clock = FakeClock()
     scheduler = Scheduler(track_changes=True)
     scheduler.open_session(1, clock.now())
     (job_id,) = scheduler.submit(1, "q", [b"x"], clock.now(), timeout=9.0, result_ttl=1234.0, max_backoff=7.0)
-    store = SqliteStore(tmp_path / "data")
+    store = open_store()
     store.write(serialize(scheduler.take_changes(), clock.now(), WALL), scheduler.next_job_id)
     store.close()
-    reopened = SqliteStore(tmp_path / "data")
+    reopened = open_store()
     (job,) = reopened.load(0.0, WALL).jobs
     reopened.close()
     assert (job.id, job.timeout, job.result_ttl, job.max_backoff) == (job_id, 9.0, 1234.0, 7.0)
 
 
-def test_jobs_waiting_for_others_survive_a_restart(tmp_path: Path) -> None:
+def test_jobs_waiting_for_others_survive_a_restart(open_store: Callable[[], Store]) -> None:
     clock = FakeClock()
     scheduler = Scheduler(track_changes=True)
     now = clock.now()
@@ -411,11 +428,11 @@ def test_jobs_waiting_for_others_survive_a_restart(tmp_path: Path) -> None:
     ((job_id, token, *_),) = deliver.jobs
     assert job_id == first
     scheduler.complete(1, [[first, token, b"A"]], now)  # the child keeps this result
-    store = SqliteStore(tmp_path / "data")
+    store = open_store()
     store.write(serialize(scheduler.take_changes(), now, WALL), scheduler.next_job_id)
     store.close()
 
-    reopened = SqliteStore(tmp_path / "data")
+    reopened = open_store()
     recovered = reopened.load(0.0, WALL)
     reopened.close()
     restored = Scheduler(track_changes=True)
@@ -430,3 +447,41 @@ def test_jobs_waiting_for_others_survive_a_restart(tmp_path: Path) -> None:
     (deliver,) = [e for e in restored.flush(0.0) if isinstance(e, Deliver)]
     ((job_id, _, _, _, _, _, _, parents),) = deliver.jobs
     assert (job_id, parents) == (child, [b"A", b"B"])
+
+
+def test_schedules_survive_a_restart_and_a_removed_one_is_gone(open_store: Callable[[], Store]) -> None:
+    store = open_store()
+    nightly, hourly = {"name": "nightly", "cron": "0 3 * * *"}, {"name": "hourly", "every": 3600.0}
+    store.write(WriteBatch(schedules={"nightly": msgpack.packb(nightly), "hourly": msgpack.packb(hourly)}), 1)
+    store.write(WriteBatch(schedules={"hourly": None}), 1)
+    store.close()
+    reopened = open_store()
+    assert reopened.load(0.0, WALL).schedules == [nightly]
+    reopened.close()
+
+
+def test_a_batch_written_again_after_an_unknown_outcome_is_harmless(open_store: Callable[[], Store]) -> None:
+    """A commit whose outcome was not known (a connection lost during COMMIT) is written again,
+    merged with what came after: nothing doubles, and every job ends in its latest state."""
+    clock = FakeClock()
+    scheduler = Scheduler(SchedulerConfig(result_ttl=100.0), track_changes=True)
+    scheduler.open_session(1, clock.now())
+    first, second = scheduler.submit(1, "q", [b"a", b"b"], clock.now())
+    created = serialize(scheduler.take_changes(), clock.now(), WALL)
+    scheduler.stored(scheduler.next_job_id)
+    scheduler.cancel([first], clock.now())
+    cancelled = serialize(scheduler.take_changes(), clock.now(), WALL)
+    scheduler.reserve(1, ["q"], 1, clock.now())
+    (deliver,) = [e for e in scheduler.flush(clock.now()) if isinstance(e, Deliver)]
+    scheduler.complete(1, [[second, deliver.jobs[0][1], b"B"]], clock.now())
+    completed = serialize(scheduler.take_changes(), clock.now(), WALL)
+    store = open_store()
+    store.write(created.then(cancelled), scheduler.next_job_id)  # it landed, but was not known to
+    store.write(created.then(cancelled).then(completed), scheduler.next_job_id)  # so again, merged
+    store.write(completed, scheduler.next_job_id)
+    store.close()
+    reopened = open_store()
+    recovered = reopened.load(0.0, WALL)
+    reopened.close()
+    states = {job.id: (str(job.state), job.result) for job in recovered.jobs}
+    assert states == {first: ("cancelled", None), second: ("done", b"B")} and recovered.next_job_id == 3

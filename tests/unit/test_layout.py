@@ -28,6 +28,9 @@ import jobbroker
         "jobbroker.broker.core.limits",
         "jobbroker.broker.core.reports",
         "jobbroker.broker.core.changes",
+        "jobbroker.broker.core.lifecycle",
+        "jobbroker.broker.core.dependencies",
+        "jobbroker.broker.core.delivery",
         "jobbroker.broker.server.dispatch",
     ],
 )

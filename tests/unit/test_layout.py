@@ -18,6 +18,7 @@ import jobbroker
     [
         "jobbroker.broker.protocol.framing",
         "jobbroker.broker.protocol.messages",
+        "jobbroker.broker.protocol.schema",
         "jobbroker.broker.protocol.auth",
         "jobbroker.broker.protocol.credentials",
         "jobbroker.broker.protocol.connection",

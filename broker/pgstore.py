@@ -51,9 +51,9 @@ from jobbroker.broker.store import (
     Row,
     Update,
     WriteBatch,
-    _job_from_row,
-    _unpack,
 )
+from jobbroker.broker.store.rows import job_from_row as _job_from_row
+from jobbroker.broker.store.rows import unpack as _unpack
 from psycopg import pq
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "redact_url"]

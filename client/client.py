@@ -45,7 +45,8 @@ from jobbroker.broker.protocol.messages import (
     Watch,
 )
 from jobbroker.broker.protocol.rows import Outcome, ResultRow, refused_rows
-from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
+from jobbroker.client.connection import Connection, Dial, dial_tcp
+from jobbroker.client.link import Link
 from jobbroker.client.progress import show_progress
 from jobbroker.client.serializers import PlainMsgpack, Serializer
 

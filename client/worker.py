@@ -51,8 +51,9 @@ from jobbroker.broker.protocol.messages import (
     bounded,
 )
 from jobbroker.broker.protocol.rows import DeliveryRow, refused_rows
-from jobbroker.client.connection import Connection, Dial, Link, dial_tcp
+from jobbroker.client.connection import Connection, Dial, dial_tcp
 from jobbroker.client.executors import InlineSlot, ProcessSlot, SharedSlot, Slot, ThreadPool, ThreadSlot
+from jobbroker.client.link import Link
 from jobbroker.client.serializers import PlainMsgpack, Serializer
 from jobbroker.client.tasks import Task
 

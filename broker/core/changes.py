@@ -1,6 +1,6 @@
 """Change tracking for a durable store: which jobs, queue controls and schedules to write
 since the last take (docs/protocol.md, "Durability"). The scheduler records; the store
-(broker/store.py) turns a Changes into rows."""
+(broker/store/rows.py) turns a Changes into rows."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ class Queue:
     def __init__(self, name: str, now: float = 0.0) -> None:
         self.name = name
         # priority -> FIFO. May hold jobs no longer pending (cancelled): pop() skips them.
-        # Pending jobs not yet stored are counted but in no FIFO (Scheduler._unstored).
+        # Pending jobs not yet stored are counted but in no FIFO (Lifecycle.unstored, lifecycle.py).
         self.pending: dict[int, deque[Job]] = {}
         self.priorities: list[int] = []  # negated priorities present in `pending`, ascending
         # Jobs per state, kept by Scheduler._move only.

@@ -16,10 +16,12 @@ limit (`timeout`) by the grace the worker had to end it itself. An attempt count
 moment the worker starts the job, not from its delivery: a job that waits in a worker's
 prefetch buffer uses no attempt.
 
-The rooms around this one: effects.py (what flush() returns), records.py (queue and session
-records), limits.py (defaults, limits and request checks), reports.py (read-only views),
-changes.py (what a durable store must write). Job states change in one place, _move(), which
-keeps every per-state record in step with the lifecycle table of jobs.py.
+The rooms around this one: lifecycle.py (the books: job states change in one place,
+Lifecycle.move(), which keeps every per-state record and deadline in step with the lifecycle
+table of jobs.py), dependencies.py (jobs that run after others), delivery.py (pending jobs to
+waiting workers, at each flush), effects.py (what flush() returns), records.py (queue and
+session records), limits.py (defaults, limits and request checks), reports.py (read-only
+views), changes.py (what a durable store must write). This one decides what happens to a job.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from typing import Any
 from jobbroker.broker.core import reports
 from jobbroker.broker.core.changes import Changes
 from jobbroker.broker.core.controls import QueueControls
-from jobbroker.broker.core.deadlines import Deadlines, OrderedDeadlines
+from jobbroker.broker.core.deadlines import Deadlines
+from jobbroker.broker.core.delivery import dispatch, outcome
+from jobbroker.broker.core.dependencies import Dependencies
 from jobbroker.broker.core.effects import (
     Deliver,
     Effect,
@@ -44,7 +48,8 @@ from jobbroker.broker.core.effects import (
     TimeLimitHit,
     WorkerLost,
 )
-from jobbroker.broker.core.jobs import FINAL_STATES, TRANSITIONS, Job, JobEvent, JobState, next_state
+from jobbroker.broker.core.jobs import FINAL_STATES, Job, JobEvent, JobState
+from jobbroker.broker.core.lifecycle import HEARTBEATS_MISSED_BEFORE_DEAD, Lifecycle
 from jobbroker.broker.core.limits import (
     MAX_PROGRESS_MESSAGE,
     SchedulerConfig,
@@ -60,7 +65,7 @@ from jobbroker.broker.core.records import RATE_SAMPLE_EVERY, Queue, RunTimes, Se
 from jobbroker.broker.core.reports import WORKER_JOBS_SHOWN
 from jobbroker.broker.core.schedules import Schedule, Schedules
 from jobbroker.broker.errors import InvalidRequest, InvalidState, JobNotFound, LeaseLost, LimitExceeded, QueueFull
-from jobbroker.broker.protocol.rows import DeliveryRow, Outcome, ResultRow
+from jobbroker.broker.protocol.rows import Outcome, ResultRow
 
 __all__ = [
     "WORKER_JOBS_SHOWN",
@@ -80,7 +85,6 @@ __all__ = [
     "check_queue_name",
 ]
 
-HEARTBEATS_MISSED_BEFORE_DEAD = 3
 # Seconds between sweeps that free the queues nobody uses (no jobs, no workers naming them);
 # a queue at the limit is also swept for, at most once a second.
 QUEUE_SWEEP_EVERY = 60.0
@@ -96,8 +100,6 @@ _LEASED = JobState.LEASED
 _DONE = JobState.DONE
 _DEAD = JobState.DEAD
 _ON_DUE = JobEvent.DUE
-_ON_READY = JobEvent.READY
-_ON_DELIVER = JobEvent.DELIVER
 _ON_COMPLETE = JobEvent.COMPLETE
 _ON_RETRY = JobEvent.RETRY
 _ON_BURY = JobEvent.BURY
@@ -118,32 +120,22 @@ class Scheduler:
         """
         self.config = config or SchedulerConfig()
         self.track_changes = track_changes
-        self._changes = Changes()
-        self._jobs: dict[int, Job] = {}
-        self._queues: dict[str, Queue] = {}
-        self._sessions: dict[int, Session] = {}
-        # (owner, queue, idempotency key) -> job id: one producer's keys never meet another's
-        self._keys: dict[tuple[str | None, str, str], int] = {}
+        # The rooms: the books of every job's state (lifecycle.py) and the jobs that run after
+        # others (dependencies.py); delivery.py's dispatch() runs at each flush.
+        lifecycle = self._lifecycle = Lifecycle(self.config, track_changes=track_changes)
+        self._dependencies = Dependencies(lifecycle, self._finish)
+        # The mappings are shared, never replaced; the rooms' methods are bound once here
+        # (one call per job on the hot path, as when they were methods of this class).
+        self._jobs, self._queues, self._sessions = lifecycle.jobs, lifecycle.queues, lifecycle.sessions
+        self._keys = lifecycle.keys
+        self._move, self._enter, self._forget = lifecycle.move, lifecycle.enter, lifecycle.forget
+        self._start, self._offer_credit = lifecycle.start, lifecycle.offer_credit
+        self._wait_for, self._settle_dependents = self._dependencies.wait_for, self._dependencies.settle
+        self._cancel_dependent = self._dependencies.cancel
         self._next_job_id = 1
         self._next_token = 1
-        # With track_changes: pending jobs whose creation is not yet committed, in the order
-        # they became pending; counted in pending_count but in no FIFO, so that no worker runs
-        # a job a crash could still take back (docs/protocol.md, "Durability"). stored() moves
-        # them to their queues.
-        self._unstored: list[Job] = []
-        self._stored_below = 1  # every job with a smaller id is stored (or gone)
-        # job id of a started job with a time limit: when the broker takes it back if the
-        # worker has not ended it (its own limit plus the grace the worker has to report it)
-        self._run_deadlines: Deadlines[int] = Deadlines()
-        self._rate_deadlines: Deadlines[str] = Deadlines()  # queue name: its next rate token
-        self._dependents: dict[int, list[Job]] = {}  # job id -> the waiting jobs that run after it
         self.schedules = Schedules()
-        self._due_deadlines: Deadlines[int] = Deadlines()  # job id of a delayed job
-        # job id of a finished job; TTLs are all alike, so these come in time order
-        self._expiry_deadlines: OrderedDeadlines[int] = OrderedDeadlines()
-        self._own_ttl_deadlines: Deadlines[int] = Deadlines()  # job id of a job with its own TTL
         self._session_deadlines: Deadlines[int] = Deadlines()  # session id
-        self._ready: dict[str, None] = {}  # queues that may have work for waiters (ordered set)
         self._outbox = Outbox()
         self._last_rate_sample = float("-inf")
         self._last_queue_sweep = float("-inf")  # periodic sweeps of unused queues
@@ -159,7 +151,7 @@ class Scheduler:
     @property
     def time_limit_grace(self) -> float:
         """How long past a job's time limit the broker waits for the worker to end it itself."""
-        return self.session_timeout + 1.0
+        return self._lifecycle.time_limit_grace
 
     def open_session(self, session_id: int, now: float, *, name: str = "", peer: str = "") -> None:
         if session_id in self._sessions:
@@ -274,7 +266,7 @@ class Scheduler:
         self._note_rates(now)
 
         state = _WAITING if parents else _DELAYED if delay > 0 else _PENDING
-        jobs, track = self._jobs, self.track_changes
+        jobs, track, changes = self._jobs, self.track_changes, self._lifecycle.changes
         ids: list[int] = []
         created = 0
         for index, payload in enumerate(payloads):
@@ -306,7 +298,7 @@ class Scheduler:
             self._next_job_id += 1
             jobs[job.id] = job
             if track:
-                self._changes.create(job)
+                changes.create(job)
             if key is not None:
                 self._keys[(owner, queue_name, key)] = job.id
             if watcher is not None:
@@ -354,7 +346,7 @@ class Scheduler:
         if job is None:
             self._outbox.results.setdefault(session_id, []).append(ResultRow(job_id, Outcome.UNKNOWN))
         elif job.state in FINAL_STATES:
-            self._outbox.results.setdefault(session_id, []).append(_outcome(job))
+            self._outbox.results.setdefault(session_id, []).append(outcome(job))
         else:
             if job.watchers is None:
                 job.watchers = [session_id]
@@ -362,64 +354,6 @@ class Scheduler:
                 job.watchers.append(session_id)
             if job.progress is not None:  # a follower that comes late sees where the job is
                 self._outbox.progress.setdefault(session_id, []).append([job.id, *job.progress])
-
-    # --- dependencies ---------------------------------------------------------------------
-
-    def _wait_for(self, job: Job, parents: list[Job], run_anyway: bool, now: float, *, restored: bool = False) -> None:
-        """A job runs after `parents` (docs/protocol.md, "after"): note what has ended
-        already, wait for the rest. A restored job keeps its parents and the results stored."""
-        if not restored:
-            job.parents = [parent.id for parent in parents]
-            job.parent_results = [None] * len(parents)
-        assert job.parents is not None and job.parent_results is not None
-        job.run_anyway = run_anyway
-        failed: Job | None = None
-        for parent in {parent.id: parent for parent in parents}.values():  # one wait per job named
-            if parent.state in FINAL_STATES:
-                if parent.state is _DONE:
-                    for index, parent_id in enumerate(job.parents):
-                        if parent_id == parent.id:
-                            job.parent_results[index] = parent.result
-                elif failed is None:
-                    failed = parent
-            else:
-                job.waiting_on += 1
-                waiting = self._dependents.setdefault(parent.id, [])
-                if not waiting or waiting[-1] is not job:  # named twice: one entry
-                    waiting.append(job)
-        if failed is not None and not run_anyway:
-            self._cancel_dependent(job, failed, now)
-        elif job.waiting_on == 0:
-            self._move(job, _ON_READY, now)
-
-    def _settle_dependents(self, ended: Job, now: float) -> None:
-        """A job ended: the jobs waiting for it get its result, run if nothing else holds them,
-        or are cancelled if it did not succeed (unless they run anyway), and so on down their
-        own dependents: iteratively, for chains of any length."""
-        stack = [ended]
-        while stack:
-            parent = stack.pop()
-            for child in self._dependents.pop(parent.id, ()):
-                if child.state is not _WAITING:  # cancelled meanwhile
-                    continue
-                assert child.parents is not None and child.parent_results is not None
-                for index, parent_id in enumerate(child.parents):
-                    if parent_id == parent.id and parent.state is _DONE:
-                        child.parent_results[index] = parent.result
-                if self.track_changes:
-                    self._changes.update(child)
-                if parent.state is not _DONE and not child.run_anyway:
-                    self._cancel_dependent(child, parent, now, cascade=False)
-                    stack.append(child)
-                    continue
-                child.waiting_on -= 1
-                if child.waiting_on == 0:
-                    self._move(child, _ON_READY, now)
-
-    def _cancel_dependent(self, job: Job, failed: Job, now: float, *, cascade: bool = True) -> None:
-        job.error = failure("DependencyFailed", f"job {failed.id}, which it runs after, ended {failed.state}")
-        self._move(job, _ON_CANCEL, now)
-        self._finish(job, now, cascade=cascade)
 
     # --- workers ----------------------------------------------------------------------
 
@@ -565,7 +499,7 @@ class Scheduler:
             state,
             jobs=self._jobs.values(),
             sessions=self._sessions.values(),
-            unstored=self._unstored,
+            unstored=self._lifecycle.unstored,
             after=after,
             limit=limit,
             owner=owner,
@@ -602,8 +536,8 @@ class Scheduler:
             controls.tokens, controls.refilled_at = 1.0, now
         queue.controls = controls if controls.configured else None
         if self.track_changes:
-            self._changes.controls[queue_name] = queue.controls
-        self._ready[queue_name] = None  # resumed, or a limit raised: deliver what may go
+            self._lifecycle.changes.controls[queue_name] = queue.controls
+        self._lifecycle.ready[queue_name] = None  # resumed, or a limit raised: deliver what may go
         return controls.settings()
 
     def restore_controls(self, controls: dict[str, QueueControls], now: float) -> None:
@@ -612,7 +546,7 @@ class Scheduler:
             queue = self._queues.get(name) or self._new_queue(name, now)
             settings.tokens, settings.refilled_at = 1.0, now
             queue.controls = settings if settings.configured else None
-            self._ready[name] = None
+            self._lifecycle.ready[name] = None
 
     def purge_queue(self, queue_name: str, now: float) -> list[int]:
         """Cancel every pending, delayed and waiting job of a queue (running and dead ones stay).
@@ -621,7 +555,7 @@ class Scheduler:
         if queue is None:
             return []
         fifos = (job for fifo in queue.pending.values() for job in fifo)
-        unstored = (job for job in self._unstored if job.queue == queue_name)
+        unstored = (job for job in self._lifecycle.unstored if job.queue == queue_name)
         waiting = [job for job in itertools.chain(fifos, unstored) if job.state is _PENDING]
         if queue.delayed_count or queue.waiting_count:
             later = (_DELAYED, _WAITING)
@@ -724,21 +658,22 @@ class Scheduler:
     def _schedule_changed(self, name: str) -> None:
         if self.track_changes:
             schedule = self.schedules.get(name)
-            self._changes.schedules[name] = None if schedule is None else schedule.record()
+            self._lifecycle.changes.schedules[name] = None if schedule is None else schedule.record()
 
     # --- time -------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
         """When tick() next has work, or None."""
+        books = self._lifecycle
         candidates = [
             d
             for d in (
-                self._run_deadlines.next_deadline(),
-                self._due_deadlines.next_deadline(),
-                self._expiry_deadlines.next_deadline(),
-                self._own_ttl_deadlines.next_deadline(),
+                books.run_deadlines.next_deadline(),
+                books.due_deadlines.next_deadline(),
+                books.expiry_deadlines.next_deadline(),
+                books.own_ttl_deadlines.next_deadline(),
                 self._session_deadlines.next_deadline(),
-                self._rate_deadlines.next_deadline(),
+                books.rate_deadlines.next_deadline(),
             )
             if d is not None
         ]
@@ -747,9 +682,9 @@ class Scheduler:
     def tick(self, now: float) -> None:
         """Act on every deadline at or before `now`."""
         jobs = self._jobs
-        for job_id in self._due_deadlines.expire(now):
+        for job_id in self._lifecycle.due_deadlines.expire(now):
             self._move(jobs[job_id], _ON_DUE, now)
-        for job_id in self._run_deadlines.expire(now):
+        for job_id in self._lifecycle.run_deadlines.expire(now):
             job = jobs[job_id]
             holder = job.worker
             self._revoke(job, "time limit")
@@ -759,11 +694,12 @@ class Scheduler:
             )
             buried = self._failed(job, now)
             self._outbox.notices.append(TimeLimitHit(job_id, job.queue, holder, buried))
-        for job_id in itertools.chain(self._expiry_deadlines.expire(now), self._own_ttl_deadlines.expire(now)):
+        books = self._lifecycle
+        for job_id in itertools.chain(books.expiry_deadlines.expire(now), books.own_ttl_deadlines.expire(now)):
             self._forget(jobs[job_id])
-        for name in self._rate_deadlines.expire(now):  # a rate-limited queue may deliver again
+        for name in self._lifecycle.rate_deadlines.expire(now):  # a rate-limited queue may deliver again
             if name in self._queues:
-                self._ready[name] = None
+                self._lifecycle.ready[name] = None
         for session_id in self._session_deadlines.expire(now):
             session = self._sessions[session_id]
             alive_until = session.last_seen + self.session_timeout
@@ -775,8 +711,8 @@ class Scheduler:
 
     def flush(self, now: float) -> list[Effect]:
         """Dispatch pending jobs to waiting workers; return every effect since the last flush."""
-        if self._ready:
-            self._dispatch(now)
+        if self._lifecycle.ready and not self.draining:  # draining: `ready` keeps them for later
+            self._next_token = dispatch(self._lifecycle, self._outbox.deliveries, self._next_token, now)
         if now - self._last_rate_sample >= RATE_SAMPLE_EVERY:
             self._sample_rates(now)
         if now - self._last_queue_sweep >= QUEUE_SWEEP_EVERY:
@@ -798,7 +734,7 @@ class Scheduler:
         unused = [name for name, queue in self._queues.items() if queue.idle and name not in named]
         for name in unused:
             del self._queues[name]
-            self._ready.pop(name, None)
+            self._lifecycle.ready.pop(name, None)
         return unused
 
     # --- durability -------------------------------------------------------------------
@@ -816,26 +752,15 @@ class Scheduler:
         """The store has committed every job with an id below `next_job_id` (the value of
         next_job_id when its changes were taken): those jobs may now be delivered, in the order
         they were created, at the next flush()."""
-        if next_job_id <= self._stored_below:
-            return
-        self._stored_below = next_job_id
-        waiting: list[Job] = []
-        for job in self._unstored:
-            if job.id >= next_job_id:
-                waiting.append(job)
-            elif job.state is _PENDING:  # not cancelled meanwhile; counted when it became pending
-                self._queues[job.queue].push(job)
-                self._ready[job.queue] = None
-        self._unstored = waiting
+        self._lifecycle.stored(next_job_id)
 
     def changed(self, job_id: int) -> bool:
         """Whether the job has changes not yet taken by take_changes()."""
-        return job_id in self._changes
+        return job_id in self._lifecycle.changes
 
     def take_changes(self) -> Changes:
         """Jobs created, changed and forgotten since the last call (requires track_changes)."""
-        changes, self._changes = self._changes, Changes()
-        return changes
+        return self._lifecycle.take_changes()
 
     def restore(self, jobs: Iterable[Job], next_job_id: int, now: float, *, next_token: int = 1) -> None:
         """Load jobs recovered from storage into an empty scheduler; lease tokens count from
@@ -848,7 +773,7 @@ class Scheduler:
             raise InvalidRequest("restore() needs an empty scheduler")
         # Every job restored is stored: none waits for a commit before it is delivered.
         self._next_job_id = max(self._next_job_id, next_job_id)
-        self._stored_below = self._next_job_id
+        self._lifecycle.stored_below = self._next_job_id
         self._next_token = max(self._next_token, next_token)
         finished: list[Job] = []
         waiting: list[Job] = []
@@ -859,7 +784,7 @@ class Scheduler:
                 queue = self._queues[job.queue] = Queue(job.queue, now)
             if job.key is not None:
                 self._keys[(job.owner, job.queue, job.key)] = job.id
-            self._ready[job.queue] = None
+            self._lifecycle.ready[job.queue] = None
             if job.state in FINAL_STATES and job.state is not _DEAD:
                 finished.append(job)  # kept for the rest of the result TTL: entered in expiry order
                 continue
@@ -882,120 +807,6 @@ class Scheduler:
         self._outbox = Outbox()  # restoring is not news to anyone
 
     # --- the lifecycle: every change of state, and what follows from it --------------------
-
-    def _move(self, job: Job, event: JobEvent, now: float) -> None:
-        """Move `job` along the lifecycle table (jobs.py), keeping every per-state record in
-        step: the queue's count of each state, the pending FIFOs, the dead-letter list, the
-        session's lease table and the deadline each state waits on (see _leave and _enter).
-        The one place a job's state changes. A delivery is not a change for the store: a lease
-        lives in memory only (after a crash the job is pending again on disk and goes out
-        anew, this attempt uncounted).
-
-        Raises:
-            InvalidTransition: the table has no row for (job.state, event); nothing changed.
-        """
-        state = TRANSITIONS.get((job.state, event))
-        if state is None:
-            state = next_state(job, event)  # raises InvalidTransition
-        queue = self._queues[job.queue]
-        self._leave(job, queue)
-        job.state = state
-        self._enter(job, queue, now, front=event is _ON_REQUEUE)
-        if self.track_changes and event is not _ON_DELIVER:
-            self._changes.update(job)
-
-    def _enter(self, job: Job, queue: Queue, now: float, *, front: bool = False, restored: bool = False) -> None:
-        """Record `job` in its state: a new job, one restored, or one _move()d.
-
-        pending: counted, and in line in its queue's FIFO (`front`: a job handed back), or,
-            while its creation is not committed, in _unstored (stored() puts it in line);
-        leased: counted, and in its session's lease table (job.worker, set by the delivery);
-        delayed: counted, with a deadline at job.not_before;
-        waiting: counted (the jobs it waits for hold it in _dependents);
-        dead: in the queue's dead-letter list;
-        done, cancelled: counted, with a deadline when it is forgotten (`restored`: at
-            job.expires_at as stored, else the result TTL from `now`).
-        """
-        state = job.state
-        if state is _PENDING:
-            queue.pending_count += 1
-            if self.track_changes and job.id >= self._stored_below:
-                self._unstored.append(job)
-            else:
-                queue.push(job, front=front)
-                self._ready[queue.name] = None
-        elif state is _LEASED:
-            queue.leased_count += 1
-            if job.worker is not None:
-                self._sessions[job.worker].leased[job.id] = job
-        elif state is _DELAYED:
-            queue.delayed_count += 1
-            self._due_deadlines.add(job.id, job.not_before)
-        elif state is _WAITING:
-            queue.waiting_count += 1
-        elif state is _DEAD:
-            queue.dead[job.id] = job
-        else:
-            queue.finished_count += 1
-            if not restored:
-                job.expires_at = now + (self.config.result_ttl if job.result_ttl is None else job.result_ttl)
-            # Default TTLs come in time order (a cheap FIFO); a job's own TTL goes to a heap.
-            if job.result_ttl is None:
-                self._expiry_deadlines.add(job.id, job.expires_at)
-            else:
-                self._own_ttl_deadlines.add(job.id, job.expires_at)
-
-    def _leave(self, job: Job, queue: Queue) -> None:
-        """Undo what _enter recorded for the job's state. A job that leaves pending stays in
-        its FIFO (or _unstored), where it is skipped; one that leaves waiting stays in
-        _dependents, where it is skipped too. A lease that ends frees room under the queue's
-        concurrency limit and credit of the session that held it."""
-        state = job.state
-        if state is _PENDING:
-            queue.pending_count -= 1
-        elif state is _LEASED:
-            queue.leased_count -= 1
-            self._run_deadlines.cancel(job.id)
-            if queue.controls is not None:  # under a concurrency limit another job may go now
-                self._ready[queue.name] = None
-            session = self._sessions.get(job.worker) if job.worker is not None else None
-            job.worker = None
-            if session is not None:  # else a session that ended (close_session clears its table)
-                del session.leased[job.id]
-                self._offer_credit(session)
-        elif state is _DELAYED:
-            queue.delayed_count -= 1
-            self._due_deadlines.cancel(job.id)
-        elif state is _WAITING:
-            queue.waiting_count -= 1
-        elif state is _DEAD:
-            del queue.dead[job.id]
-        else:
-            queue.finished_count -= 1
-            if job.result_ttl is None:
-                self._expiry_deadlines.cancel(job.id)
-            else:
-                self._own_ttl_deadlines.cancel(job.id)
-
-    def _forget(self, job: Job) -> None:
-        """A finished (or dead) job leaves the broker."""
-        self._leave(job, self._queues[job.queue])
-        del self._jobs[job.id]
-        if job.key is not None:
-            self._keys.pop((job.owner, job.queue, job.key), None)
-        if self.track_changes:
-            self._changes.forget(job.id)
-
-    def _start(self, job: Job, now: float) -> float:
-        """The worker began the job (said so, or answered for it): count the attempt and start
-        its time limit. Idempotent per delivery. Returns when it started."""
-        started_at = job.started_at
-        if started_at is None:
-            started_at = job.started_at = now
-            job.attempts += 1
-            if job.timeout is not None:
-                self._run_deadlines.add(job.id, now + job.timeout + self.time_limit_grace)
-        return started_at
 
     def _failed(self, job: Job, now: float, *, final: bool = False, retry_delay: float | None = None) -> bool:
         """An attempt failed (job.error says how): retry after a backoff (or `retry_delay`), or
@@ -1037,7 +848,7 @@ class Scheduler:
         error = job.error or {"type": "Unknown", "message": ""}
         self._outbox.notices.append(JobBuried(job.id, job.queue, error))
         self._notify_watchers(job)
-        if job.id in self._dependents:
+        if job.id in self._dependencies.dependents:
             self._settle_dependents(job, now)
 
     def _finish(self, job: Job, now: float, *, cascade: bool = True) -> None:
@@ -1047,7 +858,7 @@ class Scheduler:
             job.payload = None  # finished jobs are kept for their result only: free the rest
         if job.watchers:
             self._notify_watchers(job)
-        if cascade and job.id in self._dependents:
+        if cascade and job.id in self._dependencies.dependents:
             self._settle_dependents(job, now)
 
     def _revoke(self, job: Job, reason: str) -> None:
@@ -1058,82 +869,12 @@ class Scheduler:
     def _notify_watchers(self, job: Job) -> None:
         if not job.watchers:
             return
-        outcome = _outcome(job)
+        row = outcome(job)
         results = self._outbox.results
         for session_id in job.watchers:
             if session_id in self._sessions:
-                results.setdefault(session_id, []).append(outcome)
+                results.setdefault(session_id, []).append(row)
         job.watchers = None
-
-    # --- delivery ---------------------------------------------------------------------
-
-    def _dispatch(self, now: float) -> None:
-        if self.draining:
-            return  # _ready keeps the queues with work for when deliveries resume
-        ready, self._ready = self._ready, {}
-        deliveries = self._outbox.deliveries
-        move = self._move
-        for name in ready:
-            queue = self._queues[name]
-            waiters = queue.waiters
-            controls = queue.controls
-            allowed = None if controls is None else controls.allowance(queue.leased_count, now)
-            while queue.pending_count and waiters and allowed != 0:
-                session = waiters.popleft()
-                if session.closed or len(session.leased) >= session.prefetch:  # no credit left
-                    session.waiting.discard(name)
-                    continue
-                job = queue.pop()
-                if job is None:  # only cancelled jobs (or jobs not yet stored) were left
-                    waiters.appendleft(session)
-                    break
-                # The attempt counts when the worker starts the job (started()), not here.
-                job.delivered_at = now
-                job.started_at = None
-                job.token = self._next_token
-                self._next_token += 1
-                job.worker = session.id
-                move(job, _ON_DELIVER, now)
-                batch = deliveries.get(session.id)
-                if batch is None:
-                    batch = deliveries[session.id] = []
-                batch.append(
-                    _new_row(
-                        DeliveryRow,
-                        (
-                            job.id,
-                            job.token,
-                            name,
-                            job.payload,
-                            job.attempts + 1,
-                            job.lease_seconds,
-                            job.timeout,
-                            job.parent_results,
-                        ),
-                    )
-                )
-                if len(session.leased) < session.prefetch:  # credit left
-                    waiters.append(session)
-                else:
-                    session.waiting.discard(name)
-                if allowed is not None:
-                    allowed -= 1
-                    assert controls is not None
-                    controls.spend()
-            if controls is not None and queue.pending_count:
-                token_at = controls.next_token_at(now)  # a concurrency limit waits for a lease to end
-                if token_at is not None:
-                    self._rate_deadlines.add(name, token_at)
-
-    def _offer_credit(self, session: Session) -> None:
-        """Put a worker with free credit back in line on each of its queues."""
-        if session.closed or session.credit <= 0:
-            return
-        for name in session.queues:
-            if name not in session.waiting:
-                session.waiting.add(name)
-                self._queues[name].waiters.append(session)
-            self._ready[name] = None
 
     # --- internals --------------------------------------------------------------------
 
@@ -1163,16 +904,3 @@ class Scheduler:
         self._last_rate_sample = now
         for queue in self._queues.values():
             queue.sample(now)
-
-
-# A row made from a tuple in C: a NamedTuple's own __new__ is a Python function, which costs
-# each delivery and result about 0.5 µs more.
-_new_row: Any = tuple.__new__
-
-
-def _outcome(job: Job) -> ResultRow:
-    if job.state is _DONE:
-        return _new_row(ResultRow, (job.id, Outcome.DONE, job.result, None))
-    if job.state is _DEAD:
-        return ResultRow(job.id, Outcome.DEAD, None, job.error)
-    return ResultRow(job.id, Outcome.CANCELLED)

@@ -18,6 +18,7 @@ import jobbroker
     [
         "jobbroker.broker.protocol.framing",
         "jobbroker.broker.protocol.messages",
+        "jobbroker.broker.protocol.schema",
         "jobbroker.broker.protocol.auth",
         "jobbroker.broker.protocol.credentials",
         "jobbroker.broker.protocol.connection",
@@ -28,6 +29,9 @@ import jobbroker
         "jobbroker.broker.core.limits",
         "jobbroker.broker.core.reports",
         "jobbroker.broker.core.changes",
+        "jobbroker.broker.core.lifecycle",
+        "jobbroker.broker.core.dependencies",
+        "jobbroker.broker.core.delivery",
         "jobbroker.broker.server.dispatch",
     ],
 )
@@ -135,3 +139,22 @@ def test_one_import_name_and_no_generic_top_level_packages() -> None:
 
 def test_the_top_level_names_are_the_clients() -> None:
     assert set(client.__all__) <= set(jobbroker.__all__)
+
+
+@pytest.mark.parametrize(
+    ("module", "names"),
+    [
+        (
+            "jobbroker.broker.store",
+            ["SqliteStore", "MemoryStore", "FsyncMode", "WriteBatch", "serialize", "recover", "open_store", "Row"],
+        ),
+        ("jobbroker.client.connection", ["Connection", "Link", "Rotation", "backoff_delays", "parse_addresses"]),
+    ],
+)
+def test_names_moved_by_a_split_stay_importable_from_their_old_module(module: str, names: list[str]) -> None:
+    """Each name in a fresh process, the old module imported first or last (a module and the
+    one it re-exports from may import each other)."""
+    for name in names:
+        for first in ("", f"import jobbroker.client.link, {module}; "):
+            code = f"{first}from {module} import {name}"
+            subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -28,19 +28,19 @@ def recount(s: Scheduler) -> None:
         assert queue.finished_count == finished, name
         assert all(job.state is JobState.DEAD and job.queue == name for job in queue.dead.values())
         in_line = {job.id for fifo in queue.pending.values() for job in fifo if job.state is JobState.PENDING}
-        unstored = {job.id for job in s._unstored if job.state is JobState.PENDING and job.queue == name}
+        unstored = {job.id for job in s._lifecycle.unstored if job.state is JobState.PENDING and job.queue == name}
         pending = {job.id for job in s._jobs.values() if job.queue == name and job.state is JobState.PENDING}
         assert in_line | unstored == pending and not in_line & unstored, name
     assert all((job.queue, job.state) in counts for job in s._jobs.values())  # no job without its queue
     leased = {job.id: job for job in s._jobs.values() if job.state is JobState.LEASED}
     held = {job_id: session.id for session in s._sessions.values() for job_id in session.leased}
     assert held == {job.id: job.worker for job in leased.values()}
-    assert set(s._due_deadlines._live) == {j.id for j in s._jobs.values() if j.state is JobState.DELAYED}
+    assert set(s._lifecycle.due_deadlines._live) == {j.id for j in s._jobs.values() if j.state is JobState.DELAYED}
     timed = {j.id for j in leased.values() if j.started_at is not None and j.timeout is not None}
-    assert set(s._run_deadlines._live) == timed
+    assert set(s._lifecycle.run_deadlines._live) == timed
     finished = {j.id for j in s._jobs.values() if j.state in FINAL_STATES and j.state is not JobState.DEAD}
-    assert set(s._expiry_deadlines._live) | set(s._own_ttl_deadlines._live) == finished
-    assert not set(s._expiry_deadlines._live) & set(s._own_ttl_deadlines._live)
+    assert set(s._lifecycle.expiry_deadlines._live) | set(s._lifecycle.own_ttl_deadlines._live) == finished
+    assert not set(s._lifecycle.expiry_deadlines._live) & set(s._lifecycle.own_ttl_deadlines._live)
     assert s.in_flight == len(leased)
 
 

@@ -24,10 +24,10 @@ from jobbroker.broker.store import (
     SqliteStore,
     Store,
     WriteBatch,
-    _write_error,
     recover,
     serialize,
 )
+from jobbroker.broker.store.sqlite import _write_error
 
 WALL = 1_800_000_000.0
 

@@ -1,9 +1,4 @@
-"""Durability behind one small interface: load() once at start, write() batches of changed
-jobs, close(). The job core stays in memory and pure; the server serialises the jobs a loop
-turn changed (rows()) and hands them to a writer thread, and sends the turn's replies only once
-write() has returned (group commit: one transaction, one fsync, per turn).
-
-SqliteStore keeps one row per live job in SQLite (WAL mode): the current state, not a history,
+"""SqliteStore keeps one row per live job in SQLite (WAL mode): the current state, not a history,
 so disk use follows live jobs. Finished jobs are deleted when their result TTL ends and freed
 pages are returned to the file system as they go (auto_vacuum=INCREMENTAL).
 
@@ -23,292 +18,21 @@ import sqlite3
 import struct
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import msgpack
-from jobbroker.broker.config import BrokerConfig, FsyncMode  # FsyncMode re-exported for `from store import`
-from jobbroker.broker.core.changes import Changes
+from jobbroker.broker.config import FsyncMode
 from jobbroker.broker.core.controls import QueueControls
-from jobbroker.broker.core.jobs import Job, JobState
-from jobbroker.broker.errors import ConfigError, StorageError, StorageFailed
+from jobbroker.broker.core.jobs import Job
+from jobbroker.broker.errors import StorageError, StorageFailed
+from jobbroker.broker.store.interface import SESSION_BLOCK, TOKEN_BLOCK, IdCeilings, Recovered
+from jobbroker.broker.store.rows import ROW_COLUMNS, ControlsRow, Row, Update, WriteBatch, job_from_row, unpack
 
-__all__ = [
-    "FsyncMode",
-    "IdCeilings",
-    "MemoryStore",
-    "Recovered",
-    "RecoveryReport",
-    "Row",
-    "SqliteStore",
-    "Store",
-    "Update",
-    "WriteBatch",
-    "open_store",
-    "recover",
-    "serialize",
-]
+__all__ = ["COMMIT_FILE", "SCHEMA_VERSION", "RecoveryReport", "SqliteStore", "recover"]
 
 SCHEMA_VERSION = 5  # 2: jobs.owner; 3: jobs.timeout; 4: result_ttl, max_backoff; 5: dependencies
-
-# A job as created: id, queue, state, priority, payload, attempts, max_attempts, lease,
-# backoff, key, result, error, not_before (wall clock), expires_at (wall clock), owner, timeout,
-# result_ttl, max_backoff, parents, parent_results, run_anyway.
-Row = tuple[
-    int,
-    str,
-    str,
-    int,
-    bytes | None,
-    int,
-    int,
-    float,
-    float,
-    str | None,
-    bytes | None,
-    bytes | None,
-    float,
-    float,
-    str | None,
-    float | None,
-    float | None,
-    float | None,
-    bytes | None,
-    bytes | None,
-    int,
-]
-_ROW_COLUMNS = 21
-ControlsRow = tuple[bool, int | None, float | None]  # a queue's paused, concurrency, rate
-
-# A change of a stored job: state, attempts, result, error, not_before, expires_at,
-# parent_results, id.
-Update = tuple[str, int, bytes | None, bytes | None, float, float, bytes | None, int]
-
-
-# Lease tokens and session ids are not written with any row, so the store keeps a ceiling for
-# each, raised a block ahead of use: after any restart, a crash included, counting starts at the
-# stored ceiling, above every id handed out before (docs/protocol.md, "Durability").
-TOKEN_BLOCK = 1 << 32
-SESSION_BLOCK = 1 << 20
-
-
-@dataclass(slots=True)
-class IdCeilings:
-    """Lease tokens and session ids below these may be handed out: they are stored."""
-
-    token: int = TOKEN_BLOCK
-    session: int = SESSION_BLOCK
-
-
-@dataclass(slots=True)
-class Recovered:
-    jobs: list[Job]
-    next_job_id: int
-    next_token: int = 1
-    next_session: int = 1
-    ceilings: IdCeilings = field(default_factory=IdCeilings)
-    controls: dict[str, QueueControls] = field(default_factory=dict)  # queue name -> what is set
-    schedules: list[dict[str, Any]] = field(default_factory=list)  # schedule records
-
-
-class Store(Protocol):
-    durable: bool
-
-    def load(self, now: float, wall: float) -> Recovered:
-        """Every job stored, in id order, with times converted to the scheduler's clock."""
-        ...
-
-    def write(self, batch: WriteBatch, next_job_id: int) -> None:
-        """Persist one batch atomically, with the id ceilings in `batch.ceilings`. Runs in the
-        writer thread.
-
-        Raises:
-            StorageFailed: an I/O error other than a full disk: the broker must stop.
-            StorageError: nothing of the batch is stored (disk full): it may be written again.
-        """
-        ...
-
-    def sync(self) -> None:
-        """Make what write() stored survive a power loss (for FsyncMode.INTERVAL)."""
-        ...
-
-    def compact(self) -> None:
-        """Give disk space that no live job needs back to the file system."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def open_store(config: BrokerConfig) -> Store:
-    """The durable store a config names: PostgreSQL at config.store_url, else SQLite in
-    config.data_dir.
-
-    Raises:
-        ConfigError: a store URL that cannot be used, or the PostgreSQL driver is missing.
-        StorageError: the store cannot be opened.
-    """
-    if config.store_url is not None:
-        try:
-            from jobbroker.broker.pgstore import PostgresStore
-        except ImportError as exc:
-            raise ConfigError(
-                f"the PostgreSQL store needs psycopg ({exc}): pip install 'jobbroker[postgresql]'"
-            ) from None
-        return PostgresStore(config.store_url, config.fsync, password_file=config.store_password_file)
-    assert config.data_dir is not None, "a durable store needs data_dir or store_url"
-    return SqliteStore(config.data_dir, config.fsync)
-
-
-class MemoryStore:
-    """No persistence: for tests, benchmarks and `--memory`."""
-
-    durable = False
-
-    def load(self, now: float, wall: float) -> Recovered:
-        return Recovered([], 1, ceilings=IdCeilings(1 << 62, 1 << 62))
-
-    def write(self, batch: WriteBatch, next_job_id: int) -> None:
-        pass
-
-    def sync(self) -> None:
-        pass
-
-    def compact(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _opaque(blob: Any) -> bytes | None:
-    """A stored payload or result: opaque bytes (protocol version 2), held as stored, never
-    decoded. A value SQLite does not hand back as a blob is a damaged row.
-
-    A version 1 broker stored a value's msgpack; that is what a version 2 client's default
-    serializer sends, so those rows read the same."""
-    if blob is None or type(blob) is bytes:
-        return blob
-    raise TypeError(f"a stored payload or result is a blob, not {type(blob).__name__}")
-
-
-def _parent_results_of(blob: bytes | None, count: int) -> list[bytes | None]:
-    """The stored results of the jobs a job runs after; a version 1 row holds their values,
-    which are packed as the default serializer would have sent them."""
-    if blob is None:
-        return [None] * count
-    return [r if r is None or type(r) is bytes else _pack(r) for r in _unpack(blob)]
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _unpack(blob: bytes | None) -> Any:
-    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
-
-
-@dataclass(slots=True)
-class WriteBatch:
-    """Rows to write in one transaction: inserts first, then updates, then deletes, so that
-    a batch merged from several (earlier first) leaves every job in its latest state."""
-
-    inserts: list[Row] = field(default_factory=list)
-    updates: list[Update] = field(default_factory=list)
-    deletes: list[int] = field(default_factory=list)
-    ceilings: IdCeilings | None = None  # new id ceilings to store, if raised
-    # queue name -> (paused, concurrency, rate), or None: nothing set any more
-    controls: dict[str, ControlsRow | None] = field(default_factory=dict)
-    # schedule name -> its record, packed, or None: removed
-    schedules: dict[str, bytes | None] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.inserts or self.updates or self.deletes or self.ceilings or self.controls or self.schedules)
-
-    def then(self, later: WriteBatch) -> WriteBatch:
-        ceilings = later.ceilings or self.ceilings
-        if self.ceilings and later.ceilings:
-            ceilings = IdCeilings(
-                max(self.ceilings.token, later.ceilings.token), max(self.ceilings.session, later.ceilings.session)
-            )
-        return WriteBatch(
-            self.inserts + later.inserts,
-            self.updates + later.updates,
-            self.deletes + later.deletes,
-            ceilings,
-            {**self.controls, **later.controls},
-            {**self.schedules, **later.schedules},
-        )
-
-    def job_ids(self) -> set[int]:
-        """The jobs this batch writes (created or changed; not those it deletes)."""
-        return {row[0] for row in self.inserts} | {update[-1] for update in self.updates}
-
-
-def serialize(changes: Changes, now: float, wall: float) -> WriteBatch:
-    """The scheduler's changes as rows, made in the event loop's thread (the writer thread
-    must not read jobs that the loop is changing). Times become wall-clock times. A change
-    writes only the columns that can change, not the payload again."""
-    offset = wall - now
-    inserts = [_insert_row(job, offset) for job in changes.created.values()]
-    updates = [
-        (*_state_and_attempts(job), *_mutable_columns(job, offset), _parent_results(job), job.id)
-        for job in changes.updated.values()
-    ]
-    controls = {name: None if c is None else (c.paused, c.concurrency, c.rate) for name, c in changes.controls.items()}
-    schedules = {name: None if r is None else _pack(r) for name, r in changes.schedules.items()}
-    return WriteBatch(inserts, updates, changes.forgotten, controls=controls, schedules=schedules)
-
-
-def _insert_row(job: Job, offset: float) -> Row:
-    state, attempts = _state_and_attempts(job)
-    return (
-        job.id,
-        job.queue,
-        state,
-        job.priority,
-        job.payload,  # opaque bytes, stored as they came
-        attempts,
-        job.max_attempts,
-        job.lease_seconds,
-        job.backoff,
-        job.key,
-        *_mutable_columns(job, offset),
-        job.owner,
-        job.timeout,
-        job.result_ttl,
-        job.max_backoff,
-        None if job.parents is None else _pack(job.parents),
-        _parent_results(job),
-        int(job.run_anyway),
-    )
-
-
-def _state_and_attempts(job: Job) -> tuple[str, int]:
-    """Leases are not written (they would cost a write per delivery): a leased job is written
-    as it was before its delivery, pending with the attempts before this one (the attempt
-    counts once the worker starts it). After a crash it is simply delivered again."""
-    if job.state is JobState.LEASED:
-        return JobState.PENDING.value, job.attempts - (job.started_at is not None)
-    return job.state.value, job.attempts
-
-
-def _parent_results(job: Job) -> bytes | None:
-    return None if job.parent_results is None else _pack(job.parent_results)
-
-
-def _mutable_columns(job: Job, offset: float) -> tuple[bytes | None, bytes | None, float, float]:
-    """result, error, not_before, expires_at: what changes over a job's life besides state
-    and attempts."""
-    state = job.state
-    return (
-        job.result,  # opaque bytes, as the worker sent them
-        None if job.error is None else _pack(job.error),
-        job.not_before + offset if state is JobState.DELAYED else 0.0,
-        job.expires_at + offset if state is JobState.DONE or state is JobState.CANCELLED else 0.0,
-    )
-
 
 _SET_CHANGES = "UPDATE jobs SET state=?, attempts=?, result=?, error=?, not_before=?, expires_at=?, parent_results=?"
 _UPDATE_ONE = _SET_CHANGES + " WHERE id=?"
@@ -460,15 +184,13 @@ class SqliteStore:
         try:
             cursor = self._db.execute("SELECT * FROM jobs ORDER BY id")
             for row in cursor:
-                jobs.append(_job_from_row(row, offset, shared))
+                jobs.append(job_from_row(row, offset, shared))
             meta = self._db.execute("SELECT value FROM meta WHERE name = 'next_job_id'").fetchone()
             controls = {
                 name: QueueControls(paused=bool(paused), concurrency=concurrency, rate=rate)
                 for name, paused, concurrency, rate in self._db.execute("SELECT * FROM queue_controls")
             }
-            schedules = [
-                _unpack(record) for (record,) in self._db.execute("SELECT record FROM schedules ORDER BY name")
-            ]
+            schedules = [unpack(record) for (record,) in self._db.execute("SELECT record FROM schedules ORDER BY name")]
         except (sqlite3.Error, ValueError, msgpack.UnpackException) as exc:
             raise StorageError(
                 f"cannot read {self.database}: {exc}; `jobbroker recover --data-dir {self.path}` salvages "
@@ -766,10 +488,10 @@ def _salvage(database: Path) -> tuple[list[Row], list[int], list[str], dict[str,
         shared: dict[Any, Any] = {}
 
         def take(row: Any) -> None:
-            if len(row) < _ROW_COLUMNS:  # an older schema: before owners (1), before time limits (2)
-                row = (*row, *[None] * (_ROW_COLUMNS - 1 - len(row)), 0)  # ..., run_anyway 0
+            if len(row) < ROW_COLUMNS:  # an older schema: before owners (1), before time limits (2)
+                row = (*row, *[None] * (ROW_COLUMNS - 1 - len(row)), 0)  # ..., run_anyway 0
             try:
-                _job_from_row(row, 0.0, shared)
+                job_from_row(row, 0.0, shared)
             except (ValueError, TypeError, KeyError, msgpack.UnpackException):
                 dropped.append(row[0])
             else:
@@ -815,61 +537,3 @@ def _next_readable_id(db: sqlite3.Connection, after: int) -> int | None:
             continue
         return int(row[0])
     return None
-
-
-def _job_from_row(row: Iterable[Any], offset: float, shared: dict[Any, Any]) -> Job:
-    """A job from its row. `shared` holds one copy of each queue name, state and option value
-    seen: a million jobs on one queue then share one "queue" string and one lease float,
-    as jobs submitted in one batch do, instead of a million copies."""
-    (
-        job_id,
-        queue,
-        state,
-        priority,
-        payload,
-        attempts,
-        max_attempts,
-        lease,
-        backoff,
-        key,
-        result,
-        error,
-        not_before,
-        expires_at,
-        owner,
-        timeout,
-        result_ttl,
-        max_backoff,
-        parents,
-        parent_results,
-        run_anyway,
-    ) = row
-    job = Job(
-        job_id,
-        shared.setdefault(queue, queue),
-        _opaque(payload),
-        priority=priority,
-        max_attempts=max_attempts,
-        lease_seconds=shared.setdefault(("lease", lease), lease),
-        backoff=shared.setdefault(("backoff", backoff), backoff),
-        key=key,
-        state=JobState(state),
-        timeout=timeout,
-        result_ttl=result_ttl,
-        max_backoff=max_backoff,
-    )
-    job.attempts = attempts
-    if parents is not None:
-        job.parents = _unpack(parents)
-        job.parent_results = _parent_results_of(parent_results, len(job.parents))
-        job.run_anyway = bool(run_anyway)
-    job.owner = owner
-    if result is not None:
-        job.result = _opaque(result)
-    if error is not None:
-        job.error = _unpack(error)
-    if not_before:
-        job.not_before = not_before + offset
-    if expires_at:
-        job.expires_at = expires_at + offset
-    return job
